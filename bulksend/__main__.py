@@ -1,0 +1,5 @@
+import sys
+
+from bulksend.cli import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""The ``bulksend`` command: one small module per subcommand, each turning flags into one
+library call and its outcome into an exit code. BulksendError becomes a one-line message
+and exit 2 here, and only here; nothing else prints a traceback to the user."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+from bulksend import __version__
+from bulksend.errors import BulksendError
+
+T = TypeVar("T")
+
+#: Exit codes shared by every subcommand.
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop where it is installed (about twice the stdlib loop's
+    requests per CPU second on this workload), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        return asyncio.run(coro)
+    return uvloop.run(coro)  # type: ignore[no-any-return]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2, as for every usage error
+        self.exit(EXIT_USAGE, f"bulksend: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bulksend.cli import send, serve, validate
+
+    parser = _Parser(prog="bulksend", description="Send messages to the DMS RocketMQ SendMessage API.")
+    parser.add_argument("--version", action="version", version=f"bulksend {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for module in (send, validate, serve):
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except BulksendError as exc:
+        print(f"bulksend: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return code

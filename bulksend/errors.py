@@ -1,0 +1,66 @@
+"""bulksend's one exception tree. Per-record failures are *not* exceptions: they are
+``Result`` values (status ``failed`` / ``invalid``). Exceptions are for what stops a run::
+
+    BulksendError                 anything bulksend raises on purpose
+    ├── ConfigError               bad options, config file or environment      -> exit 2
+    ├── InputOpenError            an input path cannot be opened                -> exit 2
+    ├── LedgerError               --resume cannot trust the results file        -> exit 2
+    ├── AuthenticationFailed      20 answers of 401/403 in a row: stop (drain)  -> exit 2
+    ├── SinkError                 a results/stats/failed file cannot be written  -> exit 2
+    └── TransportError            one HTTP attempt failed below HTTP (internal: the client
+        ├── ConnectError          turns it into a retry or a failed Result, never escapes
+        ├── RequestTimeout        a Sender)
+        └── ProtocolError
+
+aiohttp, httptools, ssl and OS errors are translated into TransportError in exactly one
+place per transport (``client.py``); the CLI translates BulksendError into a one-line
+message and an exit code in exactly one place (``cli/__init__.py``).
+"""
+
+from __future__ import annotations
+
+
+class BulksendError(Exception):
+    """Base of every exception bulksend raises on purpose."""
+
+    exit_code = 2
+
+
+class ConfigError(BulksendError):
+    """Invalid options, config file, or environment."""
+
+
+class InputOpenError(BulksendError):
+    """An input cannot be opened (missing, unreadable, a directory)."""
+
+
+class LedgerError(BulksendError):
+    """An existing results ledger cannot be used for --resume (changed input, unreadable)."""
+
+
+class AuthenticationFailed(BulksendError):
+    """The server refused the credentials too many times in a row; the run stopped."""
+
+
+class SinkError(BulksendError):
+    """An output file could not be written."""
+
+
+class TransportError(BulksendError):
+    """One HTTP attempt failed below the HTTP layer. ``code`` is the stable error_code."""
+
+    code = "TRANSPORT_ERROR"
+
+
+class ConnectError(TransportError):
+    code = "CONNECT_ERROR"
+
+
+class RequestTimeout(TransportError):
+    code = "TIMEOUT"
+
+
+class ProtocolError(TransportError):
+    """The peer broke HTTP/1.1 (closed mid-answer, unparsable bytes)."""
+
+    code = "PROTOCOL_ERROR"

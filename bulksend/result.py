@@ -1,0 +1,54 @@
+"""One ``Result`` per input record: the ledger line. Per-message failure is data, never an
+exception (STYLE habit 4)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+import orjson
+
+OK: Final = "ok"
+FAILED: Final = "failed"
+INVALID: Final = "invalid"
+SKIPPED: Final = "skipped"
+STATUSES: Final = (OK, FAILED, INVALID, SKIPPED)
+
+
+@dataclass(slots=True)
+class Result:
+    """The outcome of one record. Field names are the results-file contract."""
+
+    seq: int
+    source: str
+    id: str | None
+    status: str
+    http_status: int | None = None
+    msg_id: str | None = None
+    queue_id: int | None = None
+    queue_offset: int | None = None
+    broker_name: str | None = None
+    #: Every HTTP attempt made for this record (0 for invalid and skipped ones).
+    attempts: int = 0
+    #: First attempt's start to the final answer, retries and backoff included.
+    latency_ms: float | None = None
+    error_code: str | None = None
+    error_msg: str | None = None
+    request_id: str | None = None
+    #: Wall clock, ms since the epoch, of the first attempt's start and of the final answer.
+    started_at: int | None = None
+    done_at: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json_line(self) -> bytes:
+        """One whole JSON line, newline included (orjson serialises slotted dataclasses)."""
+        return orjson.dumps(self, option=orjson.OPT_APPEND_NEWLINE)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Result:
+        return cls(**{k: d.get(k) for k in _FIELDS if k in d})  # type: ignore[arg-type]
+
+
+_FIELDS = tuple(Result.__dataclass_fields__)
