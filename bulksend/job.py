@@ -1,0 +1,182 @@
+"""A whole ``send`` run as one library call: inputs -> Sender -> sinks, stats, progress.
+
+``run_send(job)`` is what ``bulksend send`` calls; library users who want only the pipeline
+use ``Sender`` directly. Progress and summary are hooks around the run, never inside a
+worker (STYLE habit 9).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from bulksend.config import Credentials, SendOptions, Target
+from bulksend.result import FAILED, INVALID, OK
+from bulksend.sender import Sender
+from bulksend.sinks import FailedWriter, ResultsWriter, write_json
+from bulksend.sources import Inputs
+from bulksend.stats import Stats
+from bulksend.summary import progress_line, summary_table
+
+#: Identifies the built-in server's target in --embedded runs.
+EMBEDDED_PROJECT = "embedded-project"
+EMBEDDED_INSTANCE = "embedded-instance"
+
+
+@dataclass(frozen=True)
+class SendJob:
+    """Everything one ``bulksend send`` run needs. ``target`` None means --embedded."""
+
+    inputs: tuple[str, ...]
+    target: Target | None
+    credentials: Credentials = field(default_factory=Credentials)
+    options: SendOptions = field(default_factory=SendOptions)
+    fmt: str | None = None
+    topic: str | None = None
+    out: str | None = None
+    stats: str | None = None
+    failed: str | None = None
+    #: "auto" (bar on a terminal, a line every few seconds elsewhere), "bar", "lines", "off".
+    progress: str = "auto"
+    progress_interval_s: float = 5.0
+    drain_timeout_s: float = 30.0
+
+
+@dataclass
+class Outcome:
+    stats: Stats
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        counts = self.stats.counts
+        return 0 if counts[FAILED] == 0 and counts[INVALID] == 0 else 1
+
+
+@contextlib.asynccontextmanager
+async def _target(job: SendJob) -> AsyncIterator[tuple[Target, Credentials]]:
+    if job.target is not None:
+        yield job.target, job.credentials
+        return
+    from bulksend.server import ServerOptions, run_server
+
+    async with run_server(ServerOptions(host="127.0.0.1", port=0)) as server:
+        yield Target(server.url, EMBEDDED_PROJECT, EMBEDDED_INSTANCE), Credentials()
+
+
+class _Progress:
+    """A live bar on a terminal, a status line every few seconds elsewhere."""
+
+    def __init__(self, mode: str, interval: float, stats: Stats, sender: Sender, inputs: Inputs, stream: TextIO) -> None:
+        tty = stream.isatty()
+        self.mode = ("bar" if tty else "lines") if mode == "auto" else mode
+        self.interval = 0.25 if self.mode == "bar" else interval
+        self.stats, self.sender, self.inputs, self.stream = stats, sender, inputs, stream
+
+    def line(self) -> str:
+        s, c = self.stats, self.sender.counters
+        fraction = (self.inputs.bytes_read / self.inputs.bytes_total) if self.inputs.bytes_total else None
+        return progress_line(
+            done=s.total, ok=s.counts[OK], failed=s.counts[FAILED], invalid=s.counts[INVALID],
+            retrying=c.retrying, in_flight=c.in_flight, elapsed=s.elapsed(), fraction=fraction,
+            rate_target=self.sender.schedule.rate, bar=self.mode == "bar",
+        )
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            if self.mode == "bar":
+                self.stream.write("\r\x1b[2K" + self.line())
+            else:
+                self.stream.write(self.line() + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.mode == "bar":
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+
+
+async def run_send(job: SendJob, *, stderr: TextIO | None = None,
+                   on_signal: Callable[[], None] | None = None) -> Outcome:
+    """Run one send job to the end (or to a drain); write every output; return the outcome.
+
+    First SIGINT/SIGTERM: drain (read no more, let in-flight records finish within
+    ``drain_timeout_s``). Second SIGINT: abort at once; whole lines only either way.
+    """
+    err = stderr or sys.stderr
+    stats = Stats()
+    outcome = Outcome(stats)
+    with Inputs(job.inputs, fmt=job.fmt, default_topic=job.topic) as inputs:
+        ledger = ResultsWriter(job.out) if job.out else None
+        failed = FailedWriter(job.failed) if job.failed else None
+        try:
+            async with _target(job) as (target, creds):
+                async with Sender(target, creds, job.options) as sender:
+                    await _pump(job, sender, inputs, stats, ledger, failed, outcome, err)
+        finally:
+            stats.finish()
+            for sink in (ledger, failed):
+                if sink is not None:
+                    sink.close()
+            if job.stats:
+                write_json(job.stats, stats.snapshot())
+            if job.progress != "off":
+                err.write(summary_table(stats.snapshot()) + "\n")
+                err.flush()
+    return outcome
+
+
+async def _pump(job: SendJob, sender: Sender, inputs: Inputs, stats: Stats, ledger: ResultsWriter | None,
+                failed: FailedWriter | None, outcome: Outcome, err: TextIO) -> None:
+    loop = asyncio.get_running_loop()
+    consumer = asyncio.current_task()
+    assert consumer is not None
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        outcome.interrupted = True
+        if signals == 1:
+            sender.stop()
+            # The drain gets drain_timeout_s; past it, cancel what is still in flight.
+            loop.call_later(job.drain_timeout_s, consumer.cancel)
+        else:
+            consumer.cancel()
+
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal)
+            installed.append(sig)
+    progress = _Progress(job.progress, job.progress_interval_s, stats, sender, inputs, err) if job.progress != "off" else None
+    async with asyncio.TaskGroup() as tg:
+        ticker = tg.create_task(progress.run()) if progress else None
+        try:
+            async for item, result in sender.send_with_items(inputs):
+                stats.add(result)
+                if ledger is not None:
+                    ledger.add(result)
+                if failed is not None and result.status in (FAILED, INVALID):
+                    failed.add(item, result)
+        except asyncio.CancelledError:
+            if not outcome.interrupted:
+                raise
+            # Aborted by a second signal or the drain timeout: keep what was written.
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+            if progress is not None:
+                progress.close()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+

@@ -1,0 +1,52 @@
+"""When to retry an attempt, and how long to wait first. Pure: no clock, no sleeping.
+
+Backoff is capped exponential with *full jitter* (AWS Architecture Blog, "Exponential
+Backoff and Jitter", 2015)::
+
+    wait(n) = uniform(0, min(backoff_max, backoff_base * 2**n))     n = 0 for the first retry
+
+A ``Retry-After`` answer header (delay-seconds or an HTTP-date, RFC 9110 §10.2.3) replaces
+the computed wait. Retried: 429, 500, 502, 503, 504, connection errors and timeouts. Never
+retried: other 4xx (401/403 included: a wrong key does not get better by asking again).
+"""
+
+from __future__ import annotations
+
+import random
+from email.utils import parsedate_to_datetime
+
+from bulksend.config import RetryPolicy
+
+#: A Retry-After longer than this is taken as this (an hour): a typo on the server's side
+#: must not park a record for days.
+MAX_RETRY_AFTER_S = 3600.0
+
+
+def compute_backoff(retry_number: int, policy: RetryPolicy, rng: random.Random | None = None) -> float:
+    """Seconds to wait before retry ``retry_number`` (0-based), full jitter."""
+    ceiling = min(policy.backoff_max, policy.backoff_base * (2.0 ** min(retry_number, 62)))
+    return (rng or random).uniform(0.0, ceiling)
+
+
+def parse_retry_after(value: str | None, now_epoch_s: float) -> float | None:
+    """Seconds to wait from a Retry-After value, or None when absent or unparsable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # an HTTP-date is always GMT
+            return None
+        seconds = when.timestamp() - now_epoch_s
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def is_retryable_status(status: int, policy: RetryPolicy) -> bool:
+    return status in policy.retry_statuses

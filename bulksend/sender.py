@@ -1,0 +1,348 @@
+"""The pool: a dispatcher paces records into a bounded queue; ``concurrency`` workers, each
+with its own keep-alive connection, send them with retries; results flow out in completion
+order. This module is the only code that reads the clock and sleeps (STYLE habit 2).
+
+Shutdown order is fixed (STYLE habit 3): stop the source -> close the work queue (one
+sentinel per worker) -> workers finish what they hold -> the last worker closes the results
+queue -> the consumer sees the end. ``stop()`` enters that order early (a drain);
+leaving the ``async with`` before the end cancels whatever still runs.
+
+    async with Sender(target, credentials, options) as sender:
+        async for result in sender.send(records):
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Protocol
+
+import orjson
+
+from bulksend import __version__
+from bulksend.client import Connection, Response, Transport, make_transport
+from bulksend.config import Credentials, SendOptions, Target
+from bulksend.errors import AuthenticationFailed, TransportError
+from bulksend.pacer import Schedule
+from bulksend.record import KEYS, Invalid, Item, Record
+from bulksend.result import FAILED, INVALID, OK, Result
+from bulksend.retry import compute_backoff, is_retryable_status, parse_retry_after
+from bulksend.signing import FastSigner
+
+USER_AGENT = f"bulksend/{__version__}"
+#: Records pulled from a blocking source per hop to a worker thread.
+READ_BATCH = 512
+
+
+class BatchSource(Protocol):
+    """A blocking source that hands out records n at a time (``bulksend.sources.Inputs``)."""
+
+    def batches(self, n: int) -> Iterator[list[Item]]: ...
+
+
+@dataclass(slots=True)
+class Counters:
+    """Live figures for progress hooks; workers update, nobody else writes."""
+
+    dispatched: int = 0
+    in_flight: int = 0
+    retrying: int = 0
+    #: Sends that went out after their paced due time because the pool was full.
+    late: int = 0
+
+
+def invalid_result(item: Invalid) -> Result:
+    return Result(seq=item.seq, source=item.source, id=item.id, status=INVALID,
+                  error_code="INVALID_RECORD", error_msg=item.error)
+
+
+class Sender:
+    """Sends records to one SendMessage target. See the module docstring for the shape."""
+
+    def __init__(
+        self,
+        target: Target,
+        credentials: Credentials | None = None,
+        options: SendOptions | None = None,
+        *,
+        transport: Transport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.target = target
+        self.credentials = credentials or Credentials()
+        self.options = options or SendOptions()
+        self.counters = Counters()
+        self._rng = rng or random.Random()
+        host = target.url.split("/", 3)[2]
+        fixed = {"Host": host, "Content-Type": "application/json", "User-Agent": USER_AGENT,
+                 "X-Project-Id": target.project_id}
+        creds = self.credentials
+        if creds.mode == "aksk" and creds.security_token:
+            fixed["X-Security-Token"] = creds.security_token
+        elif creds.mode == "token":
+            fixed["X-Auth-Token"] = creds.auth_token or ""
+        self._signer = (
+            FastSigner("POST", target.path, fixed, ak=creds.ak or "", sk=creds.sk or "")
+            if creds.mode == "aksk" else None
+        )
+        self._transport = transport or make_transport(
+            target.url, fixed, timeout=self.options.timeout,
+            ssl_context=self.options.tls.context() if target.url.startswith("https") else None,
+        )
+        self._stopping = asyncio.Event()
+        self._auth_failures = 0
+        self._auth_error: str | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._tg: asyncio.TaskGroup | None = None
+        self.schedule = Schedule(self.options.rate)
+
+    async def __aenter__(self) -> Sender:
+        # The dispatcher and workers live in this task group, owned by the ``async with``
+        # rather than by the ``send()`` generator: a consumer that stops iterating early
+        # must not leave tasks behind, and a generator cannot safely own a task group.
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        for task in self._tasks:  # an early exit: nothing may wait on a consumer that left
+            task.cancel()
+        self._tasks.clear()
+        try:
+            assert self._tg is not None
+            await self._tg.__aexit__(et, e, tb)
+        except BaseExceptionGroup as group:
+            # One child failure (say, an input read error) is the run's failure: raise it
+            # as itself so the CLI's one boundary can translate it.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        finally:
+            await self._transport.aclose()
+
+    def stop(self) -> None:
+        """Drain: read no more records; what is in flight finishes and is reported."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def set_rate(self, rate: float) -> None:
+        """Change the paced rate from now on (adaptive control, ramps)."""
+        loop = asyncio.get_running_loop()
+        self.schedule.set_rate(rate, loop.time() - self._t0, self.counters.dispatched)
+
+    async def send(self, items: Iterable[Item] | AsyncIterable[Item] | BatchSource) -> AsyncIterator[Result]:
+        """Send every record; yield one Result per item (invalid ones included), in
+        completion order. Raises AuthenticationFailed at the end if the run was stopped by
+        repeated 401/403 answers."""
+        async for _, result in self.send_with_items(items):
+            yield result
+
+    async def send_with_items(
+        self, items: Iterable[Item] | AsyncIterable[Item] | BatchSource
+    ) -> AsyncIterator[tuple[Item, Result]]:
+        """As ``send``, yielding each input item beside its result (for a --failed file)."""
+        n = self.options.concurrency
+        inbox: asyncio.Queue[Record | None] = asyncio.Queue(maxsize=n)
+        outbox: asyncio.Queue[tuple[Item, Result] | None] = asyncio.Queue(maxsize=2 * n)
+        self._t0 = asyncio.get_running_loop().time()
+        workers_left = [n]
+        if self._tg is None:
+            raise RuntimeError("use Sender as `async with Sender(...) as sender:`")
+        tg = self._tg
+        self._tasks = [tg.create_task(self._dispatch(items, inbox, outbox, n), name="bulksend-dispatch")]
+        for i in range(n):
+            conn = self._transport.connection()
+            self._tasks.append(tg.create_task(self._work(conn, inbox, outbox, workers_left), name=f"bulksend-worker-{i}"))
+        while (entry := await outbox.get()) is not None:
+            yield entry
+        self._tasks.clear()
+        if self._auth_error is not None:
+            raise AuthenticationFailed(f"authentication failed: {self._auth_error}")
+
+    # --- dispatcher ----------------------------------------------------------------------
+
+    async def _items(self, items: Iterable[Item] | AsyncIterable[Item] | BatchSource) -> AsyncIterator[Item]:
+        if hasattr(items, "batches"):
+            # A blocking file source: read and parse a batch in a worker thread while the
+            # loop keeps sending; one thread hop per READ_BATCH records.
+            batches = items.batches(READ_BATCH)
+            while (batch := await asyncio.to_thread(next, batches, None)) is not None:
+                for item in batch:
+                    yield item
+        elif isinstance(items, AsyncIterable):
+            async for item in items:
+                yield item
+        else:
+            for i, item in enumerate(items):
+                yield item
+                if i % READ_BATCH == READ_BATCH - 1:
+                    await asyncio.sleep(0)
+
+    async def _dispatch(
+        self,
+        items: Iterable[Item] | AsyncIterable[Item] | BatchSource,
+        inbox: asyncio.Queue[Record | None],
+        outbox: asyncio.Queue[tuple[Item, Result] | None],
+        workers: int,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        counters = self.counters
+        schedule = self.schedule
+        try:
+            async for item in self._items(items):
+                if self._stopping.is_set():
+                    break
+                if isinstance(item, Invalid):
+                    await outbox.put((item, invalid_result(item)))
+                    continue
+                if schedule.rate > 0:
+                    wait = schedule.wait(loop.time() - self._t0, counters.dispatched)
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    if self._stopping.is_set():
+                        break
+                    if inbox.full():
+                        counters.late += 1
+                counters.dispatched += 1
+                await inbox.put(item)
+        finally:
+            for _ in range(workers):
+                await inbox.put(None)
+
+    # --- workers -------------------------------------------------------------------------
+
+    async def _work(
+        self,
+        conn: Connection,
+        inbox: asyncio.Queue[Record | None],
+        outbox: asyncio.Queue[tuple[Item, Result] | None],
+        workers_left: list[int],
+    ) -> None:
+        try:
+            while (record := await inbox.get()) is not None:
+                self.counters.in_flight += 1
+                try:
+                    result = await self.send_one(conn, record)
+                finally:
+                    self.counters.in_flight -= 1
+                await outbox.put((record, result))
+        finally:
+            conn.close()
+            workers_left[0] -= 1
+            if workers_left[0] == 0:
+                outbox.put_nowait(None)  # room guaranteed: consumer drains until None
+
+    def body_of(self, record: Record) -> bytes:
+        props = record.properties
+        if self.options.key_from_id and record.id is not None and record.keys is None:
+            props = (*props, (KEYS, record.id))
+        return orjson.dumps({"topic": record.topic, "body": record.body,
+                             "property_list": [{"name": n, "value": v} for n, v in props]})
+
+    def _headers(self, body: bytes) -> dict[str, str]:
+        signer = self._signer
+        if signer is None:
+            return {}
+        date = signer.date_for(time.time())
+        return {"X-Sdk-Date": date, "Authorization": signer.authorization(body, date)}
+
+    async def send_one(self, conn: Connection, record: Record) -> Result:
+        """Every attempt for one record, retries and backoff included; always a Result."""
+        loop = asyncio.get_running_loop()
+        policy = self.options.retry
+        body = self.body_of(record)
+        started = loop.time()
+        started_at = time.time()
+        attempts = 0
+        while True:
+            attempts += 1
+            retry_after: str | None = None
+            try:
+                resp = await conn.post(self._headers(body), body)
+            except TransportError as exc:
+                result = Result(seq=record.seq, source=record.source, id=record.id, status=FAILED,
+                                error_code=exc.code, error_msg=str(exc))
+                retryable = True
+            else:
+                result = self.interpret(record, resp)
+                retryable = result.status != OK and is_retryable_status(resp.status, policy)
+                retry_after = resp.retry_after
+                self._note_auth(resp.status, result)
+            if not retryable or attempts > policy.max_retries or self._auth_error is not None:
+                break
+            delay = parse_retry_after(retry_after, time.time())
+            if delay is None:
+                delay = compute_backoff(attempts - 1, policy, self._rng)
+            self.counters.retrying += 1
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                self.counters.retrying -= 1
+        result.attempts = attempts
+        result.latency_ms = round((loop.time() - started) * 1000.0, 3)
+        result.started_at = int(started_at * 1000)
+        result.done_at = int(time.time() * 1000)
+        return result
+
+    def _note_auth(self, status: int, result: Result) -> None:
+        if status in (401, 403):
+            self._auth_failures += 1
+            if self._auth_failures >= self.options.auth_failure_limit and self._auth_error is None:
+                self._auth_error = (f"{self._auth_failures} answers of HTTP {status} in a row"
+                                    f" ({result.error_code}: {result.error_msg})")
+                self.stop()
+        else:
+            self._auth_failures = 0
+
+    def interpret(self, record: Record, resp: Response) -> Result:
+        """Map one HTTP answer to a Result (status ok / failed). Pure."""
+        base = Result(seq=record.seq, source=record.source, id=record.id, status=FAILED,
+                      http_status=resp.status, request_id=resp.request_id)
+        try:
+            data = orjson.loads(resp.body) if resp.body else None
+        except orjson.JSONDecodeError:
+            data = None
+        if 200 <= resp.status < 300:
+            if isinstance(data, dict) and isinstance(data.get("msg_id"), str) and data["msg_id"]:
+                base.status = OK
+                base.msg_id = data["msg_id"]
+                base.queue_id = _int_or_none(data.get("queue_id"))
+                base.queue_offset = _int_or_none(data.get("queue_offset"))
+                broker = data.get("broker_name")
+                base.broker_name = broker if isinstance(broker, str) else None
+            else:
+                base.error_code = "BAD_RESPONSE"
+                base.error_msg = ("answer is not JSON" if data is None and resp.body
+                                  else "answer lacks msg_id")
+            return base
+        if isinstance(data, dict) and ("error_code" in data or "error_msg" in data):
+            base.error_code = str(data.get("error_code") or f"HTTP_{resp.status}")
+            base.error_msg = self._scrub(str(data.get("error_msg") or ""))
+        else:
+            base.error_code = f"HTTP_{resp.status}"
+            base.error_msg = self._scrub(resp.body[:200].decode("utf-8", "replace"))
+        return base
+
+    def _scrub(self, text: str) -> str:
+        """Never let a secret the server echoes back reach a result."""
+        for secret in self.credentials.secrets():
+            text = text.replace(secret, "***")
+        return text
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None

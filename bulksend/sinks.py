@@ -1,0 +1,99 @@
+"""Where results go: the results ledger (``--out``), the ``--failed`` file, the stats JSON.
+
+Each ledger line is written whole (one ``os.write`` of whole lines, O_APPEND) and handed to
+the kernel as its record completes: the results that complete in one event-loop turn are
+joined and written once, at the end of that turn (``loop.call_soon``), not on a timer. A
+kill -9 therefore loses at most the lines of the requests then in flight, and a torn last
+line can only come from a crash inside that one write (``--resume`` ignores it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import orjson
+
+from bulksend.errors import SinkError
+from bulksend.record import Invalid, Item
+from bulksend.result import Result
+
+
+class LineWriter:
+    """Appends whole lines to a file, one write per event-loop turn."""
+
+    def __init__(self, path: str, *, append: bool = False) -> None:
+        self.path = path
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        try:
+            self._fd: int | None = os.open(path, flags, 0o644)
+        except OSError as exc:
+            raise SinkError(f"cannot open {path} for writing: {exc.strerror or exc}") from None
+        self._pending: list[bytes] = []
+        self._scheduled = False
+
+    def write(self, line: bytes) -> None:
+        """Queue one whole line (ending in a newline); written at the end of this loop turn."""
+        self._pending.append(line)
+        if not self._scheduled:
+            self._scheduled = True
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop: plain synchronous use
+                self.flush()
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._pending or self._fd is None:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            raise SinkError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        self.flush()
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                pass  # not every file supports fsync (a pipe, /dev/stdout)
+            os.close(self._fd)
+            self._fd = None
+
+
+class ResultsWriter(LineWriter):
+    """The ``--out`` ledger: one JSON line per input record, in completion order."""
+
+    def add(self, result: Result) -> None:
+        self.write(result.to_json_line())
+
+
+class FailedWriter(LineWriter):
+    """The ``--failed`` file: failed records in input JSONL form plus ``_error``, so that
+    ``bulksend send FAILED_FILE`` replays them; invalid ones as ``{"_raw", "_error"}``."""
+
+    def add(self, item: Item, result: Result) -> None:
+        error = f"{result.error_code}: {result.error_msg}" if result.error_code else (result.error_msg or "")
+        if isinstance(item, Invalid):
+            obj: dict[str, Any] = {"_raw": item.raw, "_error": item.error, "_source": item.source}
+        else:
+            obj = {**item.to_input(), "_error": error, "_source": item.source}
+        self.write(orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE))
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write a JSON document whole (via a temporary file and rename)."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+            fh.write(b"\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise SinkError(f"cannot write {path}: {exc.strerror or exc}") from None

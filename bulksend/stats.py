@@ -1,0 +1,97 @@
+"""Stats observe: ``Stats.add(result)`` for each Result, ``snapshot()`` for the figures.
+Nothing here sends, sleeps or prints (reporters format; see ``summary.py``).
+
+Latency percentiles come from an HdrHistogram (3 significant digits, microsecond units,
+1 µs to 1 hour), so memory stays constant however long the run and ``bulksend report`` can
+rebuild exactly the same figures from a ledger.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+from bulksend.result import FAILED, INVALID, OK, SKIPPED, Result
+
+_LOWEST_US = 1
+_HIGHEST_US = 3_600_000_000
+
+
+def new_histogram() -> HdrHistogram:
+    return HdrHistogram(_LOWEST_US, _HIGHEST_US, 3)
+
+
+def histogram_summary(hist: HdrHistogram) -> dict[str, float]:
+    """p50/p90/p99/p99.9/max/mean in milliseconds (0 when empty)."""
+    if hist.get_total_count() == 0:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "p99_9": 0.0, "max": 0.0, "mean": 0.0}
+
+    def ms(us: float) -> float:
+        return round(us / 1000.0, 3)
+
+    return {
+        "p50": ms(hist.get_value_at_percentile(50)),
+        "p90": ms(hist.get_value_at_percentile(90)),
+        "p99": ms(hist.get_value_at_percentile(99)),
+        "p99_9": ms(hist.get_value_at_percentile(99.9)),
+        "max": ms(hist.get_max_value()),
+        "mean": ms(hist.get_mean_value()),
+    }
+
+
+class Stats:
+    """Accumulates Results. ``total`` counts every record, invalid and skipped included;
+    ``retries`` counts HTTP attempts beyond each record's first; latency is over ok records."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.retries = 0
+        self.http_status: Counter[int] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.latency = new_histogram()
+        self.started = time.monotonic()
+        self.finished: float | None = None
+        self.rate_changes = 0
+
+    def add(self, result: Result) -> None:
+        self.counts[result.status] += 1
+        if result.attempts > 1:
+            self.retries += result.attempts - 1
+        if result.http_status is not None:
+            self.http_status[result.http_status] += 1
+        if result.error_code is not None and result.status != OK:
+            self.errors[result.error_code] += 1
+        if result.status == OK and result.latency_ms is not None:
+            self.latency.record_value(max(_LOWEST_US, min(_HIGHEST_US, int(result.latency_ms * 1000.0))))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def finish(self) -> None:
+        self.finished = time.monotonic()
+
+    def elapsed(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ``--stats`` JSON: field names are a contract."""
+        elapsed = self.elapsed()
+        done = self.counts[OK] + self.counts[FAILED]
+        return {
+            "total": self.total,
+            "ok": self.counts[OK],
+            "failed": self.counts[FAILED],
+            "invalid": self.counts[INVALID],
+            "skipped": self.counts[SKIPPED],
+            "retries": self.retries,
+            "elapsed_s": round(elapsed, 3),
+            "throughput_msg_s": round(done / elapsed, 1) if elapsed > 0 else 0.0,
+            "latency_ms": histogram_summary(self.latency),
+            "http_status": {str(k): v for k, v in sorted(self.http_status.items())},
+            "errors": dict(self.errors.most_common()),
+            "rate_changes": self.rate_changes,
+        }

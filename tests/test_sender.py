@@ -1,0 +1,166 @@
+"""The Sender's rules over real loopback sockets, against a scripted server."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+
+import pytest
+
+from bulksend import signing
+from bulksend.config import Credentials, RetryPolicy, SendOptions, Target
+from bulksend.errors import AuthenticationFailed
+from bulksend.record import Invalid, Record
+from bulksend.result import Result
+from bulksend.sender import Sender
+from tests.scripted_server import DROP, HANG, Answer, ScriptedServer, ok_answer
+
+AK, SK = "AKSENDERTEST", "sender-secret-key"
+FAST_RETRY = RetryPolicy(max_retries=5, backoff_base=0.001, backoff_max=0.01)
+
+
+def records(n: int, topic: str = "t") -> list[Record]:
+    return [Record(seq=i, source=f"in.jsonl:{i + 1}", topic=topic, body=f"m{i}") for i in range(n)]
+
+
+async def run(url: str, items: list, **opts) -> list[Result]:  # type: ignore[type-arg]
+    creds = opts.pop("credentials", Credentials())
+    options = SendOptions(**{"retry": FAST_RETRY, "concurrency": 4, **opts})
+    async with Sender(Target(url, "proj", "inst"), creds, options) as sender:
+        return [r async for r in sender.send(items)]
+
+
+async def test_every_record_gets_one_ok_result_with_answer_fields() -> None:
+    async with ScriptedServer(lambda n, b: ok_answer(b)) as srv:
+        results = await run(srv.url, records(50))
+    assert sorted(r.seq for r in results) == list(range(50))
+    assert {r.status for r in results} == {"ok"}
+    r = results[0]
+    assert r.http_status == 200 and r.attempts == 1 and r.msg_id and len(r.msg_id) == 32
+    assert r.request_id and r.request_id.startswith("req-")
+    assert r.queue_id is not None and r.queue_offset is not None and r.broker_name == "broker-0"
+    assert r.latency_ms is not None and r.latency_ms > 0 and r.started_at and r.done_at >= r.started_at
+    assert len(srv.seen) == 50
+
+
+async def test_requests_are_signed_so_the_shared_verifier_accepts_them() -> None:
+    async with ScriptedServer(lambda n, b: ok_answer(b)) as srv:
+        await run(srv.url, records(5), credentials=Credentials(ak=AK, sk=SK, security_token="sts-token"))
+    for seen in srv.seen:
+        h = seen.headers
+        assert h["X-Project-Id"] == "proj" and h["X-Security-Token"] == "sts-token"
+        assert "x-security-token" in h["Authorization"] and "x-sdk-date" in h["Authorization"]
+        assert signing.verify("POST", "/v2/rocketmq/proj/instances/inst/messages", [], h, seen.body,
+                              secret_for={AK: SK}.get, now=time.time()) == AK
+
+
+async def test_token_auth_sends_x_auth_token_and_no_signature() -> None:
+    async with ScriptedServer(lambda n, b: ok_answer(b)) as srv:
+        await run(srv.url, records(2), credentials=Credentials(auth_token="iam-token"))
+    assert all(s.headers["X-Auth-Token"] == "iam-token" and "Authorization" not in s.headers for s in srv.seen)
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+async def test_retryable_statuses_are_retried(status: int) -> None:
+    script = lambda n, b: Answer(status, {"error_code": "E", "error_msg": "busy"}) if n < 2 else ok_answer(b)  # noqa: E731
+    async with ScriptedServer(script) as srv:
+        [r] = await run(srv.url, records(1))
+    assert (r.status, r.attempts, r.http_status) == ("ok", 3, 200)
+
+
+@pytest.mark.parametrize("status", [400, 404, 409, 413, 422])
+async def test_other_4xx_are_not_retried(status: int) -> None:
+    async with ScriptedServer(lambda n, b: Answer(status, {"error_code": "DMS.400", "error_msg": "bad"})) as srv:
+        [r] = await run(srv.url, records(1))
+    assert (r.status, r.attempts, r.http_status, r.error_code, r.error_msg) == ("failed", 1, status, "DMS.400", "bad")
+    assert len(srv.seen) == 1
+
+
+async def test_retries_stop_after_max_retries() -> None:
+    async with ScriptedServer(lambda n, b: Answer(503, raw=b"<html>busy</html>")) as srv:
+        [r] = await run(srv.url, records(1), retry=RetryPolicy(max_retries=3, backoff_base=0.001))
+    assert (r.status, r.attempts, r.error_code) == ("failed", 4, "HTTP_503")
+    assert "busy" in (r.error_msg or "") and len(srv.seen) == 4
+
+
+@pytest.mark.parametrize("header", ["1", "date"])
+async def test_retry_after_is_honoured(header: str) -> None:
+    def script(n: int, b: bytes) -> Answer:
+        if n == 0:
+            value = "1" if header == "1" else email.utils.formatdate(time.time() + 2, usegmt=True)
+            return Answer(429, {"error_code": "APIG.0308", "error_msg": "throttled"}, headers={"Retry-After": value})
+        return ok_answer(b)
+
+    async with ScriptedServer(script) as srv:
+        [r] = await run(srv.url, records(1))
+    gap = srv.seen[1].at - srv.seen[0].at
+    # Backoff alone would wait <= 1 ms; an HTTP date has 1 s resolution, hence >= 0.9.
+    assert r.status == "ok" and r.attempts == 2 and gap >= 0.9
+
+
+async def test_connection_drop_and_hang_are_retried() -> None:
+    script = lambda n, b: DROP if n == 0 else HANG if n == 1 else ok_answer(b)  # noqa: E731
+    async with ScriptedServer(script) as srv:
+        [r] = await run(srv.url, records(1), timeout=0.3)
+    assert (r.status, r.attempts) == ("ok", 3)
+
+
+async def test_timeout_gives_a_failed_result_not_an_exception() -> None:
+    async with ScriptedServer(lambda n, b: HANG) as srv:
+        [r] = await run(srv.url, records(1), timeout=0.2, retry=RetryPolicy(max_retries=1, backoff_base=0.001))
+    assert (r.status, r.attempts, r.error_code, r.http_status) == ("failed", 2, "TIMEOUT", None)
+
+
+async def test_connect_error_is_a_failed_result() -> None:
+    [r] = await run("http://127.0.0.1:1", records(1), retry=RetryPolicy(max_retries=2, backoff_base=0.001))
+    assert (r.status, r.attempts, r.error_code) == ("failed", 3, "CONNECT_ERROR")
+
+
+@pytest.mark.parametrize(("raw", "why"), [(b"<html>ok</html>", "not JSON"), (b'{"topic":"t"}', "lacks msg_id")])
+async def test_bad_200_answers_are_failed_results_not_crashes(raw: bytes, why: str) -> None:
+    async with ScriptedServer(lambda n, b: Answer(200, raw=raw)) as srv:
+        [r] = await run(srv.url, records(1))
+    assert (r.status, r.http_status, r.error_code, r.attempts) == ("failed", 200, "BAD_RESPONSE", 1)
+    assert why in (r.error_msg or "")
+
+
+async def test_twenty_auth_failures_in_a_row_stop_the_run() -> None:
+    answer = Answer(401, {"error_code": "APIGW.0301", "error_msg": "Incorrect IAM authentication information"})
+    async with ScriptedServer(lambda n, b: answer) as srv:
+        got: list[Result] = []
+        with pytest.raises(AuthenticationFailed, match="authentication failed: 20 answers of HTTP 401"):
+            async with Sender(Target(srv.url, "p", "i"), Credentials(ak=AK, sk=SK),
+                              SendOptions(concurrency=2, retry=FAST_RETRY)) as sender:
+                async for r in sender.send(records(500)):
+                    got.append(r)
+    assert 20 <= len(got) < 30 and all(r.attempts == 1 and r.http_status == 401 for r in got)
+    assert len(srv.seen) == len(got)
+    assert all(SK not in (r.error_msg or "") for r in got)
+
+
+async def test_invalid_items_become_invalid_results_in_order_of_seq() -> None:
+    items = [records(1)[0], Invalid(seq=1, source="in.jsonl:2", raw="{", error="malformed JSON")]
+    async with ScriptedServer(lambda n, b: ok_answer(b)) as srv:
+        results = await run(srv.url, items)
+    by_seq = {r.seq: r for r in results}
+    assert by_seq[1].status == "invalid" and by_seq[1].error_msg == "malformed JSON" and by_seq[1].attempts == 0
+    assert by_seq[0].status == "ok" and len(srv.seen) == 1
+
+
+async def test_in_flight_never_exceeds_concurrency() -> None:
+    async with ScriptedServer(lambda n, b: ok_answer(b), delay=0.005) as srv:
+        results = await run(srv.url, records(200), concurrency=8)
+    # 200 requests of >= 5 ms through 8 workers: the pool fills, and never overflows.
+    assert len(results) == 200 and srv.peak_in_flight == 8
+
+
+async def test_rate_is_paced_without_a_start_up_burst() -> None:
+    async with ScriptedServer(lambda n, b: ok_answer(b)) as srv:
+        t0 = time.monotonic()
+        await run(srv.url, records(60), rate=50, concurrency=16)
+        elapsed = time.monotonic() - t0
+    arrivals = sorted(s.at for s in srv.seen)
+    # 60 messages at 50/s: the 60th is due at 1.18 s. No burst: the first 11 span >= 0.18 s.
+    assert elapsed >= 1.1
+    assert arrivals[10] - arrivals[0] >= 0.18
