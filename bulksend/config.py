@@ -173,8 +173,19 @@ class SendOptions:
     auth_failure_limit: int = 20
     #: KEYS property set to the record id where a record has no KEYS (dedup downstream).
     key_from_id: bool = False
+    #: Records with the same key go one at a time, in input order (see ordering.py).
+    ordered: bool = False
+    #: The ordering key: KEYS by default; or topic, id, tags, or a property name.
+    order_by: str | None = None
+    #: After a record of a key finally fails: "continue" with the key's next records, or
+    #: "skip" them (each gets status failed, saying why).
+    on_key_failure: str = "continue"
+    #: AIMD rate control on 429 answers (see adaptive.py).
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
+        if self.on_key_failure not in ("continue", "skip"):
+            raise ConfigError("--on-key-failure must be continue or skip")
         if self.concurrency < 1:
             raise ConfigError("--concurrency must be >= 1")
         if self.rate < 0:

@@ -1,11 +1,12 @@
 """The pool: a dispatcher paces records into a bounded queue; ``concurrency`` workers, each
 with its own keep-alive connection, send them with retries; results flow out in completion
-order. This module is the only code that reads the clock and sleeps (STYLE habit 2).
+order. This module (with the CLI's signal handling) is the only code that reads the clock
+and sleeps (STYLE habit 2): the pacer, retry policy, AIMD and key lanes are pure.
 
 Shutdown order is fixed (STYLE habit 3): stop the source -> close the work queue (one
 sentinel per worker) -> workers finish what they hold -> the last worker closes the results
-queue -> the consumer sees the end. ``stop()`` enters that order early (a drain);
-leaving the ``async with`` before the end cancels whatever still runs.
+queue -> the consumer sees the end. ``stop()`` enters that order early (a drain); leaving
+the ``async with`` before the end cancels whatever still runs.
 
     async with Sender(target, credentials, options) as sender:
         async for result in sender.send(records):
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
@@ -25,18 +26,26 @@ from typing import Any, Protocol
 import orjson
 
 from bulksend import __version__
-from bulksend.client import Connection, Response, Transport, make_transport
+from bulksend.adaptive import AIMD
+from bulksend.client import Connection, Transport, make_transport
 from bulksend.config import Credentials, SendOptions, Target
 from bulksend.errors import AuthenticationFailed, TransportError
+from bulksend.ordering import KeyLanes, key_function
+from bulksend.outcome import interpret
 from bulksend.pacer import Schedule
 from bulksend.record import KEYS, Invalid, Item, Record
-from bulksend.result import FAILED, INVALID, OK, Result
+from bulksend.result import FAILED, INVALID, OK, SKIPPED, Result
 from bulksend.retry import compute_backoff, is_retryable_status, parse_retry_after
 from bulksend.signing import FastSigner
 
 USER_AGENT = f"bulksend/{__version__}"
 #: Records pulled from a blocking source per hop to a worker thread.
 READ_BATCH = 512
+#: --ordered: records that may wait in key lanes, per unit of concurrency, before the
+#: dispatcher stops reading (a hot key must not pull the whole input into memory).
+LANE_WAITING_PER_WORKER = 16
+
+Items = Iterable[Item] | AsyncIterable[Item]
 
 
 class BatchSource(Protocol):
@@ -47,18 +56,23 @@ class BatchSource(Protocol):
 
 @dataclass(slots=True)
 class Counters:
-    """Live figures for progress hooks; workers update, nobody else writes."""
+    """Live figures for progress hooks and adaptive control; the pool writes, others read."""
 
     dispatched: int = 0
     in_flight: int = 0
     retrying: int = 0
-    #: Sends that went out after their paced due time because the pool was full.
+    ok: int = 0
+    #: Sends that found the pool full at their paced due time, so went out late.
     late: int = 0
 
 
 def invalid_result(item: Invalid) -> Result:
     return Result(seq=item.seq, source=item.source, id=item.id, status=INVALID,
                   error_code="INVALID_RECORD", error_msg=item.error)
+
+
+def skipped_result(item: Item) -> Result:
+    return Result(seq=item.seq, source=item.source, id=item.id, status=SKIPPED)
 
 
 class Sender:
@@ -75,9 +89,10 @@ class Sender:
     ) -> None:
         self.target = target
         self.credentials = credentials or Credentials()
-        self.options = options or SendOptions()
+        self.options = opts = options or SendOptions()
         self.counters = Counters()
         self._rng = rng or random.Random()
+        self._secrets = self.credentials.secrets()
         host = target.url.split("/", 3)[2]
         fixed = {"Host": host, "Content-Type": "application/json", "User-Agent": USER_AGENT,
                  "X-Project-Id": target.project_id}
@@ -86,20 +101,26 @@ class Sender:
             fixed["X-Security-Token"] = creds.security_token
         elif creds.mode == "token":
             fixed["X-Auth-Token"] = creds.auth_token or ""
-        self._signer = (
-            FastSigner("POST", target.path, fixed, ak=creds.ak or "", sk=creds.sk or "")
-            if creds.mode == "aksk" else None
-        )
+        self._signer = (FastSigner("POST", target.path, fixed, ak=creds.ak or "", sk=creds.sk or "")
+                        if creds.mode == "aksk" else None)
         self._transport = transport or make_transport(
-            target.url, fixed, timeout=self.options.timeout,
-            ssl_context=self.options.tls.context() if target.url.startswith("https") else None,
+            target.url, fixed, timeout=opts.timeout,
+            ssl_context=opts.tls.context() if target.url.startswith("https") else None,
         )
+        self.schedule = Schedule(opts.rate)
+        self.aimd = AIMD(opts.rate, ceiling=opts.rate or float("inf")) if opts.adaptive else None
+        self._lanes = KeyLanes(key_function(opts.order_by)) if opts.ordered else None
+        self._failed_keys: dict[str, int] = {}
+        self._lane_space = asyncio.Event()
         self._stopping = asyncio.Event()
         self._auth_failures = 0
         self._auth_error: str | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._tg: asyncio.TaskGroup | None = None
-        self.schedule = Schedule(self.options.rate)
+        self._t0 = 0.0
+        self._window_start = 0.0
+        self._window_ok = 0
+        self._accepted_rate = 0.0
 
     async def __aenter__(self) -> Sender:
         # The dispatcher and workers live in this task group, owned by the ``async with``
@@ -109,7 +130,8 @@ class Sender:
         await self._tg.__aenter__()
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
         for task in self._tasks:  # an early exit: nothing may wait on a consumer that left
             task.cancel()
         self._tasks.clear()
@@ -128,39 +150,40 @@ class Sender:
     def stop(self) -> None:
         """Drain: read no more records; what is in flight finishes and is reported."""
         self._stopping.set()
+        self._lane_space.set()
 
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
     def set_rate(self, rate: float) -> None:
-        """Change the paced rate from now on (adaptive control, ramps)."""
-        loop = asyncio.get_running_loop()
-        self.schedule.set_rate(rate, loop.time() - self._t0, self.counters.dispatched)
+        """Change the paced rate from now on (adaptive control, ramps). 0 = unpaced."""
+        elapsed = asyncio.get_running_loop().time() - self._t0
+        self.schedule.set_rate(rate, elapsed, self.counters.dispatched)
 
-    async def send(self, items: Iterable[Item] | AsyncIterable[Item] | BatchSource) -> AsyncIterator[Result]:
-        """Send every record; yield one Result per item (invalid ones included), in
-        completion order. Raises AuthenticationFailed at the end if the run was stopped by
-        repeated 401/403 answers."""
-        async for _, result in self.send_with_items(items):
+    async def send(self, items: Items | BatchSource, *,
+                   done: Callable[[Item], bool] | None = None) -> AsyncIterator[Result]:
+        """Send every record; yield one Result per item, in completion order: invalid items
+        as ``invalid``, items ``done(item)`` says were sent before as ``skipped``. Raises
+        AuthenticationFailed at the end if repeated 401/403 answers stopped the run."""
+        async for _, result in self.send_with_items(items, done=done):
             yield result
 
-    async def send_with_items(
-        self, items: Iterable[Item] | AsyncIterable[Item] | BatchSource
-    ) -> AsyncIterator[tuple[Item, Result]]:
+    async def send_with_items(self, items: Items | BatchSource, *,
+                              done: Callable[[Item], bool] | None = None) -> AsyncIterator[tuple[Item, Result]]:
         """As ``send``, yielding each input item beside its result (for a --failed file)."""
+        if self._tg is None:
+            raise RuntimeError("use Sender as `async with Sender(...) as sender:`")
         n = self.options.concurrency
         inbox: asyncio.Queue[Record | None] = asyncio.Queue(maxsize=n)
         outbox: asyncio.Queue[tuple[Item, Result] | None] = asyncio.Queue(maxsize=2 * n)
-        self._t0 = asyncio.get_running_loop().time()
+        self._t0 = self._window_start = asyncio.get_running_loop().time()
         workers_left = [n]
-        if self._tg is None:
-            raise RuntimeError("use Sender as `async with Sender(...) as sender:`")
-        tg = self._tg
-        self._tasks = [tg.create_task(self._dispatch(items, inbox, outbox, n), name="bulksend-dispatch")]
+        self._tasks = [self._tg.create_task(self._dispatch(items, done, inbox, outbox, n), name="bulksend-dispatch")]
         for i in range(n):
             conn = self._transport.connection()
-            self._tasks.append(tg.create_task(self._work(conn, inbox, outbox, workers_left), name=f"bulksend-worker-{i}"))
+            self._tasks.append(self._tg.create_task(self._work(conn, inbox, outbox, workers_left),
+                                                    name=f"bulksend-worker-{i}"))
         while (entry := await outbox.get()) is not None:
             yield entry
         self._tasks.clear()
@@ -169,7 +192,8 @@ class Sender:
 
     # --- dispatcher ----------------------------------------------------------------------
 
-    async def _items(self, items: Iterable[Item] | AsyncIterable[Item] | BatchSource) -> AsyncIterator[Item]:
+    @staticmethod
+    async def _items(items: Items | BatchSource) -> AsyncIterator[Item]:
         if hasattr(items, "batches"):
             # A blocking file source: read and parse a batch in a worker thread while the
             # loop keeps sending; one thread hop per READ_BATCH records.
@@ -184,34 +208,41 @@ class Sender:
             for i, item in enumerate(items):
                 yield item
                 if i % READ_BATCH == READ_BATCH - 1:
-                    await asyncio.sleep(0)
+                    await asyncio.sleep(0)  # let workers run while a long list is queued
 
-    async def _dispatch(
-        self,
-        items: Iterable[Item] | AsyncIterable[Item] | BatchSource,
-        inbox: asyncio.Queue[Record | None],
-        outbox: asyncio.Queue[tuple[Item, Result] | None],
-        workers: int,
-    ) -> None:
+    async def _dispatch(self, items: Items | BatchSource, done: Callable[[Item], bool] | None,
+                        inbox: asyncio.Queue[Record | None],
+                        outbox: asyncio.Queue[tuple[Item, Result] | None], workers: int) -> None:
         loop = asyncio.get_running_loop()
-        counters = self.counters
-        schedule = self.schedule
+        counters, schedule, lanes = self.counters, self.schedule, self._lanes
+        lane_limit = LANE_WAITING_PER_WORKER * self.options.concurrency
         try:
             async for item in self._items(items):
                 if self._stopping.is_set():
                     break
+                if done is not None and done(item):
+                    await outbox.put((item, skipped_result(item)))
+                    continue
                 if isinstance(item, Invalid):
                     await outbox.put((item, invalid_result(item)))
                     continue
+                if self.aimd is not None:
+                    self._adapt_tick(loop.time())
                 if schedule.rate > 0:
                     wait = schedule.wait(loop.time() - self._t0, counters.dispatched)
                     if wait > 0:
                         await asyncio.sleep(wait)
-                    if self._stopping.is_set():
-                        break
+                        if self._stopping.is_set():
+                            break
                     if inbox.full():
                         counters.late += 1
                 counters.dispatched += 1
+                if lanes is not None:
+                    while lanes.waiting >= lane_limit and not self._stopping.is_set():
+                        self._lane_space.clear()
+                        await self._lane_space.wait()
+                    if not lanes.admit(item):
+                        continue  # its key is busy: the worker holding the key sends it next
                 await inbox.put(item)
         finally:
             for _ in range(workers):
@@ -219,28 +250,50 @@ class Sender:
 
     # --- workers -------------------------------------------------------------------------
 
-    async def _work(
-        self,
-        conn: Connection,
-        inbox: asyncio.Queue[Record | None],
-        outbox: asyncio.Queue[tuple[Item, Result] | None],
-        workers_left: list[int],
-    ) -> None:
+    async def _work(self, conn: Connection, inbox: asyncio.Queue[Record | None],
+                    outbox: asyncio.Queue[tuple[Item, Result] | None], workers_left: list[int]) -> None:
+        counters, lanes = self.counters, self._lanes
         try:
             while (record := await inbox.get()) is not None:
-                self.counters.in_flight += 1
-                try:
-                    result = await self.send_one(conn, record)
-                finally:
-                    self.counters.in_flight -= 1
-                await outbox.put((record, result))
+                next_record: Record | None = record
+                while next_record is not None:
+                    record = next_record
+                    counters.in_flight += 1
+                    try:
+                        result = await self._send_or_skip(conn, record)
+                    finally:
+                        counters.in_flight -= 1
+                    if result.status == OK:
+                        counters.ok += 1
+                    await outbox.put((record, result))
+                    # Per-key order: this worker carries on with the key's next record.
+                    next_record = lanes.release(record) if lanes is not None else None
+                    if lanes is not None:
+                        self._lane_space.set()
+                        if self._stopping.is_set() and next_record is not None:
+                            next_record = None  # drain: lane leftovers are for --resume
         finally:
             conn.close()
             workers_left[0] -= 1
             if workers_left[0] == 0:
-                outbox.put_nowait(None)  # room guaranteed: consumer drains until None
+                outbox.put_nowait(None)  # room guaranteed: the consumer drains until None
+
+    async def _send_or_skip(self, conn: Connection, record: Record) -> Result:
+        if self._lanes is None:
+            return await self.send_one(conn, record)
+        key = self._lanes.key_of(record)
+        if key is not None and self.options.on_key_failure == "skip" and key in self._failed_keys:
+            return Result(seq=record.seq, source=record.source, id=record.id, status=FAILED,
+                          error_code="KEY_FAILED",
+                          error_msg=f"not sent: record seq {self._failed_keys[key]} with the same key"
+                                    " failed (--on-key-failure skip)")
+        result = await self.send_one(conn, record)
+        if key is not None and result.status == FAILED:
+            self._failed_keys.setdefault(key, record.seq)
+        return result
 
     def body_of(self, record: Record) -> bytes:
+        """The SendMessage request body (compact JSON)."""
         props = record.properties
         if self.options.key_from_id and record.id is not None and record.keys is None:
             props = (*props, (KEYS, record.id))
@@ -272,10 +325,12 @@ class Sender:
                                 error_code=exc.code, error_msg=str(exc))
                 retryable = True
             else:
-                result = self.interpret(record, resp)
+                result = interpret(record, resp, self._secrets)
                 retryable = result.status != OK and is_retryable_status(resp.status, policy)
                 retry_after = resp.retry_after
                 self._note_auth(resp.status, result)
+                if resp.status == 429 and self.aimd is not None:
+                    self._adapt_throttle(loop.time())
             if not retryable or attempts > policy.max_retries or self._auth_error is not None:
                 break
             delay = parse_retry_after(retry_after, time.time())
@@ -302,47 +357,25 @@ class Sender:
         else:
             self._auth_failures = 0
 
-    def interpret(self, record: Record, resp: Response) -> Result:
-        """Map one HTTP answer to a Result (status ok / failed). Pure."""
-        base = Result(seq=record.seq, source=record.source, id=record.id, status=FAILED,
-                      http_status=resp.status, request_id=resp.request_id)
-        try:
-            data = orjson.loads(resp.body) if resp.body else None
-        except orjson.JSONDecodeError:
-            data = None
-        if 200 <= resp.status < 300:
-            if isinstance(data, dict) and isinstance(data.get("msg_id"), str) and data["msg_id"]:
-                base.status = OK
-                base.msg_id = data["msg_id"]
-                base.queue_id = _int_or_none(data.get("queue_id"))
-                base.queue_offset = _int_or_none(data.get("queue_offset"))
-                broker = data.get("broker_name")
-                base.broker_name = broker if isinstance(broker, str) else None
-            else:
-                base.error_code = "BAD_RESPONSE"
-                base.error_msg = ("answer is not JSON" if data is None and resp.body
-                                  else "answer lacks msg_id")
-            return base
-        if isinstance(data, dict) and ("error_code" in data or "error_msg" in data):
-            base.error_code = str(data.get("error_code") or f"HTTP_{resp.status}")
-            base.error_msg = self._scrub(str(data.get("error_msg") or ""))
-        else:
-            base.error_code = f"HTTP_{resp.status}"
-            base.error_msg = self._scrub(resp.body[:200].decode("utf-8", "replace"))
-        return base
+    # --- adaptive rate ---------------------------------------------------------------------
 
-    def _scrub(self, text: str) -> str:
-        """Never let a secret the server echoes back reach a result."""
-        for secret in self.credentials.secrets():
-            text = text.replace(secret, "***")
-        return text
+    def _adapt_tick(self, now: float) -> None:
+        assert self.aimd is not None
+        if now - self._window_start >= self.aimd.window:
+            self._accepted_rate = (self.counters.ok - self._window_ok) / (now - self._window_start)
+            self._window_start, self._window_ok = now, self.counters.ok
+        if (rate := self.aimd.on_tick(now)) is not None:
+            self.set_rate(rate)
 
+    def _adapt_throttle(self, now: float) -> None:
+        assert self.aimd is not None
+        span = now - self._window_start
+        accepted = self._accepted_rate
+        if not accepted and span > 0.2:  # no whole window yet: use the part we have
+            accepted = (self.counters.ok - self._window_ok) / span
+        if (rate := self.aimd.on_throttle(now, accepted)) is not None:
+            self.set_rate(rate)
 
-def _int_or_none(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
+    @property
+    def rate_changes(self) -> int:
+        return self.aimd.changes if self.aimd is not None else 0

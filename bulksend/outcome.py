@@ -1,0 +1,67 @@
+"""What one HTTP answer means for a record: a Result, ok or failed. Pure.
+
+* 2xx with a JSON object holding a non-empty ``msg_id``: ok, with the queue fields.
+* 2xx that is not JSON, or lacks msg_id: failed, ``BAD_RESPONSE`` (not retried: the server
+  may have stored the message, so sending again would risk a duplicate for no gain).
+* anything else: failed, with the Huawei ``error_code``/``error_msg`` when the body has
+  them, else ``HTTP_<status>`` and the start of the body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from bulksend.client import Response
+from bulksend.record import Record
+from bulksend.result import FAILED, OK, Result
+
+#: How much of a non-JSON error body goes into error_msg.
+ERROR_BODY_CHARS = 200
+
+
+def interpret(record: Record, resp: Response, secrets: tuple[str, ...] = ()) -> Result:
+    """Map one answer to a Result. ``secrets`` are scrubbed from any text the server sent."""
+    result = Result(seq=record.seq, source=record.source, id=record.id, status=FAILED,
+                    http_status=resp.status, request_id=resp.request_id)
+    try:
+        data = orjson.loads(resp.body) if resp.body else None
+    except orjson.JSONDecodeError:
+        data = None
+    if 200 <= resp.status < 300:
+        if isinstance(data, dict) and isinstance(data.get("msg_id"), str) and data["msg_id"]:
+            result.status = OK
+            result.msg_id = data["msg_id"]
+            result.queue_id = _int_or_none(data.get("queue_id"))
+            result.queue_offset = _int_or_none(data.get("queue_offset"))
+            broker = data.get("broker_name")
+            result.broker_name = broker if isinstance(broker, str) else None
+        else:
+            result.error_code = "BAD_RESPONSE"
+            result.error_msg = "answer is not JSON" if data is None and resp.body else "answer lacks msg_id"
+        return result
+    if isinstance(data, dict) and ("error_code" in data or "error_msg" in data):
+        result.error_code = str(data.get("error_code") or f"HTTP_{resp.status}")
+        result.error_msg = scrub(str(data.get("error_msg") or ""), secrets)
+    else:
+        result.error_code = f"HTTP_{resp.status}"
+        result.error_msg = scrub(resp.body[:ERROR_BODY_CHARS].decode("utf-8", "replace"), secrets)
+    return result
+
+
+def scrub(text: str, secrets: tuple[str, ...]) -> str:
+    """Never let a secret the server echoes back reach a result."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
