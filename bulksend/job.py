@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from bulksend.config import Credentials, SendOptions, Target
-from bulksend.result import FAILED, INVALID, OK
+from bulksend.errors import ConfigError
+from bulksend.ledger import check_inputs, read_ledger, write_fingerprints
+from bulksend.record import Item
+from bulksend.result import FAILED, INVALID, OK, SKIPPED
 from bulksend.sender import Sender
 from bulksend.sinks import FailedWriter, ResultsWriter, write_json
 from bulksend.sources import Inputs
@@ -45,6 +48,10 @@ class SendJob:
     progress: str = "auto"
     progress_interval_s: float = 5.0
     drain_timeout_s: float = 30.0
+    #: Skip records the existing ``out`` ledger holds as ok; append to it.
+    resume: bool = False
+    #: Resume even though an input changed since the ledger was written.
+    force: bool = False
 
 
 @dataclass
@@ -115,14 +122,28 @@ async def run_send(job: SendJob, *, stderr: TextIO | None = None,
     stats = Stats()
     outcome = Outcome(stats)
     with Inputs(job.inputs, fmt=job.fmt, default_topic=job.topic) as inputs:
-        ledger = ResultsWriter(job.out) if job.out else None
-        failed = FailedWriter(job.failed) if job.failed else None
+        done = None
+        if job.out:
+            if job.resume:
+                check_inputs(job.out, job.inputs, force=job.force)
+                state = read_ledger(job.out)
+                done = state.done if state.done_identities else None
+                if state.torn_bytes and job.progress != "off":
+                    err.write(f"bulksend: ignored a torn last line ({state.torn_bytes} bytes) in {job.out}\n")
+            write_fingerprints(job.out, job.inputs)
+        elif job.resume:
+            raise ConfigError("--resume needs --out: the results ledger of the run to resume")
+        ledger = ResultsWriter(job.out, append=job.resume) if job.out else None
+        failed = FailedWriter(job.failed, append=job.resume) if job.failed else None
+        sender: Sender | None = None
         try:
             async with _target(job) as (target, creds):
                 async with Sender(target, creds, job.options) as sender:
-                    await _pump(job, sender, inputs, stats, ledger, failed, outcome, err)
+                    await _pump(job, sender, inputs, stats, ledger, failed, outcome, err, done)
         finally:
             stats.finish()
+            if sender is not None:
+                stats.rate_changes = sender.rate_changes
             for sink in (ledger, failed):
                 if sink is not None:
                     sink.close()
@@ -135,7 +156,8 @@ async def run_send(job: SendJob, *, stderr: TextIO | None = None,
 
 
 async def _pump(job: SendJob, sender: Sender, inputs: Inputs, stats: Stats, ledger: ResultsWriter | None,
-                failed: FailedWriter | None, outcome: Outcome, err: TextIO) -> None:
+                failed: FailedWriter | None, outcome: Outcome, err: TextIO,
+                done: Callable[[Item], bool] | None) -> None:
     loop = asyncio.get_running_loop()
     consumer = asyncio.current_task()
     assert consumer is not None
@@ -161,9 +183,11 @@ async def _pump(job: SendJob, sender: Sender, inputs: Inputs, stats: Stats, ledg
     async with asyncio.TaskGroup() as tg:
         ticker = tg.create_task(progress.run()) if progress else None
         try:
-            async for item, result in sender.send_with_items(inputs):
+            async for item, result in sender.send_with_items(inputs, done=done):
                 stats.add(result)
-                if ledger is not None:
+                # A skipped record's line is already in the ledger (its earlier ok): it is
+                # counted, not written again, so the ledger holds each ok exactly once.
+                if ledger is not None and result.status != SKIPPED:
                     ledger.add(result)
                 if failed is not None and result.status in (FAILED, INVALID):
                     failed.add(item, result)

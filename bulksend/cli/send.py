@@ -35,6 +35,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="set KEYS to the record id where a record has no KEYS")
     g.add_argument("--drain-timeout", type=float, metavar="S",
                    help="on SIGINT/SIGTERM, seconds to let in-flight records finish (default 30)")
+    g = p.add_argument_group("reliability")
+    g.add_argument("--resume", action="store_true", default=None,
+                   help="skip records the --out ledger holds as ok; append the rest to it")
+    g.add_argument("--force", action="store_true", default=None,
+                   help="with --resume: go on even though an input changed since the ledger began")
+    g.add_argument("--ordered", action="store_true", default=None,
+                   help="records with the same KEYS go one at a time, in input order")
+    g.add_argument("--order-by", metavar="FIELD", help="with --ordered: key on topic, id, tags or a property")
+    g.add_argument("--on-key-failure", choices=("continue", "skip"),
+                   help="with --ordered: after a record finally fails, send the rest of its key or skip them")
+    g.add_argument("--adaptive", action="store_true", default=None,
+                   help="on 429, lower the rate multiplicatively and recover additively (AIMD)")
     p.set_defaults(func=run)
 
 
@@ -45,7 +57,14 @@ def build_job(args: argparse.Namespace) -> SendJob:
         inputs=tuple(args.inputs),
         target=None if embedded else resolve_target(r),
         credentials=resolve_credentials(r),
-        options=resolve_send_options(r, key_from_id=r.get("key_from_id", to_bool, False)),
+        options=resolve_send_options(
+            r,
+            key_from_id=r.get("key_from_id", to_bool, False),
+            ordered=r.get("ordered", to_bool, False) or r.get("order_by", str, None) is not None,
+            order_by=r.get("order_by", str, None),
+            on_key_failure=r.get("on_key_failure", str, "continue"),
+            adaptive=r.get("adaptive", to_bool, False),
+        ),
         fmt=r.get("format", str, None),
         topic=r.get("topic", str, None),
         out=r.get("out", str, None),
@@ -53,6 +72,8 @@ def build_job(args: argparse.Namespace) -> SendJob:
         failed=r.get("failed", str, None),
         progress="off" if r.get("quiet", to_bool, False) else "auto",
         drain_timeout_s=r.get("drain_timeout", float, 30.0),
+        resume=r.get("resume", to_bool, False),
+        force=r.get("force", to_bool, False),
     )
 
 
