@@ -16,9 +16,11 @@ KEYS = "KEYS"
 TAGS = "TAGS"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Record:
-    """One valid message to send."""
+    """One valid message to send. Treat as immutable: not ``frozen`` only because a frozen
+    dataclass's __init__ costs ~1 µs more per record (object.__setattr__ per field), a third
+    of a line's whole parse."""
 
     seq: int
     source: str

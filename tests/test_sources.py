@@ -1,0 +1,535 @@
+"""The input stage: every kind of bad input is exactly one Invalid at the right path:line
+with a clear message; formats, BOM, CRLF, gzip, stdin, seq across inputs; open errors
+before anything is yielded."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from bulksend.errors import ConfigError, InputOpenError
+from bulksend.parse import CsvHeader, parse_jsonl_line, record_from_obj
+from bulksend.record import Invalid, Item, Record
+from bulksend.sources import MAX_LINE_BYTES, Inputs, fingerprint, format_for
+
+
+def read(*paths: str | Path, **kw: object) -> list[Item]:
+    with Inputs([str(p) for p in paths], **kw) as inputs:  # type: ignore[arg-type]
+        return list(inputs)
+
+
+def write(tmp_path: Path, name: str, data: bytes | str) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def only(items: list[Item]) -> Item:
+    assert len(items) == 1, items
+    return items[0]
+
+
+# --- JSONL: valid records ------------------------------------------------------------------
+
+
+def test_jsonl_fields(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "m.jsonl",
+        '{"topic":"t","body":"hello","keys":["k1","k2"],"tags":"tg","id":7,'
+        '"property_list":[{"name":"a","value":"1"}],"properties":{"b":"2"},"other":[1]}\n',
+    )
+    assert only(read(path)) == Record(
+        seq=0,
+        source=f"{path}:1",
+        topic="t",
+        body="hello",
+        properties=(("a", "1"), ("b", "2"), ("KEYS", "k1 k2"), ("TAGS", "tg")),
+        id="7",
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "sent"),
+    [
+        ('{"a": [1, 2.5, null], "b": {"c": true}}', '{"a":[1,2.5,null],"b":{"c":true}}'),
+        ("[1, 2]", "[1,2]"),
+        ("42", "42"),
+        ("false", "false"),
+        ('"text, not re-encoded"', "text, not re-encoded"),
+        ('"\\u00e9t\\u00e9"', "été"),
+    ],
+)
+def test_non_string_body_is_sent_as_compact_json(tmp_path: Path, body: str, sent: str) -> None:
+    path = write(tmp_path, "m.jsonl", f'{{"topic":"t","body":{body}}}\n')
+    item = only(read(path))
+    assert isinstance(item, Record)
+    assert item.body == sent
+
+
+def test_keys_string_and_list_joined_with_single_spaces(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "m.jsonl",
+        '{"body":"a","keys":"one"}\n{"body":"b","keys":["x","","y z"]}\n{"body":"c","keys":[]}\n'
+        '{"body":"d","keys":"","tags":""}\n',
+    )
+    items = read(path, default_topic="t")
+    assert [i.keys for i in items if isinstance(i, Record)] == ["one", "x y z", None, None]
+    assert [i.properties for i in items if isinstance(i, Record)][2:] == [(), ()]
+
+
+def test_default_topic_and_own_topic(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "m.jsonl", '{"body":"a"}\n{"body":"b","topic":"own"}\n{"body":"c","topic":null}\n'
+    )
+    assert [i.topic for i in read(path, default_topic="dflt") if isinstance(i, Record)] == [
+        "dflt",
+        "own",
+        "dflt",
+    ]
+
+
+def test_id_string_or_number_stored_as_str(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "m.jsonl", '{"body":"a","id":"x-1"}\n{"body":"b","id":12}\n{"body":"c"}\n'
+    )
+    items = read(path, default_topic="t")
+    assert [i.id for i in items] == ["x-1", "12", None]
+    assert [i.identity for i in items] == ["x-1", "12", f"{path}:3"]
+
+
+# --- JSONL: one Invalid per bad line, right place, clear message -----------------------------
+
+BAD_JSONL = [
+    ('{"topic":"t","body":"a",}', "malformed JSON: trailing comma is not allowed at column 24"),
+    ('{"topic":"t" "body":"a"}', "malformed JSON: unexpected character"),
+    ('{"topic":"t","body":"a"', "malformed JSON: unexpected end of data"),
+    ('{"topic":"t","body":"a"} {}', "malformed JSON: unexpected content after document"),
+    ("[1,2]", "not a JSON object (got an array)"),
+    ('"just a string"', "not a JSON object (got a string)"),
+    ("null", "not a JSON object (got null)"),
+    ('{"topic":"t"}', "body is missing"),
+    ('{"topic":"t","body":null}', "body is null"),
+    ('{"topic":"t","body":""}', "body is empty"),
+    ('{"body":"a"}', "topic is missing and no default topic (--topic) is given"),
+    ('{"topic":"","body":"a"}', "topic is empty"),
+    ('{"topic":5,"body":"a"}', "topic is not a string (got a number)"),
+    ('{"topic":"t","body":"a","id":true}', "id is not a string or a number (got a boolean)"),
+    ('{"topic":"t","body":"a","id":""}', "id is empty"),
+    (
+        '{"topic":"t","body":"a","keys":5}',
+        "keys is not a string or a list of strings (got a number)",
+    ),
+    ('{"topic":"t","body":"a","keys":["k",1]}', "keys[1] is not a string (got a number)"),
+    ('{"topic":"t","body":"a","tags":["x"]}', "tags is not a string (got an array)"),
+    ('{"topic":"t","body":"a","properties":[]}', "properties is not an object (got an array)"),
+    (
+        '{"topic":"t","body":"a","properties":{"n":1}}',
+        'properties["n"] is not a string (got a number)',
+    ),
+    ('{"topic":"t","body":"a","properties":{"":"v"}}', "properties has an empty name"),
+    ('{"topic":"t","body":"a","property_list":{}}', "property_list is not a list (got an object)"),
+    (
+        '{"topic":"t","body":"a","property_list":[{"name":"a","value":"1"},{"name":"b","value":"2"},'
+        '{"name":"c","value":3}]}',
+        "property_list[2].value is not a string (got a number)",
+    ),
+    (
+        '{"topic":"t","body":"a","property_list":[{"value":"1"}]}',
+        "property_list[0].name is missing",
+    ),
+    (
+        '{"topic":"t","body":"a","property_list":[{"name":"","value":"1"}]}',
+        "property_list[0].name is empty",
+    ),
+    (
+        '{"topic":"t","body":"a","property_list":["x"]}',
+        "property_list[0] is not an object (got a string)",
+    ),
+    (
+        '{"topic":"t","body":"a","keys":"k","properties":{"KEYS":"k2"}}',
+        'property "KEYS" is given more than once',
+    ),
+    ('{"topic":"t","body":"a","properties":{"a\\nb":1}}', 'properties["a\\nb"] is not a string'),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), BAD_JSONL)
+def test_bad_jsonl_line_is_one_invalid(tmp_path: Path, line: str, message: str) -> None:
+    good = '{"topic":"t","body":"fine"}'
+    path = write(tmp_path, "in.jsonl", f"{good}\n{line}\n{good}\n")
+    items = read(path)
+    assert [type(i) for i in items] == [Record, Invalid, Record]
+    bad = items[1]
+    assert isinstance(bad, Invalid)
+    assert (bad.seq, bad.source, bad.raw) == (1, f"{path}:2", line)
+    assert bad.error.startswith(message), bad.error
+    assert "\n" not in bad.error
+
+
+def test_invalid_utf8_names_the_byte(tmp_path: Path) -> None:
+    path = write(tmp_path, "in.jsonl", b'{"topic":"t","body":"caf\xc3\xa9 \xff"}\n')
+    bad = only(read(path))
+    assert isinstance(bad, Invalid)
+    assert bad.error == "invalid UTF-8 at byte 28"
+    assert bad.raw == '{"topic":"t","body":"café \ufffd"}'
+
+
+def test_malformed_json_column_counts_characters(tmp_path: Path) -> None:
+    path = write(tmp_path, "in.jsonl", '{"body":"éé", x}\n')
+    bad = only(read(path, default_topic="t"))
+    assert isinstance(bad, Invalid)
+    assert bad.error == "malformed JSON: unexpected character, expected a string key at column 15"
+
+
+def test_invalid_keeps_a_valid_id_for_resume(tmp_path: Path) -> None:
+    path = write(tmp_path, "in.jsonl", '{"id":"r-1","body":null}\n{"id":[],"body":null}\n')
+    assert [i.id for i in read(path, default_topic="t")] == ["r-1", None]
+
+
+def test_over_long_line_is_one_invalid_and_reading_goes_on(tmp_path: Path) -> None:
+    huge = b'{"topic":"t","body":"' + b"x" * (MAX_LINE_BYTES + 10) + b'"}'
+    path = write(tmp_path, "in.jsonl", huge + b'\n{"topic":"t","body":"after"}\n')
+    first, second = read(path)
+    assert isinstance(first, Invalid)
+    assert (first.source, first.error) == (f"{path}:1", "line is longer than 8 MiB")
+    assert len(first.raw) <= 1024
+    assert isinstance(second, Record)
+    assert (second.seq, second.source, second.body) == (1, f"{path}:2", "after")
+
+
+# --- line handling ---------------------------------------------------------------------------
+
+
+def test_blank_lines_skipped_without_seq_and_lines_stay_physical(tmp_path: Path) -> None:
+    path = write(tmp_path, "in.jsonl", '\n  \n{"body":"a"}\n\t \r\n\n{"body":"b"}\n\n')
+    items = read(path, default_topic="t")
+    assert [(i.seq, i.source) for i in items] == [(0, f"{path}:3"), (1, f"{path}:6")]
+
+
+def test_bom_and_crlf(tmp_path: Path) -> None:
+    path = write(tmp_path, "in.jsonl", b'\xef\xbb\xbf{"body":"a"}\r\n{"body":"b"}\r\n{"body":}\r\n')
+    items = read(path, default_topic="t")
+    assert [i.body for i in items if isinstance(i, Record)] == ["a", "b"]
+    bad = items[2]
+    assert isinstance(bad, Invalid)
+    assert (bad.source, bad.raw) == (f"{path}:3", '{"body":}')
+
+
+def test_bom_from_a_pipe_that_hands_out_one_byte_at_a_time() -> None:
+    class Trickle(io.RawIOBase):
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def readable(self) -> bool:
+            return True
+
+        def read1(self, n: int = -1) -> bytes:
+            out, self.data = self.data[:1], self.data[1:]
+            return out
+
+    stdin = Trickle(b'\xef\xbb\xbf{"body":"a"}\n{"body":"b"}')
+    items = read("-", stdin=stdin, default_topic="t")
+    assert [(i.source, i.body) for i in items if isinstance(i, Record)] == [
+        ("-:1", "a"),
+        ("-:2", "b"),
+    ]
+
+
+def test_last_line_without_newline(tmp_path: Path) -> None:
+    path = write(tmp_path, "in.jsonl", '{"body":"a"}\n{"body":"b"}')
+    assert [i.source for i in read(path, default_topic="t")] == [f"{path}:1", f"{path}:2"]
+
+
+def test_lines_spanning_read_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("bulksend.sources.CHUNK_BYTES", 7)
+    lines = [f'{{"body":"{"y" * n}"}}' for n in (1, 20, 0, 3)]
+    path = write(tmp_path, "in.jsonl", "\r\n".join(lines) + "\n")
+    items = read(path, default_topic="t")
+    assert [(i.source, getattr(i, "body", None)) for i in items] == [
+        (f"{path}:1", "y"),
+        (f"{path}:2", "y" * 20),
+        (f"{path}:3", None),
+        (f"{path}:4", "yyy"),
+    ]
+
+
+# --- several inputs, stdin, gzip ---------------------------------------------------------------
+
+
+def test_seq_runs_across_inputs_and_source_uses_the_path_as_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "a.jsonl", '{"body":"a1"}\n\n{"body":"a2"}\n')
+    write(tmp_path, "b.csv", "body\nb1\n")
+    stdin = io.BytesIO(b'{"body":"s1"}\n{"body":null}\n')
+    with Inputs(["a.jsonl", "-", "./b.csv"], default_topic="t", stdin=stdin) as inputs:
+        items = list(inputs)
+    assert [(i.seq, i.source) for i in items] == [
+        (0, "a.jsonl:1"),
+        (1, "a.jsonl:3"),
+        (2, "-:1"),
+        (3, "-:2"),
+        (4, "./b.csv:2"),
+    ]
+    assert isinstance(items[3], Invalid)
+
+
+def test_stdin_defaults_to_jsonl_and_fmt_forces_csv() -> None:
+    items = read("-", stdin=io.BytesIO(b"body,topic\nhi,t\n"), fmt="csv")
+    assert only(items) == Record(0, "-:2", "t", "hi")
+    items = read("-", stdin=io.BytesIO(b'{"body":"hi","topic":"t"}\n'))
+    assert only(items) == Record(0, "-:1", "t", "hi")
+
+
+def test_gzip_read_transparently_format_from_inner_extension(tmp_path: Path) -> None:
+    data = b"".join(b'{"topic":"t","body":"m%d"}\n' % i for i in range(1000))
+    jsonl = write(tmp_path, "m.jsonl.gz", gzip.compress(data))
+    csv_gz = write(tmp_path, "m.CSV.GZ", gzip.compress(b"topic,body\r\nt,x\r\n"))
+    with Inputs([str(jsonl), str(csv_gz)]) as inputs:
+        assert inputs.bytes_total == jsonl.stat().st_size + csv_gz.stat().st_size
+        items = list(inputs)
+        assert inputs.bytes_read == inputs.bytes_total
+    assert len(items) == 1001
+    assert all(isinstance(i, Record) for i in items)
+    assert (items[999].source, items[1000].source) == (f"{jsonl}:1000", f"{csv_gz}:2")
+
+
+def test_gzip_corrupt_midway_is_one_invalid_then_next_input(tmp_path: Path) -> None:
+    data = b"".join(
+        b'{"topic":"t","body":"message %06d %s"}\n' % (i, os.urandom(8).hex().encode())
+        for i in range(20000)
+    )
+    packed = gzip.compress(data)
+    broken = write(tmp_path, "broken.jsonl.gz", packed[: len(packed) // 2])
+    after = write(tmp_path, "after.jsonl", '{"topic":"t","body":"next"}\n')
+    items = read(broken, after)
+    bad = [i for i in items if isinstance(i, Invalid)]
+    assert len(bad) == 1
+    assert bad[0] is items[-2]
+    assert "gzip data is corrupt" in bad[0].error
+    assert "the rest of this file is skipped" in bad[0].error
+    good = items[:-2]
+    assert [i.source for i in good] == [f"{broken}:{n}" for n in range(1, len(good) + 1)]
+    assert bad[0].source == f"{broken}:{len(good) + 1}"
+    assert items[-1] == Record(len(items) - 1, f"{after}:1", "t", "next")
+
+
+def test_bytes_total_is_none_with_stdin(tmp_path: Path) -> None:
+    path = write(tmp_path, "a.jsonl", '{"body":"a"}\n')
+    with Inputs([str(path), "-"], stdin=io.BytesIO(b"")) as inputs:
+        assert inputs.bytes_total is None
+        assert list(inputs)
+        assert inputs.bytes_read == path.stat().st_size
+
+
+def test_batches_is_the_same_stream_n_at_a_time(tmp_path: Path) -> None:
+    path = write(tmp_path, "a.jsonl", "".join(f'{{"body":"{n}"}}\n' for n in range(10)))
+    with Inputs([str(path)], default_topic="t") as inputs:
+        batches = list(inputs.batches(4))
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert [i.seq for b in batches for i in b] == list(range(10))
+
+
+# --- open errors: raised up front, before anything is yielded ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p / "missing.jsonl", "No such file or directory"),
+        (lambda p: p, "Is a directory"),
+        (lambda p: write(p, "x.txt", "{}"), "unknown input format"),
+        (lambda p: write(p, "x.jsonl.gz", "not gzip at all"), "not a gzip file"),
+    ],
+)
+def test_open_error_before_anything_is_yielded(tmp_path: Path, make: object, message: str) -> None:
+    good = write(tmp_path, "good.jsonl", '{"topic":"t","body":"a"}\n')
+    bad = make(tmp_path)  # type: ignore[operator]
+    with pytest.raises(InputOpenError, match=message) as info:
+        Inputs([str(good), str(bad)])
+    assert "\n" not in str(info.value)
+
+
+def test_any_os_error_on_open_is_an_open_error(tmp_path: Path) -> None:
+    # Permission bits do not stop root (CI runs as root); a file used as a directory
+    # fails for everyone, through the same OSError path.
+    path = write(tmp_path, "plain.jsonl", "{}")
+    with pytest.raises(InputOpenError, match="Not a directory"):
+        Inputs([str(path / "inner.jsonl")])
+
+
+def test_bad_options_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        Inputs([], fmt="xml")
+    with pytest.raises(ConfigError):
+        Inputs([], default_topic="")
+    with pytest.raises(InputOpenError, match="more than once"):
+        Inputs(["-", "-"])
+
+
+def test_format_for() -> None:
+    assert format_for("a.ndjson.gz", None) == "jsonl"
+    assert format_for("a.json", None) == "jsonl"
+    assert format_for("a.csv", None) == "csv"
+    assert format_for("a.txt", "csv") == "csv"
+    assert format_for("-", None) == "jsonl"
+
+
+def test_empty_gzip_file_is_empty_input(tmp_path: Path) -> None:
+    assert read(write(tmp_path, "e.jsonl.gz", b"")) == []
+
+
+# --- CSV -------------------------------------------------------------------------------------
+
+
+def test_csv_columns_props_and_empty_cells(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "m.csv",
+        "topic,body,keys,tags,id,prop.color,prop.size,ignored\n"
+        "t,hello,k1 k2,tg,42,red,,x\n"
+        ",plain,,,,,,\n",
+    )
+    first, second = read(path, default_topic="dflt")
+    assert first == Record(
+        0, f"{path}:2", "t", "hello", (("color", "red"), ("KEYS", "k1 k2"), ("TAGS", "tg")), "42"
+    )
+    assert second == Record(1, f"{path}:3", "dflt", "plain")
+
+
+def test_csv_quoted_multiline_record_source_is_its_first_line(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "m.csv",
+        'topic,body\r\nt,"line one\r\n\r\nline ""three"", with comma"\r\nt,next\r\n',
+    )
+    first, second = read(path)
+    assert first == Record(0, f"{path}:2", "t", 'line one\r\n\r\nline "three", with comma')
+    assert second == Record(1, f"{path}:5", "t", "next")
+
+
+BAD_CSV = [
+    ("t,a,extra", "CSV row has 3 fields, header has 2"),
+    ("t", "CSV row has 1 fields, header has 2"),
+    ("t,", "body is empty"),
+    (',"x"y', "malformed CSV: ',' expected after '\"'"),
+    ("t\r,x", "malformed CSV: new-line character seen in unquoted field"),
+]
+
+
+@pytest.mark.parametrize(("row", "message"), BAD_CSV)
+def test_bad_csv_row_is_one_invalid(tmp_path: Path, row: str, message: str) -> None:
+    path = write(tmp_path, "in.csv", f"topic,body\nt,fine\n{row}\nt,fine\n")
+    items = read(path)
+    assert [type(i) for i in items] == [Record, Invalid, Record]
+    bad = items[1]
+    assert isinstance(bad, Invalid)
+    assert (bad.seq, bad.source, bad.raw) == (1, f"{path}:3", row)
+    assert bad.error.startswith(message), bad.error
+    assert items[2].source == f"{path}:4"
+
+
+def test_csv_invalid_utf8_blank_lines_and_bom(tmp_path: Path) -> None:
+    path = write(tmp_path, "in.csv", b"\xef\xbb\xbf\nbody,topic\n\n  \nok,t\nbad \xff,t\n")
+    items = read(path)
+    assert [(i.seq, i.source) for i in items] == [(0, f"{path}:5"), (1, f"{path}:6")]
+    bad = items[1]
+    assert isinstance(bad, Invalid)
+    assert bad.error == "invalid UTF-8 at line 6, byte 5"
+
+
+def test_csv_unterminated_quote_at_end(tmp_path: Path) -> None:
+    path = write(tmp_path, "in.csv", 'body,topic\nok,t\n"never closed,t\nmore\n')
+    items = read(path)
+    bad = items[1]
+    assert isinstance(bad, Invalid)
+    assert (bad.source, bad.error) == (f"{path}:3", "malformed CSV: unexpected end of data")
+    assert bad.raw == '"never closed,t\nmore'
+
+
+def test_csv_header_without_body_column(tmp_path: Path) -> None:
+    path = write(tmp_path, "in.csv", "topic,text\nt,a\nt,b\n")
+    assert [i.error for i in read(path) if isinstance(i, Invalid)] == [
+        "body is missing: the CSV header has no body column"
+    ] * 2
+
+
+def test_csv_duplicate_property_and_header_row_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "in.csv", 'topic,"bo"dy\ntopic,body,keys,prop.KEYS\nt,b,k,k2\n')
+    header_error, dup = read(path)
+    assert isinstance(header_error, Invalid)
+    assert header_error.source == f"{path}:1"
+    assert header_error.error.startswith("CSV header row: malformed CSV")
+    assert isinstance(dup, Invalid)
+    assert (dup.source, dup.error) == (f"{path}:3", 'property "KEYS" is given more than once')
+
+
+def test_csv_gzip_corrupt_midway(tmp_path: Path) -> None:
+    rows = b"".join(b"t,row %06d %s\n" % (i, os.urandom(8).hex().encode()) for i in range(20000))
+    packed = gzip.compress(b"topic,body\n" + rows)
+    path = write(tmp_path, "in.csv.gz", packed[: len(packed) // 2])
+    items = read(path)
+    assert [type(i) for i in items[:-1]] == [Record] * (len(items) - 1)
+    assert isinstance(items[-1], Invalid)
+    assert items[-1].source == f"{path}:{len(items) + 1}"
+    assert "gzip data is corrupt" in items[-1].error
+
+
+# --- the pure functions ----------------------------------------------------------------------
+
+
+def test_parse_jsonl_line_and_record_from_obj() -> None:
+    line = b'{"topic":"t","body":"b"}\r\n'
+    assert parse_jsonl_line(line, seq=3, source="f:9", default_topic=None) == Record(
+        3, "f:9", "t", "b"
+    )
+    blank = parse_jsonl_line(b"  \n", seq=0, source="f:1", default_topic="t")
+    assert isinstance(blank, Invalid)
+    assert blank.error == "line is blank"
+    bad = record_from_obj({"body": 1.5, "id": 3}, seq=1, source="s:1", raw="r", default_topic=None)
+    assert bad == Invalid(
+        1, "s:1", "r", "topic is missing and no default topic (--topic) is given", "3"
+    )
+    ok = record_from_obj({"body": 1.5}, seq=1, source="s:1", raw="r", default_topic="t")
+    assert ok == Record(1, "s:1", "t", "1.5")
+
+
+def test_csv_header_maps_rows() -> None:
+    header = CsvHeader([" body ", "prop.x", "id"])
+    assert header.item(["b", "1", ""], seq=0, source="s:2", raw="", default_topic="t") == Record(
+        0, "s:2", "t", "b", (("x", "1"),)
+    )
+
+
+def test_deeply_nested_body_is_invalid_not_a_crash(tmp_path: Path) -> None:
+    path = write(tmp_path, "in.jsonl", '{"topic":"t","body":' + "[" * 300 + "]" * 300 + "}\n")
+    bad = only(read(path))
+    assert isinstance(bad, Invalid)
+    assert bad.error.startswith("body cannot be sent as JSON")
+
+
+# --- fingerprint -----------------------------------------------------------------------------
+
+
+def test_fingerprint_changes_with_content_and_is_stable(tmp_path: Path) -> None:
+    path = write(tmp_path, "in.jsonl", b"x" * (3 << 20))
+    first = fingerprint(str(path))
+    assert first == fingerprint(str(path))
+    assert first.startswith(f"v1:{3 << 20}:")
+    stat = path.stat()
+    with path.open("r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(b"y")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: the tail tells
+    assert fingerprint(str(path)) != first
+    with pytest.raises(InputOpenError):
+        fingerprint(str(tmp_path / "missing"))
+    with pytest.raises(InputOpenError):
+        fingerprint("-")

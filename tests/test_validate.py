@@ -1,0 +1,182 @@
+"""``bulksend validate`` as a user runs it: a subprocess, exit codes 0/1/2, problems as
+``path:line: message``, never a traceback."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def validate(
+    *args: str, stdin: bytes = b"", cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "bulksend", "validate", *args],
+        input=stdin.decode(),
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def test_clean_input_exits_0(tmp_path: Path) -> None:
+    (tmp_path / "ok.jsonl").write_text('{"topic":"t","body":"a"}\n\n{"body":"b"}\n')
+    done = validate("ok.jsonl", "--topic", "t", cwd=tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "0 problems in 2 records\n", "")
+
+
+def test_problems_are_listed_as_path_line_message_and_exit_1(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_bytes(
+        b'{"topic":"t","body":"ok"}\n{"topic":"t"}\n\n{"topic":"t","body":"x",\n'
+        b'{"topic":"t","body":"\xff"}\n[1]\n'
+    )
+    (tmp_path / "in.csv").write_text("topic,body\nt,ok\nt,a,b\n")
+    done = validate("in.jsonl", "in.csv", cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == [
+        "in.jsonl:2: body is missing",
+        "in.jsonl:4: malformed JSON: unexpected end of data at column 25",
+        "in.jsonl:5: invalid UTF-8 at byte 22",
+        "in.jsonl:6: not a JSON object (got an array)",
+        "in.csv:3: CSV row has 3 fields, header has 2",
+        "5 problems in 7 records",
+    ]
+    assert done.stderr == ""
+
+
+def test_one_problem_one_record() -> None:
+    done = validate("-", stdin=b'{"body":"no topic"}\n')
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == [
+        "-:1: topic is missing and no default topic (--topic) is given",
+        "1 problem in 1 record",
+    ]
+
+
+def test_stdin_format_and_topic_flags() -> None:
+    done = validate("-", "--format", "csv", "--topic", "t", stdin=b"body\nhello\n")
+    assert (done.returncode, done.stdout) == (0, "0 problems in 1 record\n")
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "message"),
+    [
+        ("missing.jsonl", None, "No such file or directory"),
+        ("adir", "dir", "Is a directory"),
+        ("notes.txt", "{}", "unknown input format"),
+        ("fake.jsonl.gz", "plain text", "not a gzip file"),
+    ],
+)
+def test_unopenable_input_exits_2_with_one_line(
+    tmp_path: Path, name: str, make: str | None, message: str
+) -> None:
+    (tmp_path / "ok.jsonl").write_text('{"topic":"t","body":"a"}\n')
+    if make == "dir":
+        (tmp_path / name).mkdir()
+    elif make is not None:
+        (tmp_path / name).write_text(make)
+    done = validate("ok.jsonl", name, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stdout == ""  # checked before anything is read
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith("bulksend: error: ")
+    assert message in done.stderr
+
+
+def test_usage_error_exits_2() -> None:
+    done = validate("-", "--format", "xml")
+    assert done.returncode == 2
+    assert "invalid choice" in done.stderr
+
+
+def test_corrupt_gzip_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    data = b"".join(
+        b'{"topic":"t","body":"%d %s"}\n' % (i, os.urandom(6).hex().encode()) for i in range(5000)
+    )
+    packed = gzip.compress(data)
+    (tmp_path / "cut.jsonl.gz").write_bytes(packed[: len(packed) * 2 // 3])
+    done = validate("cut.jsonl.gz", cwd=tmp_path)
+    assert done.returncode == 1
+    problems = done.stdout.splitlines()[:-1]
+    assert len(problems) == 1
+    assert "gzip data is corrupt" in problems[0]
+
+
+def test_binary_garbage_is_problems_not_a_crash(tmp_path: Path) -> None:
+    (tmp_path / "junk.jsonl").write_bytes(os.urandom(20000))
+    (tmp_path / "junk.csv").write_bytes(b"topic,body\n" + os.urandom(20000))
+    done = validate("junk.jsonl", "junk.csv", cwd=tmp_path)
+    assert done.returncode == 1
+    *problems, count = done.stdout.splitlines()
+    assert all(line.startswith(("junk.jsonl:", "junk.csv:")) for line in problems)
+    assert count.startswith(f"{len(problems)} problems in ")
+
+
+def test_shipped_examples_are_valid() -> None:
+    done = validate(str(EXAMPLES / "messages.jsonl"), str(EXAMPLES / "messages.csv"))
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.endswith(" records\n")
+
+
+@pytest.mark.slow
+def test_million_lines_stream_in_bounded_memory(tmp_path: Path) -> None:
+    """1,000,000 lines (~80 MB) through validate: peak RSS of that process under 100 MB."""
+    path = tmp_path / "big.jsonl"
+    block = b"".join(
+        b'{"topic":"demo","body":"message %06d of a long replay","keys":"k%d"}\n' % (i, i % 97)
+        for i in range(10_000)
+    )
+    bad = b'{"topic":"demo","body":null}\n'
+    with path.open("wb") as f:
+        for _ in range(100):  # the last line of every block is swapped for a bad one
+            f.write(block[: block.rindex(b"\n", 0, -1) + 1] + bad)
+    out_path = tmp_path / "out.txt"
+    started = time.monotonic()
+    # A child's ru_maxrss starts at its parent's peak when it is forked (Linux keeps the
+    # old mm's high-water mark across exec), and pytest's own RSS may be past 100 MB by
+    # now: so measure from a small middleman whose only child is the validate run.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PEAK_RSS_RUNNER,
+            str(out_path),
+            sys.executable,
+            "-m",
+            "bulksend",
+            "validate",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - started
+    assert "Traceback" not in done.stderr, done.stderr
+    code, peak_kib = map(int, done.stdout.split())
+    lines = out_path.read_text().splitlines()
+    assert code == 1
+    assert lines[-1] == "100 problems in 1000000 records"
+    assert lines[0] == f"{path}:10000: body is null"
+    peak_mb = peak_kib / 1024  # ru_maxrss is in KiB on Linux
+    assert peak_mb < 100, f"peak RSS {peak_mb:.0f} MB"
+    print(f"1M lines: peak RSS {peak_mb:.1f} MB, validate took {elapsed:.1f} s")
+
+
+PEAK_RSS_RUNNER = """
+import resource, subprocess, sys
+with open(sys.argv[1], "wb") as out:
+    code = subprocess.run(sys.argv[2:], stdout=out).returncode
+print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
