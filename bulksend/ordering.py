@@ -12,8 +12,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from bulksend.record import KEYS, TAGS, Record
+
+#: What waits in a lane: a Record, or the sender's (record, intended time) pair.
+T = TypeVar("T")
 
 
 def key_function(order_by: str | None) -> Callable[[Record], str | None]:
@@ -36,16 +40,16 @@ def key_function(order_by: str | None) -> Callable[[Record], str | None]:
     return by_property
 
 
-class KeyLanes:
+class KeyLanes(Generic[T]):
     """Records waiting behind an in-flight record of the same key; ``waiting`` is bounded
     by the dispatcher (it stops reading while ``waiting >= limit``)."""
 
-    def __init__(self, key_of: Callable[[Record], str | None]) -> None:
+    def __init__(self, key_of: Callable[[T], str | None]) -> None:
         self.key_of = key_of
-        self._lanes: dict[str, deque[Record]] = {}
+        self._lanes: dict[str, deque[T]] = {}
         self.waiting = 0
 
-    def admit(self, record: Record) -> bool:
+    def admit(self, record: T) -> bool:
         """True: send it now. False: it waits in its key's lane (the key is busy)."""
         key = self.key_of(record)
         if key is None:
@@ -58,7 +62,7 @@ class KeyLanes:
         self.waiting += 1
         return False
 
-    def release(self, record: Record) -> Record | None:
+    def release(self, record: T) -> T | None:
         """``record`` is finished: the next record of its key, to send now, or None."""
         key = self.key_of(record)
         if key is None:

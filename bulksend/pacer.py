@@ -13,6 +13,20 @@ anchor (time and count where the current rate took over) so due times stay absol
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
+
+
+class Pacer(Protocol):
+    """What the sender's dispatcher asks of a schedule (``Schedule``; load's stages)."""
+
+    @property
+    def rate(self) -> float: ...
+
+    def wait(self, elapsed: float, sent: int) -> float: ...
+
+    def due_at(self, sent: int) -> float: ...
+
+    def set_rate(self, rate: float, elapsed: float, sent: int) -> None: ...
 
 
 def pace(elapsed: float, sent: int, rate: float) -> float:

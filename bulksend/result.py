@@ -38,6 +38,10 @@ class Result:
     #: Wall clock, ms since the epoch, of the first attempt's start and of the final answer.
     started_at: int | None = None
     done_at: int | None = None
+    #: Paced runs only: when the pacer meant the record to go (ms since the epoch), and how
+    #: long it waited for a free worker past that (ms; the "late" share of latency).
+    intended_at: int | None = None
+    queue_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

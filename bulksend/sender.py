@@ -32,7 +32,7 @@ from bulksend.config import Credentials, SendOptions, Target
 from bulksend.errors import AuthenticationFailed, TransportError
 from bulksend.ordering import KeyLanes, key_function
 from bulksend.outcome import interpret
-from bulksend.pacer import Schedule
+from bulksend.pacer import Pacer, Schedule
 from bulksend.record import KEYS, Invalid, Item, Record
 from bulksend.result import FAILED, INVALID, OK, SKIPPED, Result
 from bulksend.retry import compute_backoff, is_retryable_status, parse_retry_after
@@ -46,6 +46,8 @@ READ_BATCH = 512
 LANE_WAITING_PER_WORKER = 16
 
 Items = Iterable[Item] | AsyncIterable[Item]
+#: A record on its way to a worker, with the loop time it was due (0.0 when unpaced).
+Work = tuple[Record, float]
 
 
 class BatchSource(Protocol):
@@ -86,6 +88,7 @@ class Sender:
         *,
         transport: Transport | None = None,
         rng: random.Random | None = None,
+        schedule: Pacer | None = None,
     ) -> None:
         self.target = target
         self.credentials = credentials or Credentials()
@@ -107,9 +110,11 @@ class Sender:
             target.url, fixed, timeout=opts.timeout,
             ssl_context=opts.tls.context() if target.url.startswith("https") else None,
         )
-        self.schedule = Schedule(opts.rate)
+        self.schedule: Pacer = schedule or Schedule(opts.rate)
         self.aimd = AIMD(opts.rate, ceiling=opts.rate or float("inf")) if opts.adaptive else None
-        self._lanes = KeyLanes(key_function(opts.order_by)) if opts.ordered else None
+        key_of = key_function(opts.order_by)
+        self._key_of = key_of
+        self._lanes: KeyLanes[Work] | None = KeyLanes(lambda w: key_of(w[0])) if opts.ordered else None
         self._failed_keys: dict[str, int] = {}
         self._lane_space = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -175,7 +180,7 @@ class Sender:
         if self._tg is None:
             raise RuntimeError("use Sender as `async with Sender(...) as sender:`")
         n = self.options.concurrency
-        inbox: asyncio.Queue[Record | None] = asyncio.Queue(maxsize=n)
+        inbox: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=n)
         outbox: asyncio.Queue[tuple[Item, Result] | None] = asyncio.Queue(maxsize=2 * n)
         self._t0 = self._window_start = asyncio.get_running_loop().time()
         workers_left = [n]
@@ -211,7 +216,7 @@ class Sender:
                     await asyncio.sleep(0)  # let workers run while a long list is queued
 
     async def _dispatch(self, items: Items | BatchSource, done: Callable[[Item], bool] | None,
-                        inbox: asyncio.Queue[Record | None],
+                        inbox: asyncio.Queue[Work | None],
                         outbox: asyncio.Queue[tuple[Item, Result] | None], workers: int) -> None:
         loop = asyncio.get_running_loop()
         counters, schedule, lanes = self.counters, self.schedule, self._lanes
@@ -228,8 +233,10 @@ class Sender:
                     continue
                 if self.aimd is not None:
                     self._adapt_tick(loop.time())
+                intended = 0.0
                 if schedule.rate > 0:
-                    wait = schedule.wait(loop.time() - self._t0, counters.dispatched)
+                    intended = self._t0 + schedule.due_at(counters.dispatched)
+                    wait = intended - loop.time()
                     if wait > 0:
                         await asyncio.sleep(wait)
                         if self._stopping.is_set():
@@ -237,57 +244,59 @@ class Sender:
                     if inbox.full():
                         counters.late += 1
                 counters.dispatched += 1
+                work = (item, intended)
                 if lanes is not None:
                     while lanes.waiting >= lane_limit and not self._stopping.is_set():
                         self._lane_space.clear()
                         await self._lane_space.wait()
-                    if not lanes.admit(item):
+                    if not lanes.admit(work):
                         continue  # its key is busy: the worker holding the key sends it next
-                await inbox.put(item)
+                await inbox.put(work)
         finally:
             for _ in range(workers):
                 await inbox.put(None)
 
     # --- workers -------------------------------------------------------------------------
 
-    async def _work(self, conn: Connection, inbox: asyncio.Queue[Record | None],
+    async def _work(self, conn: Connection, inbox: asyncio.Queue[Work | None],
                     outbox: asyncio.Queue[tuple[Item, Result] | None], workers_left: list[int]) -> None:
         counters, lanes = self.counters, self._lanes
         try:
-            while (record := await inbox.get()) is not None:
-                next_record: Record | None = record
-                while next_record is not None:
-                    record = next_record
+            while (work := await inbox.get()) is not None:
+                next_work: Work | None = work
+                while next_work is not None:
+                    work = next_work
+                    record = work[0]
                     counters.in_flight += 1
                     try:
-                        result = await self._send_or_skip(conn, record)
+                        result = await self._send_or_skip(conn, record, work[1])
                     finally:
                         counters.in_flight -= 1
                     if result.status == OK:
                         counters.ok += 1
                     await outbox.put((record, result))
                     # Per-key order: this worker carries on with the key's next record.
-                    next_record = lanes.release(record) if lanes is not None else None
+                    next_work = lanes.release(work) if lanes is not None else None
                     if lanes is not None:
                         self._lane_space.set()
-                        if self._stopping.is_set() and next_record is not None:
-                            next_record = None  # drain: lane leftovers are for --resume
+                        if self._stopping.is_set() and next_work is not None:
+                            next_work = None  # drain: lane leftovers are for --resume
         finally:
             conn.close()
             workers_left[0] -= 1
             if workers_left[0] == 0:
                 outbox.put_nowait(None)  # room guaranteed: the consumer drains until None
 
-    async def _send_or_skip(self, conn: Connection, record: Record) -> Result:
+    async def _send_or_skip(self, conn: Connection, record: Record, intended: float) -> Result:
         if self._lanes is None:
-            return await self.send_one(conn, record)
-        key = self._lanes.key_of(record)
+            return await self.send_one(conn, record, intended)
+        key = self._key_of(record)
         if key is not None and self.options.on_key_failure == "skip" and key in self._failed_keys:
             return Result(seq=record.seq, source=record.source, id=record.id, status=FAILED,
                           error_code="KEY_FAILED",
                           error_msg=f"not sent: record seq {self._failed_keys[key]} with the same key"
                                     " failed (--on-key-failure skip)")
-        result = await self.send_one(conn, record)
+        result = await self.send_one(conn, record, intended)
         if key is not None and result.status == FAILED:
             self._failed_keys.setdefault(key, record.seq)
         return result
@@ -307,8 +316,9 @@ class Sender:
         date = signer.date_for(time.time())
         return {"X-Sdk-Date": date, "Authorization": signer.authorization(body, date)}
 
-    async def send_one(self, conn: Connection, record: Record) -> Result:
-        """Every attempt for one record, retries and backoff included; always a Result."""
+    async def send_one(self, conn: Connection, record: Record, intended: float = 0.0) -> Result:
+        """Every attempt for one record, retries and backoff included; always a Result.
+        ``intended``: the loop time the pacer meant it to go (0.0 = unpaced)."""
         loop = asyncio.get_running_loop()
         policy = self.options.retry
         body = self.body_of(record)
@@ -345,6 +355,10 @@ class Sender:
         result.latency_ms = round((loop.time() - started) * 1000.0, 3)
         result.started_at = int(started_at * 1000)
         result.done_at = int(time.time() * 1000)
+        if intended:
+            queued = max(0.0, started - intended)
+            result.queue_ms = round(queued * 1000.0, 3)
+            result.intended_at = int((started_at - queued) * 1000)
         return result
 
     def _note_auth(self, status: int, result: Result) -> None:

@@ -55,9 +55,18 @@ class Stats:
         self.started = time.monotonic()
         self.finished: float | None = None
         self.rate_changes = 0
+        #: Wall-clock span of the sends (ms since the epoch): first attempt's start, last
+        #: answer. elapsed_s is this span when there is one, so that ``bulksend report``
+        #: rebuilds exactly the figures of the run from its ledger.
+        self.first_start: int | None = None
+        self.last_done: int | None = None
 
     def add(self, result: Result) -> None:
         self.counts[result.status] += 1
+        if result.started_at is not None and (self.first_start is None or result.started_at < self.first_start):
+            self.first_start = result.started_at
+        if result.done_at is not None and (self.last_done is None or result.done_at > self.last_done):
+            self.last_done = result.done_at
         if result.attempts > 1:
             self.retries += result.attempts - 1
         if result.http_status is not None:
@@ -75,6 +84,9 @@ class Stats:
         self.finished = time.monotonic()
 
     def elapsed(self) -> float:
+        """Seconds: the span of the sends when known, else since this Stats began."""
+        if self.first_start is not None and self.last_done is not None and self.last_done > self.first_start:
+            return (self.last_done - self.first_start) / 1000.0
         return (self.finished or time.monotonic()) - self.started
 
     def snapshot(self) -> dict[str, Any]:
