@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from bulksend.config import Credentials, SendOptions, Target
-from bulksend.errors import ConfigError
+from bulksend.errors import BulksendError, ConfigError
 from bulksend.ledger import check_inputs, read_ledger, write_fingerprints
 from bulksend.record import Item
 from bulksend.result import FAILED, INVALID, OK, SKIPPED
@@ -37,6 +37,8 @@ class SendJob:
 
     inputs: tuple[str, ...]
     target: Target | None
+    #: The engine of the --embedded target (a given ``target`` has its own).
+    engine: str = "rocketmq"
     credentials: Credentials = field(default_factory=Credentials)
     options: SendOptions = field(default_factory=SendOptions)
     fmt: str | None = None
@@ -75,7 +77,7 @@ async def _target(job: SendJob) -> AsyncIterator[tuple[Target, Credentials]]:
     from bulksend.server import ServerOptions, run_server
 
     async with run_server(ServerOptions(host="127.0.0.1", port=0)) as server:
-        yield Target(server.url, EMBEDDED_PROJECT, EMBEDDED_INSTANCE), Credentials()
+        yield Target(server.url, EMBEDDED_PROJECT, EMBEDDED_INSTANCE, job.engine), Credentials()
 
 
 class _Progress:
@@ -180,6 +182,7 @@ async def _pump(job: SendJob, sender: Sender, inputs: Inputs, stats: Stats, ledg
             loop.add_signal_handler(sig, on_signal)
             installed.append(sig)
     progress = _Progress(job.progress, job.progress_interval_s, stats, sender, inputs, err) if job.progress != "off" else None
+    stopped_by: BulksendError | None = None
     async with asyncio.TaskGroup() as tg:
         ticker = tg.create_task(progress.run()) if progress else None
         try:
@@ -191,11 +194,17 @@ async def _pump(job: SendJob, sender: Sender, inputs: Inputs, stats: Stats, ledg
                     ledger.add(result)
                 if failed is not None and result.status in (FAILED, INVALID):
                     failed.add(item, result)
+        except BulksendError as exc:
+            # Raised past the task group, not through it: the CLI's boundary expects the
+            # error itself, not an ExceptionGroup around it.
+            stopped_by = exc
         except asyncio.CancelledError:
             if not outcome.interrupted:
                 raise
             # Aborted by a second signal or the drain timeout: keep what was written.
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
         finally:
             if ticker is not None:
                 ticker.cancel()
@@ -203,4 +212,5 @@ async def _pump(job: SendJob, sender: Sender, inputs: Inputs, stats: Stats, ledg
                 progress.close()
             for sig in installed:
                 loop.remove_signal_handler(sig)
-
+    if stopped_by is not None:
+        raise stopped_by

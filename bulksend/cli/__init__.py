@@ -56,6 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BulksendError as exc:
         print(f"bulksend: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BaseExceptionGroup as group:
+        # A task group may wrap our error; one BulksendError inside is still just that.
+        first = group.exceptions[0]
+        if len(group.exceptions) == 1 and isinstance(first, BulksendError):
+            print(f"bulksend: error: {first}", file=sys.stderr)
+            return first.exit_code
+        raise
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return code

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from bulksend.config import (
+    ENGINES,
     ENV_PROJECT_ID,
     Credentials,
     RetryPolicy,
@@ -105,6 +106,13 @@ def to_bool(value: Any) -> bool:
     raise ValueError(value)
 
 
+def resolve_engine(r: Resolver) -> str:
+    engine = r.get("engine", str, "rocketmq")
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    return engine
+
+
 def resolve_target(r: Resolver) -> Target:
     endpoint = r.get("endpoint", str, "")
     region = r.get("region", str, "")
@@ -116,7 +124,7 @@ def resolve_target(r: Resolver) -> Target:
         endpoint=endpoint,
         project_id=r.get("project_id", str, ""),
         instance_id=r.get("instance_id", str, ""),
-        engine=r.get("engine", str, "rocketmq"),
+        engine=resolve_engine(r),
     )
 
 

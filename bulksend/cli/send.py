@@ -11,6 +11,7 @@ from bulksend.cli.options import (
     add_pipeline_options,
     add_target_options,
     resolve_credentials,
+    resolve_engine,
     resolve_send_options,
     resolve_target,
     to_bool,
@@ -31,6 +32,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g.add_argument("--stats", metavar="FILE", help="run statistics as JSON")
     g.add_argument("--failed", metavar="FILE", help="failed and invalid records, replayable as input")
     g.add_argument("--quiet", action="store_true", default=None, help="no progress and no summary")
+    g.add_argument("--progress-interval", type=float, metavar="S",
+                   help="off a terminal, seconds between status lines (default 5)")
     g.add_argument("--key-from-id", action="store_true", default=None,
                    help="set KEYS to the record id where a record has no KEYS")
     g.add_argument("--drain-timeout", type=float, metavar="S",
@@ -56,6 +59,7 @@ def build_job(args: argparse.Namespace) -> SendJob:
     return SendJob(
         inputs=tuple(args.inputs),
         target=None if embedded else resolve_target(r),
+        engine=resolve_engine(r),
         credentials=resolve_credentials(r),
         options=resolve_send_options(
             r,
@@ -71,6 +75,7 @@ def build_job(args: argparse.Namespace) -> SendJob:
         stats=r.get("stats", str, None),
         failed=r.get("failed", str, None),
         progress="off" if r.get("quiet", to_bool, False) else "auto",
+        progress_interval_s=r.get("progress_interval", float, 5.0),
         drain_timeout_s=r.get("drain_timeout", float, 30.0),
         resume=r.get("resume", to_bool, False),
         force=r.get("force", to_bool, False),

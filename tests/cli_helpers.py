@@ -1,0 +1,44 @@
+"""Run the ``bulksend`` CLI as a user does: a subprocess, real files, the real server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tests.serve_helpers import AUTH_ENV, INSTANCE_ID, PROJECT_ID
+
+SECRET_ENV = (*AUTH_ENV, "CLOUD_SDK_AK", "CLOUD_SDK_SK", "HUAWEICLOUD_SDK_SECURITY_TOKEN",
+              "HUAWEICLOUD_SDK_PROJECT_ID")
+
+
+def bulksend(*args: str, env: Mapping[str, str] | None = None, stdin: bytes | None = None,
+             timeout: float = 120.0, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m bulksend ARGS``; the test's secrets and BULKSEND_* variables removed
+    unless ``env`` sets them."""
+    clean = {k: v for k, v in os.environ.items() if k not in SECRET_ENV and not k.startswith("BULKSEND_")}
+    clean.update(env or {})
+    return subprocess.run([sys.executable, "-m", "bulksend", *args], env=clean, input=stdin.decode() if stdin else None,
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def target(url: str) -> list[str]:
+    return ["--endpoint", url, "--project-id", PROJECT_ID, "--instance-id", INSTANCE_ID]
+
+
+def write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def no_traceback(proc: subprocess.CompletedProcess[str]) -> bool:
+    return "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
