@@ -19,7 +19,7 @@ from bulksend.config import Credentials, SendOptions, Target
 from bulksend.errors import BulksendError, ConfigError
 from bulksend.ledger import check_inputs, read_ledger, write_fingerprints
 from bulksend.record import Item
-from bulksend.result import FAILED, INVALID, OK, SKIPPED
+from bulksend.result import FAILED, INVALID, OK, SKIPPED, Result
 from bulksend.sender import Sender
 from bulksend.sinks import FailedWriter, ResultsWriter, write_json
 from bulksend.sources import Inputs
@@ -185,15 +185,22 @@ async def _pump(job: SendJob, sender: Sender, inputs: Inputs, stats: Stats, ledg
     stopped_by: BulksendError | None = None
     async with asyncio.TaskGroup() as tg:
         ticker = tg.create_task(progress.run()) if progress else None
+        def on_result(item: Item, result: Result) -> asyncio.Future[None] | None:
+            stats.add(result)
+            if failed is not None and result.status in (FAILED, INVALID):
+                failed.add(item, result)
+            # A skipped record's line is already in the ledger (its earlier ok): it is
+            # counted, not written again, so the ledger holds each ok exactly once.
+            if ledger is None or result.status == SKIPPED:
+                return None
+            written = ledger.add(result)
+            # The worker waits for its line to be written before it sends another request
+            # (all lines of a loop turn go in one write): after a kill -9 the records
+            # missing from the ledger, sent again by --resume, are at most those in flight.
+            return written if result.attempts else None
+
         try:
-            async for item, result in sender.send_with_items(inputs, done=done):
-                stats.add(result)
-                # A skipped record's line is already in the ledger (its earlier ok): it is
-                # counted, not written again, so the ledger holds each ok exactly once.
-                if ledger is not None and result.status != SKIPPED:
-                    ledger.add(result)
-                if failed is not None and result.status in (FAILED, INVALID):
-                    failed.add(item, result)
+            await sender.run(inputs, on_result, done=done)
         except BulksendError as exc:
             # Raised past the task group, not through it: the CLI's boundary expects the
             # error itself, not an ExceptionGroup around it.

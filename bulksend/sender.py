@@ -16,12 +16,13 @@ the ``async with`` before the end cancels whatever still runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Protocol
 
 import orjson
 
@@ -48,6 +49,8 @@ LANE_WAITING_PER_WORKER = 16
 Items = Iterable[Item] | AsyncIterable[Item]
 #: A record on its way to a worker, with the loop time it was due (0.0 when unpaced).
 Work = tuple[Record, float]
+#: Called with each item and its result as it completes; may return an awaitable.
+OnResult = Callable[[Item, Result], Awaitable[None] | None]
 
 
 class BatchSource(Protocol):
@@ -120,37 +123,17 @@ class Sender:
         self._stopping = asyncio.Event()
         self._auth_failures = 0
         self._auth_error: str | None = None
-        self._tasks: list[asyncio.Task[Any]] = []
-        self._tg: asyncio.TaskGroup | None = None
         self._t0 = 0.0
         self._window_start = 0.0
         self._window_ok = 0
         self._accepted_rate = 0.0
 
     async def __aenter__(self) -> Sender:
-        # The dispatcher and workers live in this task group, owned by the ``async with``
-        # rather than by the ``send()`` generator: a consumer that stops iterating early
-        # must not leave tasks behind, and a generator cannot safely own a task group.
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
-        for task in self._tasks:  # an early exit: nothing may wait on a consumer that left
-            task.cancel()
-        self._tasks.clear()
-        try:
-            assert self._tg is not None
-            await self._tg.__aexit__(et, e, tb)
-        except BaseExceptionGroup as group:
-            # One child failure (say, an input read error) is the run's failure: raise it
-            # as itself so the CLI's one boundary can translate it.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
-        finally:
-            await self._transport.aclose()
+        await self._transport.aclose()
 
     def stop(self) -> None:
         """Drain: read no more records; what is in flight finishes and is reported."""
@@ -166,39 +149,77 @@ class Sender:
         elapsed = asyncio.get_running_loop().time() - self._t0
         self.schedule.set_rate(rate, elapsed, self.counters.dispatched)
 
+    async def run(self, items: Items | BatchSource, on_result: OnResult, *,
+                  done: Callable[[Item], bool] | None = None) -> None:
+        """Send every record, calling ``on_result(item, result)`` for each item as it
+        completes (invalid items as ``invalid``, items ``done(item)`` says were sent before
+        as ``skipped``). ``on_result`` runs on the event loop; it may return an awaitable
+        (backpressure), else it must not block. Returns when every item is reported or a
+        drain (``stop()``) finished; raises AuthenticationFailed if repeated 401/403
+        answers stopped the run.
+
+        Subtleness ahead! A worker reports its result itself, the moment the answer is in,
+        with no queue between it and ``on_result``: a ledger written from ``on_result`` then
+        trails the server by no more than the requests in flight, which is what bounds the
+        duplicates a kill -9 can cause (a buffer here would add its size to that bound).
+        """
+        n = self.options.concurrency
+        inbox: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=n)
+        self._t0 = self._window_start = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._dispatch(items, done, inbox, on_result, n), name="bulksend-dispatch")
+                for i in range(n):
+                    tg.create_task(self._work(self._transport.connection(), inbox, on_result),
+                                   name=f"bulksend-worker-{i}")
+        except BaseExceptionGroup as group:
+            # One failure (say, an input read error) is the run's failure: raise it as
+            # itself so the CLI's one boundary can translate it.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        if self._auth_error is not None:
+            raise AuthenticationFailed(f"authentication failed: {self._auth_error}")
+
     async def send(self, items: Items | BatchSource, *,
                    done: Callable[[Item], bool] | None = None) -> AsyncIterator[Result]:
-        """Send every record; yield one Result per item, in completion order: invalid items
-        as ``invalid``, items ``done(item)`` says were sent before as ``skipped``. Raises
-        AuthenticationFailed at the end if repeated 401/403 answers stopped the run."""
+        """``run`` as an async iterator of Results, in completion order."""
         async for _, result in self.send_with_items(items, done=done):
             yield result
 
     async def send_with_items(self, items: Items | BatchSource, *,
                               done: Callable[[Item], bool] | None = None) -> AsyncIterator[tuple[Item, Result]]:
-        """As ``send``, yielding each input item beside its result (for a --failed file)."""
-        if self._tg is None:
-            raise RuntimeError("use Sender as `async with Sender(...) as sender:`")
-        n = self.options.concurrency
-        inbox: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=n)
-        outbox: asyncio.Queue[tuple[Item, Result] | None] = asyncio.Queue(maxsize=2 * n)
-        self._t0 = self._window_start = asyncio.get_running_loop().time()
-        workers_left = [n]
-        self._tasks = [self._tg.create_task(self._dispatch(items, done, inbox, outbox, n), name="bulksend-dispatch")]
-        for i in range(n):
-            conn = self._transport.connection()
-            self._tasks.append(self._tg.create_task(self._work(conn, inbox, outbox, workers_left),
-                                                    name=f"bulksend-worker-{i}"))
-        while (entry := await outbox.get()) is not None:
-            yield entry
-        self._tasks.clear()
-        if self._auth_error is not None:
-            raise AuthenticationFailed(f"authentication failed: {self._auth_error}")
+        """``run`` as an async iterator of (item, result) pairs (for a --failed file).
+
+        ``run`` goes in a task of its own: a generator cannot own a task group (it may be
+        abandoned mid-iteration). Leaving the loop early cancels that task."""
+        outbox: asyncio.Queue[tuple[Item, Result] | None] = asyncio.Queue(maxsize=2 * self.options.concurrency)
+
+        async def produce() -> None:
+            try:
+                await self.run(items, lambda item, result: outbox.put((item, result)), done=done)
+            except asyncio.CancelledError:
+                raise  # the consumer left: nobody reads a sentinel
+            except BaseException:
+                await outbox.put(None)  # the consumer then awaits this task: it re-raises
+                raise
+            await outbox.put(None)
+
+        task = asyncio.create_task(produce(), name="bulksend-run")
+        try:
+            while (entry := await outbox.get()) is not None:
+                yield entry
+            await task  # re-raises what stopped the run
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     # --- dispatcher ----------------------------------------------------------------------
 
     @staticmethod
-    async def _items(items: Items | BatchSource) -> AsyncIterator[Item]:
+    async def _items(items: Items | BatchSource) -> AsyncGenerator[Item, None]:
         if hasattr(items, "batches"):
             # A blocking file source: read and parse a batch in a worker thread while the
             # loop keeps sending; one thread hop per READ_BATCH records.
@@ -216,20 +237,21 @@ class Sender:
                     await asyncio.sleep(0)  # let workers run while a long list is queued
 
     async def _dispatch(self, items: Items | BatchSource, done: Callable[[Item], bool] | None,
-                        inbox: asyncio.Queue[Work | None],
-                        outbox: asyncio.Queue[tuple[Item, Result] | None], workers: int) -> None:
+                        inbox: asyncio.Queue[Work | None], on_result: OnResult, workers: int) -> None:
         loop = asyncio.get_running_loop()
         counters, schedule, lanes = self.counters, self.schedule, self._lanes
         lane_limit = LANE_WAITING_PER_WORKER * self.options.concurrency
-        try:
-            async for item in self._items(items):
+        async with contextlib.aclosing(self._items(items)) as stream:
+            async for item in stream:
                 if self._stopping.is_set():
                     break
                 if done is not None and done(item):
-                    await outbox.put((item, skipped_result(item)))
+                    if (waiting := on_result(item, skipped_result(item))) is not None:
+                        await waiting
                     continue
                 if isinstance(item, Invalid):
-                    await outbox.put((item, invalid_result(item)))
+                    if (waiting := on_result(item, invalid_result(item))) is not None:
+                        await waiting
                     continue
                 if self.aimd is not None:
                     self._adapt_tick(loop.time())
@@ -252,14 +274,14 @@ class Sender:
                     if not lanes.admit(work):
                         continue  # its key is busy: the worker holding the key sends it next
                 await inbox.put(work)
-        finally:
-            for _ in range(workers):
-                await inbox.put(None)
+        # Close the work queue: one sentinel per worker. Not in a ``finally``: when the run is
+        # cancelled, nobody is left to take them and a full queue would block forever.
+        for _ in range(workers):
+            await inbox.put(None)
 
     # --- workers -------------------------------------------------------------------------
 
-    async def _work(self, conn: Connection, inbox: asyncio.Queue[Work | None],
-                    outbox: asyncio.Queue[tuple[Item, Result] | None], workers_left: list[int]) -> None:
+    async def _work(self, conn: Connection, inbox: asyncio.Queue[Work | None], on_result: OnResult) -> None:
         counters, lanes = self.counters, self._lanes
         try:
             while (work := await inbox.get()) is not None:
@@ -274,7 +296,8 @@ class Sender:
                         counters.in_flight -= 1
                     if result.status == OK:
                         counters.ok += 1
-                    await outbox.put((record, result))
+                    if (waiting := on_result(record, result)) is not None:
+                        await waiting
                     # Per-key order: this worker carries on with the key's next record.
                     next_work = lanes.release(work) if lanes is not None else None
                     if lanes is not None:
@@ -283,9 +306,6 @@ class Sender:
                             next_work = None  # drain: lane leftovers are for --resume
         finally:
             conn.close()
-            workers_left[0] -= 1
-            if workers_left[0] == 0:
-                outbox.put_nowait(None)  # room guaranteed: the consumer drains until None
 
     async def _send_or_skip(self, conn: Connection, record: Record, intended: float) -> Result:
         if self._lanes is None:

@@ -31,20 +31,40 @@ class LineWriter:
         except OSError as exc:
             raise SinkError(f"cannot open {path} for writing: {exc.strerror or exc}") from None
         self._pending: list[bytes] = []
-        self._scheduled = False
+        #: Resolved when the pending lines are written; None when nothing is pending.
+        self._flushed: asyncio.Future[None] | None = None
+        #: A write that failed in a loop callback, raised at the next write or close.
+        self._error: SinkError | None = None
 
-    def write(self, line: bytes) -> None:
-        """Queue one whole line (ending in a newline); written at the end of this loop turn."""
+    def write(self, line: bytes) -> asyncio.Future[None] | None:
+        """Queue one whole line (ending in a newline); it is written at the end of this
+        loop turn, together with every other line queued in the turn. Returns a future
+        that resolves once it is written (None without a running loop: written now)."""
+        if self._error is not None:
+            raise self._error
         self._pending.append(line)
-        if not self._scheduled:
-            self._scheduled = True
+        if self._flushed is None:
             try:
-                asyncio.get_running_loop().call_soon(self.flush)
+                loop = asyncio.get_running_loop()
             except RuntimeError:  # no loop: plain synchronous use
                 self.flush()
+                return None
+            self._flushed = loop.create_future()
+            loop.call_soon(self._flush_soon)
+        return self._flushed
+
+    def _flush_soon(self) -> None:
+        flushed, self._flushed = self._flushed, None
+        # A loop callback's exception would only reach the loop's handler: keep it, and
+        # raise it to the writer's caller instead (a full disk stops the run, exit 2).
+        try:
+            self.flush()
+        except SinkError as exc:
+            self._error = exc
+        if flushed is not None and not flushed.done():
+            flushed.set_result(None)
 
     def flush(self) -> None:
-        self._scheduled = False
         if not self._pending or self._fd is None:
             return
         data = b"".join(self._pending)
@@ -57,6 +77,8 @@ class LineWriter:
             raise SinkError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def close(self) -> None:
+        if self._error is not None:
+            raise self._error
         self.flush()
         if self._fd is not None:
             try:
@@ -70,21 +92,21 @@ class LineWriter:
 class ResultsWriter(LineWriter):
     """The ``--out`` ledger: one JSON line per input record, in completion order."""
 
-    def add(self, result: Result) -> None:
-        self.write(result.to_json_line())
+    def add(self, result: Result) -> asyncio.Future[None] | None:
+        return self.write(result.to_json_line())
 
 
 class FailedWriter(LineWriter):
     """The ``--failed`` file: failed records in input JSONL form plus ``_error``, so that
     ``bulksend send FAILED_FILE`` replays them; invalid ones as ``{"_raw", "_error"}``."""
 
-    def add(self, item: Item, result: Result) -> None:
+    def add(self, item: Item, result: Result) -> asyncio.Future[None] | None:
         error = f"{result.error_code}: {result.error_msg}" if result.error_code else (result.error_msg or "")
         if isinstance(item, Invalid):
             obj: dict[str, Any] = {"_raw": item.raw, "_error": item.error, "_source": item.source}
         else:
             obj = {**item.to_input(), "_error": error, "_source": item.source}
-        self.write(orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE))
+        return self.write(orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE))
 
 
 def write_json(path: str, obj: Any) -> None:
