@@ -56,12 +56,18 @@ def free_port() -> int:
 
 
 def ensure_debian_package(binary: str, package: str) -> str:
-    found = shutil.which(binary) or (f"/usr/sbin/{binary}" if Path(f"/usr/sbin/{binary}").exists() else None)
+    found = shutil.which(binary) or (
+        f"/usr/sbin/{binary}" if Path(f"/usr/sbin/{binary}").exists() else None
+    )
     if found:
         return found
     print(f"installing {package} (Debian) ...", file=sys.stderr)
-    subprocess.run(["apt-get", "install", "-y", "-q", package], check=True, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    subprocess.run(
+        ["apt-get", "install", "-y", "-q", package],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
     return shutil.which(binary) or f"/usr/sbin/{binary}"
 
 
@@ -92,7 +98,9 @@ def write_messages(path: Path, n: int, body_size: int = 256, topic: str = "bench
     body = "x" * body_size
     with path.open("wb") as fh:
         for i in range(n):
-            fh.write(orjson.dumps({"topic": topic, "body": body, "keys": f"k{i}", "id": f"r{i}"}) + b"\n")
+            fh.write(
+                orjson.dumps({"topic": topic, "body": body, "keys": f"k{i}", "id": f"r{i}"}) + b"\n"
+            )
 
 
 @dataclass
@@ -112,7 +120,9 @@ class Measured:
         return self.cpu_s / self.messages * 1e6
 
 
-def measure(name: str, cmd: Sequence[str], messages: int, env: dict[str, str] | None = None) -> Measured:
+def measure(
+    name: str, cmd: Sequence[str], messages: int, env: dict[str, str] | None = None
+) -> Measured:
     """Run cmd to completion; wall time, user+sys CPU and peak RSS of that child alone."""
     # RUSAGE_CHILDREN accumulates (and ru_maxrss is the max over all children), so each
     # measurement runs in a fresh wrapper process that reports its own child's usage.
@@ -122,8 +132,17 @@ def measure(name: str, cmd: Sequence[str], messages: int, env: dict[str, str] | 
         "u=resource.getrusage(resource.RUSAGE_CHILDREN);"
         "print(json.dumps([rc,w,u.ru_utime+u.ru_stime,u.ru_maxrss/1024]))"
     )
-    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], env=env, check=True,
-                         stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
+    out = (
+        subprocess.run(
+            [sys.executable, "-c", wrapper, *cmd],
+            env=env,
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     rc, wall, cpu, rss = orjson.loads(out)
     if rc not in (0,):
         raise SystemExit(f"{name}: exited {rc}")
@@ -131,9 +150,12 @@ def measure(name: str, cmd: Sequence[str], messages: int, env: dict[str, str] | 
 
 
 def table(rows: Sequence[Measured], baseline: Measured) -> str:
-    lines = [f"{'':28} {'messages':>9} {'msg/s':>9} {'CPU µs/msg':>11} {'peak RSS MB':>12} {'CPU vs ' + baseline.name:>18}"]
+    lines = [
+        f"{'':28} {'messages':>9} {'msg/s':>9} {'CPU µs/msg':>11} {'peak RSS MB':>12} {'CPU vs ' + baseline.name:>18}"
+    ]
     for r in rows:
         ratio = baseline.cpu_us_per_msg / r.cpu_us_per_msg
-        lines.append(f"{r.name:28} {r.messages:>9,} {r.rate:>9,.0f} {r.cpu_us_per_msg:>11.1f} {r.peak_rss_mb:>12.1f} {ratio:>17.1f}x")
+        lines.append(
+            f"{r.name:28} {r.messages:>9,} {r.rate:>9,.0f} {r.cpu_us_per_msg:>11.1f} {r.peak_rss_mb:>12.1f} {ratio:>17.1f}x"
+        )
     return "\n".join(lines)
-

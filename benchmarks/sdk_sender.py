@@ -1,6 +1,6 @@
 """The official SDK sending N messages: sync (one thread) or with a thread pool.
 
-    python benchmarks/sdk_sender.py URL N THREADS
+python benchmarks/sdk_sender.py URL N THREADS
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 os.environ["HOME"] = tempfile.mkdtemp()  # importing huaweicloudsdkcore writes ~/.huaweicloud
 
-from huaweicloudsdkcore.auth.credentials import BasicCredentials  # noqa: E402
-from huaweicloudsdkrocketmq.v2 import (  # noqa: E402
+from huaweicloudsdkcore.auth.credentials import BasicCredentials
+from huaweicloudsdkrocketmq.v2 import (
     RocketMQClient,
     SendMessageProperties,
     SendMessageReq,
@@ -23,13 +23,22 @@ from huaweicloudsdkrocketmq.v2 import (  # noqa: E402
 
 def main() -> None:
     url, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    creds = BasicCredentials(os.environ["HUAWEICLOUD_SDK_AK"], os.environ["HUAWEICLOUD_SDK_SK"], "bench-project")
+    creds = BasicCredentials(
+        os.environ["HUAWEICLOUD_SDK_AK"], os.environ["HUAWEICLOUD_SDK_SK"], "bench-project"
+    )
     client = RocketMQClient.new_builder().with_credentials(creds).with_endpoint(url).build()
     body = "x" * 256
 
     def send(i: int) -> None:
-        req = SendMessageRequest(engine="rocketmq", instance_id="bench-instance", body=SendMessageReq(
-            topic="bench", body=body, property_list=[SendMessageProperties(name="KEYS", value=f"k{i}")]))
+        req = SendMessageRequest(
+            engine="rocketmq",
+            instance_id="bench-instance",
+            body=SendMessageReq(
+                topic="bench",
+                body=body,
+                property_list=[SendMessageProperties(name="KEYS", value=f"k{i}")],
+            ),
+        )
         client.send_message(req)
 
     if threads <= 1:

@@ -71,7 +71,11 @@ def proxy_for(url: str) -> str | None:
 
 
 def make_transport(
-    url: str, fixed_headers: Mapping[str, str], *, timeout: float, ssl_context: ssl.SSLContext | None
+    url: str,
+    fixed_headers: Mapping[str, str],
+    *,
+    timeout: float,
+    ssl_context: ssl.SSLContext | None,
 ) -> Transport:
     """The fast transport unless a proxy applies to ``url``."""
     if proxy_for(url):
@@ -135,7 +139,9 @@ class _H1Protocol(asyncio.Protocol):
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-            waiter.set_result(Response(self._parser.get_status_code(), body, self._request_id, self._retry_after))
+            waiter.set_result(
+                Response(self._parser.get_status_code(), body, self._request_id, self._retry_after)
+            )
 
     def _fail(self, exc: TransportError) -> None:
         waiter, self.waiter = self.waiter, None
@@ -150,7 +156,12 @@ class H1Transport:
     """Keep-alive HTTP/1.1 connections to one origin, sharing one timeout sweep."""
 
     def __init__(
-        self, url: str, fixed_headers: Mapping[str, str], *, timeout: float, ssl_context: ssl.SSLContext | None
+        self,
+        url: str,
+        fixed_headers: Mapping[str, str],
+        *,
+        timeout: float,
+        ssl_context: ssl.SSLContext | None,
     ) -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or ""
@@ -210,14 +221,24 @@ class H1Connection:
         try:
             async with asyncio.timeout(t.timeout):
                 _, proto = await loop.create_connection(
-                    _H1Protocol, t.host, t.port, ssl=t.ssl_context, server_hostname=t.host if t.tls else None
+                    _H1Protocol,
+                    t.host,
+                    t.port,
+                    ssl=t.ssl_context,
+                    server_hostname=t.host if t.tls else None,
                 )
         except TimeoutError:
-            raise RequestTimeout(f"connect to {t.host}:{t.port} timed out after {t.timeout:g}s") from None
+            raise RequestTimeout(
+                f"connect to {t.host}:{t.port} timed out after {t.timeout:g}s"
+            ) from None
         except ssl.SSLError as exc:
-            raise ConnectError(f"TLS handshake with {t.host}:{t.port} failed: {exc.reason or exc}") from None
+            raise ConnectError(
+                f"TLS handshake with {t.host}:{t.port} failed: {exc.reason or exc}"
+            ) from None
         except OSError as exc:
-            raise ConnectError(f"cannot connect to {t.host}:{t.port}: {exc.strerror or exc}") from None
+            raise ConnectError(
+                f"cannot connect to {t.host}:{t.port}: {exc.strerror or exc}"
+            ) from None
         return proto
 
     async def post(self, headers: Mapping[str, str], body: bytes) -> Response:
@@ -229,7 +250,10 @@ class H1Connection:
         waiter: asyncio.Future[Response] = loop.create_future()
         proto.waiter = waiter
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        proto.transport.write(b"%s%sContent-Length: %d\r\n\r\n%s" % (self._t._head, extra.encode("latin-1"), len(body), body))
+        proto.transport.write(
+            b"%s%sContent-Length: %d\r\n\r\n%s"
+            % (self._t._head, extra.encode("latin-1"), len(body), body)
+        )
         self._t._watch(self, loop.time() + self._t.timeout)
         try:
             return await waiter
@@ -255,7 +279,12 @@ class AiohttpTransport:
     """aiohttp's client with ``trust_env`` (proxies from the environment), pool = connections."""
 
     def __init__(
-        self, url: str, fixed_headers: Mapping[str, str], *, timeout: float, ssl_context: ssl.SSLContext | None
+        self,
+        url: str,
+        fixed_headers: Mapping[str, str],
+        *,
+        timeout: float,
+        ssl_context: ssl.SSLContext | None,
     ) -> None:
         self.url = url
         self.fixed = dict(fixed_headers)
@@ -267,7 +296,9 @@ class AiohttpTransport:
         import aiohttp
 
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, ssl=self.ssl_context if self.ssl_context else True)
+            connector = aiohttp.TCPConnector(
+                limit=0, ssl=self.ssl_context if self.ssl_context else True
+            )
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 trust_env=True,
@@ -304,7 +335,12 @@ class AiohttpConnection:
         try:
             async with session.post(self._t.url, data=body, headers=all_headers) as resp:
                 data = await resp.read()
-                return Response(resp.status, data, resp.headers.get("X-Request-Id"), resp.headers.get("Retry-After"))
+                return Response(
+                    resp.status,
+                    data,
+                    resp.headers.get("X-Request-Id"),
+                    resp.headers.get("Retry-After"),
+                )
         except TimeoutError:
             raise RequestTimeout(f"no answer within {self._t.timeout:g}s") from None
         except aiohttp.ClientConnectorError as exc:

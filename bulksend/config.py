@@ -62,7 +62,9 @@ class Target:
     def path(self) -> str:
         """The request path (each parameter percent-encoded, as the SDK does)."""
         base = urlsplit(self.endpoint).path.rstrip("/")
-        engine, project, instance = (quote(s, safe="") for s in (self.engine, self.project_id, self.instance_id))
+        engine, project, instance = (
+            quote(s, safe="") for s in (self.engine, self.project_id, self.instance_id)
+        )
         return f"{base}/v2/{engine}/{project}/instances/{instance}/messages"
 
     @property
@@ -82,7 +84,9 @@ class Credentials:
 
     def __post_init__(self) -> None:
         if bool(self.ak) != bool(self.sk):
-            raise ConfigError("AK and SK go together: set both HUAWEICLOUD_SDK_AK and HUAWEICLOUD_SDK_SK")
+            raise ConfigError(
+                "AK and SK go together: set both HUAWEICLOUD_SDK_AK and HUAWEICLOUD_SDK_SK"
+            )
 
     @property
     def mode(self) -> str:

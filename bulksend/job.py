@@ -83,7 +83,15 @@ async def _target(job: SendJob) -> AsyncIterator[tuple[Target, Credentials]]:
 class _Progress:
     """A live bar on a terminal, a status line every few seconds elsewhere."""
 
-    def __init__(self, mode: str, interval: float, stats: Stats, sender: Sender, inputs: Inputs, stream: TextIO) -> None:
+    def __init__(
+        self,
+        mode: str,
+        interval: float,
+        stats: Stats,
+        sender: Sender,
+        inputs: Inputs,
+        stream: TextIO,
+    ) -> None:
         tty = stream.isatty()
         self.mode = ("bar" if tty else "lines") if mode == "auto" else mode
         self.interval = 0.25 if self.mode == "bar" else interval
@@ -91,11 +99,20 @@ class _Progress:
 
     def line(self) -> str:
         s, c = self.stats, self.sender.counters
-        fraction = (self.inputs.bytes_read / self.inputs.bytes_total) if self.inputs.bytes_total else None
+        fraction = (
+            (self.inputs.bytes_read / self.inputs.bytes_total) if self.inputs.bytes_total else None
+        )
         return progress_line(
-            done=s.total, ok=s.counts[OK], failed=s.counts[FAILED], invalid=s.counts[INVALID],
-            retrying=c.retrying, in_flight=c.in_flight, elapsed=s.elapsed(), fraction=fraction,
-            rate_target=self.sender.schedule.rate, bar=self.mode == "bar",
+            done=s.total,
+            ok=s.counts[OK],
+            failed=s.counts[FAILED],
+            invalid=s.counts[INVALID],
+            retrying=c.retrying,
+            in_flight=c.in_flight,
+            elapsed=s.elapsed(),
+            fraction=fraction,
+            rate_target=self.sender.schedule.rate,
+            bar=self.mode == "bar",
         )
 
     async def run(self) -> None:
@@ -113,8 +130,9 @@ class _Progress:
             self.stream.flush()
 
 
-async def run_send(job: SendJob, *, stderr: TextIO | None = None,
-                   on_signal: Callable[[], None] | None = None) -> Outcome:
+async def run_send(
+    job: SendJob, *, stderr: TextIO | None = None, on_signal: Callable[[], None] | None = None
+) -> Outcome:
     """Run one send job to the end (or to a drain); write every output; return the outcome.
 
     First SIGINT/SIGTERM: drain (read no more, let in-flight records finish within
@@ -131,7 +149,9 @@ async def run_send(job: SendJob, *, stderr: TextIO | None = None,
                 state = read_ledger(job.out)
                 done = state.done if state.done_identities else None
                 if state.torn_bytes and job.progress != "off":
-                    err.write(f"bulksend: ignored a torn last line ({state.torn_bytes} bytes) in {job.out}\n")
+                    err.write(
+                        f"bulksend: ignored a torn last line ({state.torn_bytes} bytes) in {job.out}\n"
+                    )
             write_fingerprints(job.out, job.inputs)
         elif job.resume:
             raise ConfigError("--resume needs --out: the results ledger of the run to resume")
@@ -139,9 +159,11 @@ async def run_send(job: SendJob, *, stderr: TextIO | None = None,
         failed = FailedWriter(job.failed, append=job.resume) if job.failed else None
         sender: Sender | None = None
         try:
-            async with _target(job) as (target, creds):
-                async with Sender(target, creds, job.options) as sender:
-                    await _pump(job, sender, inputs, stats, ledger, failed, outcome, err, done)
+            async with (
+                _target(job) as (target, creds),
+                Sender(target, creds, job.options) as sender,
+            ):
+                await _pump(job, sender, inputs, stats, ledger, failed, outcome, err, done)
         finally:
             stats.finish()
             if sender is not None:
@@ -157,9 +179,17 @@ async def run_send(job: SendJob, *, stderr: TextIO | None = None,
     return outcome
 
 
-async def _pump(job: SendJob, sender: Sender, inputs: Inputs, stats: Stats, ledger: ResultsWriter | None,
-                failed: FailedWriter | None, outcome: Outcome, err: TextIO,
-                done: Callable[[Item], bool] | None) -> None:
+async def _pump(
+    job: SendJob,
+    sender: Sender,
+    inputs: Inputs,
+    stats: Stats,
+    ledger: ResultsWriter | None,
+    failed: FailedWriter | None,
+    outcome: Outcome,
+    err: TextIO,
+    done: Callable[[Item], bool] | None,
+) -> None:
     loop = asyncio.get_running_loop()
     consumer = asyncio.current_task()
     assert consumer is not None
@@ -181,10 +211,15 @@ async def _pump(job: SendJob, sender: Sender, inputs: Inputs, stats: Stats, ledg
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, on_signal)
             installed.append(sig)
-    progress = _Progress(job.progress, job.progress_interval_s, stats, sender, inputs, err) if job.progress != "off" else None
+    progress = (
+        _Progress(job.progress, job.progress_interval_s, stats, sender, inputs, err)
+        if job.progress != "off"
+        else None
+    )
     stopped_by: BulksendError | None = None
     async with asyncio.TaskGroup() as tg:
         ticker = tg.create_task(progress.run()) if progress else None
+
         def on_result(item: Item, result: Result) -> asyncio.Future[None] | None:
             stats.add(result)
             if failed is not None and result.status in (FAILED, INVALID):

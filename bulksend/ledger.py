@@ -69,12 +69,16 @@ def read_ledger(path: str, *, repair: bool = True) -> LedgerState:
                 continue
             if isinstance(obj, dict) and obj.get("status") == OK:
                 ident = obj.get("id")
-                state.done_identities.add(str(ident) if ident is not None else str(obj.get("source")))
+                state.done_identities.add(
+                    str(ident) if ident is not None else str(obj.get("source"))
+                )
     if repair and state.torn_bytes:
         try:
             os.truncate(path, good_end)
         except OSError as exc:
-            raise LedgerError(f"cannot cut the torn last line of {path}: {exc.strerror or exc}") from None
+            raise LedgerError(
+                f"cannot cut the torn last line of {path}: {exc.strerror or exc}"
+            ) from None
     return state
 
 

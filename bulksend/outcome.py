@@ -23,8 +23,14 @@ ERROR_BODY_CHARS = 200
 
 def interpret(record: Record, resp: Response, secrets: tuple[str, ...] = ()) -> Result:
     """Map one answer to a Result. ``secrets`` are scrubbed from any text the server sent."""
-    result = Result(seq=record.seq, source=record.source, id=record.id, status=FAILED,
-                    http_status=resp.status, request_id=resp.request_id)
+    result = Result(
+        seq=record.seq,
+        source=record.source,
+        id=record.id,
+        status=FAILED,
+        http_status=resp.status,
+        request_id=resp.request_id,
+    )
     try:
         data = orjson.loads(resp.body) if resp.body else None
     except orjson.JSONDecodeError:
@@ -39,7 +45,9 @@ def interpret(record: Record, resp: Response, secrets: tuple[str, ...] = ()) -> 
             result.broker_name = broker if isinstance(broker, str) else None
         else:
             result.error_code = "BAD_RESPONSE"
-            result.error_msg = "answer is not JSON" if data is None and resp.body else "answer lacks msg_id"
+            result.error_msg = (
+                "answer is not JSON" if data is None and resp.body else "answer lacks msg_id"
+            )
         return result
     if isinstance(data, dict) and ("error_code" in data or "error_msg" in data):
         result.error_code = str(data.get("error_code") or f"HTTP_{resp.status}")

@@ -22,7 +22,9 @@ from bulksend.config import RetryPolicy
 MAX_RETRY_AFTER_S = 3600.0
 
 
-def compute_backoff(retry_number: int, policy: RetryPolicy, rng: random.Random | None = None) -> float:
+def compute_backoff(
+    retry_number: int, policy: RetryPolicy, rng: random.Random | None = None
+) -> float:
     """Seconds to wait before retry ``retry_number`` (0-based), full jitter."""
     ceiling = min(policy.backoff_max, policy.backoff_base * (2.0 ** min(retry_number, 62)))
     return (rng or random).uniform(0.0, ceiling)

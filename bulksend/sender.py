@@ -19,7 +19,15 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+)
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
@@ -72,8 +80,14 @@ class Counters:
 
 
 def invalid_result(item: Invalid) -> Result:
-    return Result(seq=item.seq, source=item.source, id=item.id, status=INVALID,
-                  error_code="INVALID_RECORD", error_msg=item.error)
+    return Result(
+        seq=item.seq,
+        source=item.source,
+        id=item.id,
+        status=INVALID,
+        error_code="INVALID_RECORD",
+        error_msg=item.error,
+    )
 
 
 def skipped_result(item: Item) -> Result:
@@ -100,24 +114,35 @@ class Sender:
         self._rng = rng or random.Random()
         self._secrets = self.credentials.secrets()
         host = target.url.split("/", 3)[2]
-        fixed = {"Host": host, "Content-Type": "application/json", "User-Agent": USER_AGENT,
-                 "X-Project-Id": target.project_id}
+        fixed = {
+            "Host": host,
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "X-Project-Id": target.project_id,
+        }
         creds = self.credentials
         if creds.mode == "aksk" and creds.security_token:
             fixed["X-Security-Token"] = creds.security_token
         elif creds.mode == "token":
             fixed["X-Auth-Token"] = creds.auth_token or ""
-        self._signer = (FastSigner("POST", target.path, fixed, ak=creds.ak or "", sk=creds.sk or "")
-                        if creds.mode == "aksk" else None)
+        self._signer = (
+            FastSigner("POST", target.path, fixed, ak=creds.ak or "", sk=creds.sk or "")
+            if creds.mode == "aksk"
+            else None
+        )
         self._transport = transport or make_transport(
-            target.url, fixed, timeout=opts.timeout,
+            target.url,
+            fixed,
+            timeout=opts.timeout,
             ssl_context=opts.tls.context() if target.url.startswith("https") else None,
         )
         self.schedule: Pacer = schedule or Schedule(opts.rate)
         self.aimd = AIMD(opts.rate, ceiling=opts.rate or float("inf")) if opts.adaptive else None
         key_of = key_function(opts.order_by)
         self._key_of = key_of
-        self._lanes: KeyLanes[Work] | None = KeyLanes(lambda w: key_of(w[0])) if opts.ordered else None
+        self._lanes: KeyLanes[Work] | None = (
+            KeyLanes(lambda w: key_of(w[0])) if opts.ordered else None
+        )
         self._failed_keys: dict[str, int] = {}
         self._lane_space = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -131,8 +156,9 @@ class Sender:
     async def __aenter__(self) -> Sender:
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self._transport.aclose()
 
     def stop(self) -> None:
@@ -149,8 +175,13 @@ class Sender:
         elapsed = asyncio.get_running_loop().time() - self._t0
         self.schedule.set_rate(rate, elapsed, self.counters.dispatched)
 
-    async def run(self, items: Items | BatchSource, on_result: OnResult, *,
-                  done: Callable[[Item], bool] | None = None) -> None:
+    async def run(
+        self,
+        items: Items | BatchSource,
+        on_result: OnResult,
+        *,
+        done: Callable[[Item], bool] | None = None,
+    ) -> None:
         """Send every record, calling ``on_result(item, result)`` for each item as it
         completes (invalid items as ``invalid``, items ``done(item)`` says were sent before
         as ``skipped``). ``on_result`` runs on the event loop; it may return an awaitable
@@ -168,10 +199,14 @@ class Sender:
         self._t0 = self._window_start = asyncio.get_running_loop().time()
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._dispatch(items, done, inbox, on_result, n), name="bulksend-dispatch")
+                tg.create_task(
+                    self._dispatch(items, done, inbox, on_result, n), name="bulksend-dispatch"
+                )
                 for i in range(n):
-                    tg.create_task(self._work(self._transport.connection(), inbox, on_result),
-                                   name=f"bulksend-worker-{i}")
+                    tg.create_task(
+                        self._work(self._transport.connection(), inbox, on_result),
+                        name=f"bulksend-worker-{i}",
+                    )
         except BaseExceptionGroup as group:
             # One failure (say, an input read error) is the run's failure: raise it as
             # itself so the CLI's one boundary can translate it.
@@ -181,19 +216,23 @@ class Sender:
         if self._auth_error is not None:
             raise AuthenticationFailed(f"authentication failed: {self._auth_error}")
 
-    async def send(self, items: Items | BatchSource, *,
-                   done: Callable[[Item], bool] | None = None) -> AsyncIterator[Result]:
+    async def send(
+        self, items: Items | BatchSource, *, done: Callable[[Item], bool] | None = None
+    ) -> AsyncIterator[Result]:
         """``run`` as an async iterator of Results, in completion order."""
         async for _, result in self.send_with_items(items, done=done):
             yield result
 
-    async def send_with_items(self, items: Items | BatchSource, *,
-                              done: Callable[[Item], bool] | None = None) -> AsyncIterator[tuple[Item, Result]]:
+    async def send_with_items(
+        self, items: Items | BatchSource, *, done: Callable[[Item], bool] | None = None
+    ) -> AsyncIterator[tuple[Item, Result]]:
         """``run`` as an async iterator of (item, result) pairs (for a --failed file).
 
         ``run`` goes in a task of its own: a generator cannot own a task group (it may be
         abandoned mid-iteration). Leaving the loop early cancels that task."""
-        outbox: asyncio.Queue[tuple[Item, Result] | None] = asyncio.Queue(maxsize=2 * self.options.concurrency)
+        outbox: asyncio.Queue[tuple[Item, Result] | None] = asyncio.Queue(
+            maxsize=2 * self.options.concurrency
+        )
 
         async def produce() -> None:
             try:
@@ -236,8 +275,14 @@ class Sender:
                 if i % READ_BATCH == READ_BATCH - 1:
                     await asyncio.sleep(0)  # let workers run while a long list is queued
 
-    async def _dispatch(self, items: Items | BatchSource, done: Callable[[Item], bool] | None,
-                        inbox: asyncio.Queue[Work | None], on_result: OnResult, workers: int) -> None:
+    async def _dispatch(
+        self,
+        items: Items | BatchSource,
+        done: Callable[[Item], bool] | None,
+        inbox: asyncio.Queue[Work | None],
+        on_result: OnResult,
+        workers: int,
+    ) -> None:
         loop = asyncio.get_running_loop()
         counters, schedule, lanes = self.counters, self.schedule, self._lanes
         lane_limit = LANE_WAITING_PER_WORKER * self.options.concurrency
@@ -281,7 +326,9 @@ class Sender:
 
     # --- workers -------------------------------------------------------------------------
 
-    async def _work(self, conn: Connection, inbox: asyncio.Queue[Work | None], on_result: OnResult) -> None:
+    async def _work(
+        self, conn: Connection, inbox: asyncio.Queue[Work | None], on_result: OnResult
+    ) -> None:
         counters, lanes = self.counters, self._lanes
         try:
             while (work := await inbox.get()) is not None:
@@ -312,10 +359,15 @@ class Sender:
             return await self.send_one(conn, record, intended)
         key = self._key_of(record)
         if key is not None and self.options.on_key_failure == "skip" and key in self._failed_keys:
-            return Result(seq=record.seq, source=record.source, id=record.id, status=FAILED,
-                          error_code="KEY_FAILED",
-                          error_msg=f"not sent: record seq {self._failed_keys[key]} with the same key"
-                                    " failed (--on-key-failure skip)")
+            return Result(
+                seq=record.seq,
+                source=record.source,
+                id=record.id,
+                status=FAILED,
+                error_code="KEY_FAILED",
+                error_msg=f"not sent: record seq {self._failed_keys[key]} with the same key"
+                " failed (--on-key-failure skip)",
+            )
         result = await self.send_one(conn, record, intended)
         if key is not None and result.status == FAILED:
             self._failed_keys.setdefault(key, record.seq)
@@ -326,8 +378,13 @@ class Sender:
         props = record.properties
         if self.options.key_from_id and record.id is not None and record.keys is None:
             props = (*props, (KEYS, record.id))
-        return orjson.dumps({"topic": record.topic, "body": record.body,
-                             "property_list": [{"name": n, "value": v} for n, v in props]})
+        return orjson.dumps(
+            {
+                "topic": record.topic,
+                "body": record.body,
+                "property_list": [{"name": n, "value": v} for n, v in props],
+            }
+        )
 
     def _headers(self, body: bytes) -> dict[str, str]:
         signer = self._signer
@@ -351,8 +408,14 @@ class Sender:
             try:
                 resp = await conn.post(self._headers(body), body)
             except TransportError as exc:
-                result = Result(seq=record.seq, source=record.source, id=record.id, status=FAILED,
-                                error_code=exc.code, error_msg=str(exc))
+                result = Result(
+                    seq=record.seq,
+                    source=record.source,
+                    id=record.id,
+                    status=FAILED,
+                    error_code=exc.code,
+                    error_msg=str(exc),
+                )
                 retryable = True
             else:
                 result = interpret(record, resp, self._secrets)
@@ -385,8 +448,10 @@ class Sender:
         if status in (401, 403):
             self._auth_failures += 1
             if self._auth_failures >= self.options.auth_failure_limit and self._auth_error is None:
-                self._auth_error = (f"{self._auth_failures} answers of HTTP {status} in a row"
-                                    f" ({result.error_code}: {result.error_msg})")
+                self._auth_error = (
+                    f"{self._auth_failures} answers of HTTP {status} in a row"
+                    f" ({result.error_code}: {result.error_msg})"
+                )
                 self.stop()
         else:
             self._auth_failures = 0

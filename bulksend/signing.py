@@ -120,7 +120,9 @@ def sign(
     out["X-Sdk-Date"] = sdk_date(now)
     signed = signed_header_names(out)
     canonical = canonical_request(method, path, query, out, signed, body)
-    out["Authorization"] = authorization(ak, signed, signature(sk, string_to_sign(canonical, out["X-Sdk-Date"])))
+    out["Authorization"] = authorization(
+        ak, signed, signature(sk, string_to_sign(canonical, out["X-Sdk-Date"]))
+    )
     return out
 
 
@@ -133,7 +135,9 @@ class FastSigner:
     remain per request. ``tests/test_signing.py`` holds it equal to ``sign()`` and to the SDK.
     """
 
-    def __init__(self, method: str, path: str, headers: Mapping[str, str], *, ak: str, sk: str) -> None:
+    def __init__(
+        self, method: str, path: str, headers: Mapping[str, str], *, ak: str, sk: str
+    ) -> None:
         self._ak = ak
         self._sk = sk.encode()
         fixed = {k.lower(): v.strip() for k, v in headers.items()}
@@ -144,7 +148,9 @@ class FastSigner:
         after = "".join(f"{n}:{fixed[n]}\n" for n in names if n > "x-sdk-date")
         self._head = f"{method.upper()}\n{canonical_uri(path)}\n\n{before}x-sdk-date:"
         self._tail = f"\n{after}\n{self._signed_joined}\n"
-        self._auth_prefix = f"{ALGORITHM} Access={ak}, SignedHeaders={self._signed_joined}, Signature="
+        self._auth_prefix = (
+            f"{ALGORITHM} Access={ak}, SignedHeaders={self._signed_joined}, Signature="
+        )
         self._date_s = -1
         self._date = ""
 
@@ -189,7 +195,9 @@ def parse_authorization(value: str) -> ParsedAuthorization:
         if sep:
             fields[key] = val
     try:
-        return ParsedAuthorization(fields["Access"], fields["SignedHeaders"].split(";"), fields["Signature"])
+        return ParsedAuthorization(
+            fields["Access"], fields["SignedHeaders"].split(";"), fields["Signature"]
+        )
     except KeyError as missing:
         raise SignatureError(f"Authorization lacks {missing.args[0]}") from None
 

@@ -10,6 +10,7 @@ line can only come from a crash inside that one write (``--resume`` ignores it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from typing import Any
 
@@ -72,7 +73,7 @@ class LineWriter:
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
         except OSError as exc:
             raise SinkError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
@@ -81,10 +82,8 @@ class LineWriter:
             raise self._error
         self.flush()
         if self._fd is not None:
-            try:
+            with contextlib.suppress(OSError):  # not every file can fsync (a pipe, /dev/stdout)
                 os.fsync(self._fd)
-            except OSError:
-                pass  # not every file supports fsync (a pipe, /dev/stdout)
             os.close(self._fd)
             self._fd = None
 
@@ -101,7 +100,11 @@ class FailedWriter(LineWriter):
     ``bulksend send FAILED_FILE`` replays them; invalid ones as ``{"_raw", "_error"}``."""
 
     def add(self, item: Item, result: Result) -> asyncio.Future[None] | None:
-        error = f"{result.error_code}: {result.error_msg}" if result.error_code else (result.error_msg or "")
+        error = (
+            f"{result.error_code}: {result.error_msg}"
+            if result.error_code
+            else (result.error_msg or "")
+        )
         if isinstance(item, Invalid):
             obj: dict[str, Any] = {"_raw": item.raw, "_error": item.error, "_source": item.source}
         else:

@@ -63,9 +63,13 @@ class Stats:
 
     def add(self, result: Result) -> None:
         self.counts[result.status] += 1
-        if result.started_at is not None and (self.first_start is None or result.started_at < self.first_start):
+        if result.started_at is not None and (
+            self.first_start is None or result.started_at < self.first_start
+        ):
             self.first_start = result.started_at
-        if result.done_at is not None and (self.last_done is None or result.done_at > self.last_done):
+        if result.done_at is not None and (
+            self.last_done is None or result.done_at > self.last_done
+        ):
             self.last_done = result.done_at
         if result.attempts > 1:
             self.retries += result.attempts - 1
@@ -74,7 +78,9 @@ class Stats:
         if result.error_code is not None and result.status != OK:
             self.errors[result.error_code] += 1
         if result.status == OK and result.latency_ms is not None:
-            self.latency.record_value(max(_LOWEST_US, min(_HIGHEST_US, int(result.latency_ms * 1000.0))))
+            self.latency.record_value(
+                max(_LOWEST_US, min(_HIGHEST_US, int(result.latency_ms * 1000.0)))
+            )
 
     @property
     def total(self) -> int:
@@ -85,7 +91,11 @@ class Stats:
 
     def elapsed(self) -> float:
         """Seconds: the span of the sends when known, else since this Stats began."""
-        if self.first_start is not None and self.last_done is not None and self.last_done > self.first_start:
+        if (
+            self.first_start is not None
+            and self.last_done is not None
+            and self.last_done > self.first_start
+        ):
             return (self.last_done - self.first_start) / 1000.0
         return (self.finished or time.monotonic()) - self.started
 

@@ -24,11 +24,16 @@ def summary_table(stats: dict[str, Any], *, title: str = "bulksend") -> str:
         ("retries", f"{stats['retries']:,}"),
         ("elapsed", f"{stats['elapsed_s']:.2f} s"),
         ("throughput", f"{stats['throughput_msg_s']:,.1f} msg/s"),
-        ("latency ms", f"p50 {lat['p50']:.1f}  p90 {lat['p90']:.1f}  p99 {lat['p99']:.1f}  "
-                       f"max {lat['max']:.1f}  mean {lat['mean']:.1f}"),
+        (
+            "latency ms",
+            f"p50 {lat['p50']:.1f}  p90 {lat['p90']:.1f}  p99 {lat['p99']:.1f}  "
+            f"max {lat['max']:.1f}  mean {lat['mean']:.1f}",
+        ),
     ]
     if stats.get("http_status"):
-        rows.append(("http status", "  ".join(f"{k}: {v:,}" for k, v in stats["http_status"].items())))
+        rows.append(
+            ("http status", "  ".join(f"{k}: {v:,}" for k, v in stats["http_status"].items()))
+        )
     for code, count in list(stats.get("errors", {}).items())[:8]:
         rows.append(("error", f"{code}: {count:,}"))
     width = max(len(k) for k, _ in rows)
@@ -63,7 +68,9 @@ def progress_line(
             parts.append(f"{fraction * 100:5.1f}%")
     parts.append(f"{done:,} done")
     parts.append(f"{rate:,.0f} msg/s" + (f" (target {rate_target:,.0f})" if rate_target else ""))
-    parts.append(f"ok {ok:,} failed {failed:,} invalid {invalid:,} retrying {retrying:,} in-flight {in_flight:,}")
+    parts.append(
+        f"ok {ok:,} failed {failed:,} invalid {invalid:,} retrying {retrying:,} in-flight {in_flight:,}"
+    )
     if fraction and 0 < fraction < 1 and elapsed > 0:
         parts.append(f"ETA {_fmt_duration(elapsed * (1 - fraction) / fraction)}")
     parts.append(f"elapsed {_fmt_duration(elapsed)}")

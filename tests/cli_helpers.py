@@ -13,18 +13,37 @@ import orjson
 
 from tests.serve_helpers import AUTH_ENV, INSTANCE_ID, PROJECT_ID
 
-SECRET_ENV = (*AUTH_ENV, "CLOUD_SDK_AK", "CLOUD_SDK_SK", "HUAWEICLOUD_SDK_SECURITY_TOKEN",
-              "HUAWEICLOUD_SDK_PROJECT_ID")
+SECRET_ENV = (
+    *AUTH_ENV,
+    "CLOUD_SDK_AK",
+    "CLOUD_SDK_SK",
+    "HUAWEICLOUD_SDK_SECURITY_TOKEN",
+    "HUAWEICLOUD_SDK_PROJECT_ID",
+)
 
 
-def bulksend(*args: str, env: Mapping[str, str] | None = None, stdin: bytes | None = None,
-             timeout: float = 120.0, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+def bulksend(
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    stdin: bytes | None = None,
+    timeout: float = 120.0,
+    cwd: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     """``python -m bulksend ARGS``; the test's secrets and BULKSEND_* variables removed
     unless ``env`` sets them."""
-    clean = {k: v for k, v in os.environ.items() if k not in SECRET_ENV and not k.startswith("BULKSEND_")}
+    clean = {
+        k: v for k, v in os.environ.items() if k not in SECRET_ENV and not k.startswith("BULKSEND_")
+    }
     clean.update(env or {})
-    return subprocess.run([sys.executable, "-m", "bulksend", *args], env=clean, input=stdin.decode() if stdin else None,
-                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "bulksend", *args],
+        env=clean,
+        input=stdin.decode() if stdin else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 def target(url: str) -> list[str]:

@@ -36,9 +36,19 @@ _ids = itertools.count()
 def ok_answer(body: bytes) -> Answer:
     req = orjson.loads(body)
     n = next(_ids)
-    return Answer(200, {"topic": req["topic"], "body": req["body"], "property_list": req.get("property_list", []),
-                        "msg_id": f"{n:032X}", "queue_id": n % 4, "queue_offset": n, "broker_name": "broker-0"},
-                  headers={"X-Request-Id": f"req-{n}"})
+    return Answer(
+        200,
+        {
+            "topic": req["topic"],
+            "body": req["body"],
+            "property_list": req.get("property_list", []),
+            "msg_id": f"{n:032X}",
+            "queue_id": n % 4,
+            "queue_offset": n,
+            "broker_name": "broker-0",
+        },
+        headers={"X-Request-Id": f"req-{n}"},
+    )
 
 
 @dataclass
@@ -81,8 +91,16 @@ class ScriptedServer:
             request.transport.abort()
             return web.Response(status=599)
         assert isinstance(what, Answer)
-        data = what.raw if what.raw is not None else orjson.dumps(what.json) if what.json is not None else b""
-        return web.Response(status=what.status, body=data, headers=what.headers, content_type="application/json")
+        data = (
+            what.raw
+            if what.raw is not None
+            else orjson.dumps(what.json)
+            if what.json is not None
+            else b""
+        )
+        return web.Response(
+            status=what.status, body=data, headers=what.headers, content_type="application/json"
+        )
 
     async def __aenter__(self) -> ScriptedServer:
         app = web.Application()

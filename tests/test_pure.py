@@ -46,7 +46,15 @@ def test_schedule_rate_change_keeps_due_times_absolute_and_never_bursts() -> Non
 def test_backoff_is_full_jitter_under_a_capped_exponential() -> None:
     policy = RetryPolicy(backoff_base=0.2, backoff_max=20.0)
     rng = random.Random(1)
-    for n, ceiling in [(0, 0.2), (1, 0.4), (3, 1.6), (6, 12.8), (7, 20.0), (60, 20.0), (5000, 20.0)]:
+    for n, ceiling in [
+        (0, 0.2),
+        (1, 0.4),
+        (3, 1.6),
+        (6, 12.8),
+        (7, 20.0),
+        (60, 20.0),
+        (5000, 20.0),
+    ]:
         draws = [compute_backoff(n, policy, rng) for _ in range(300)]
         assert all(0.0 <= d <= ceiling for d in draws)
         assert max(draws) > 0.8 * ceiling  # jitter spans the whole range, not a fixed wait
@@ -55,8 +63,14 @@ def test_backoff_is_full_jitter_under_a_capped_exponential() -> None:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        (None, None), ("", None), ("soon", None), ("nan", None),
-        ("3", 3.0), (" 0.5 ", 0.5), ("-4", 0.0), ("99999999", MAX_RETRY_AFTER_S),
+        (None, None),
+        ("", None),
+        ("soon", None),
+        ("nan", None),
+        ("3", 3.0),
+        (" 0.5 ", 0.5),
+        ("-4", 0.0),
+        ("99999999", MAX_RETRY_AFTER_S),
         ("Thu, 26 Nov 2026 09:00:10 GMT", 10.0),
         ("Thu, 26 Nov 2026 08:59:00 GMT", 0.0),  # in the past: retry now
     ],
@@ -90,7 +104,13 @@ def test_aimd_respects_ceiling_and_floor() -> None:
 
 
 def rec(seq: int, keys: str | None, topic: str = "t") -> Record:
-    return Record(seq=seq, source=f"f:{seq + 1}", topic=topic, body="b", properties=(("KEYS", keys),) if keys else ())
+    return Record(
+        seq=seq,
+        source=f"f:{seq + 1}",
+        topic=topic,
+        body="b",
+        properties=(("KEYS", keys),) if keys else (),
+    )
 
 
 def test_key_lanes_serialise_a_key_and_let_others_through() -> None:
@@ -104,6 +124,14 @@ def test_key_lanes_serialise_a_key_and_let_others_through() -> None:
 
 
 def test_key_function_fields() -> None:
-    r = Record(seq=0, source="f:1", topic="tp", body="b", properties=(("KEYS", "k"), ("TAGS", "g"), ("shard", "7")), id="i")
-    assert [key_function(f)(r) for f in (None, "keys", "TAGS", "topic", "id", "shard", "absent")] == \
-        ["k", "k", "g", "tp", "i", "7", None]
+    r = Record(
+        seq=0,
+        source="f:1",
+        topic="tp",
+        body="b",
+        properties=(("KEYS", "k"), ("TAGS", "g"), ("shard", "7")),
+        id="i",
+    )
+    assert [
+        key_function(f)(r) for f in (None, "keys", "TAGS", "topic", "id", "shard", "absent")
+    ] == ["k", "k", "g", "tp", "i", "7", None]

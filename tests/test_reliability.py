@@ -3,6 +3,7 @@ order, adaptive rate. The CLI as a subprocess against ``bulksend serve`` on loop
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import signal
@@ -19,18 +20,25 @@ import orjson
 import pytest
 
 from tests.cli_helpers import bulksend, no_traceback, read_jsonl, target, write_jsonl
-from tests.serve_helpers import INSTANCE_ID, PROJECT_ID, messages_path, start_server_subprocess
+from tests.serve_helpers import messages_path, start_server_subprocess
 
 FAST = ["--backoff-base", "0.01", "--backoff-max", "0.2", "--max-retries", "10", "--quiet"]
 
 
 def msgs(n: int, keys: int | None = None) -> list[dict[str, Any]]:
-    return [{"topic": "orders", "body": f"m{i}", "id": f"r{i}", **({"keys": f"k{i % keys}"} if keys else {})}
-            for i in range(n)]
+    return [
+        {
+            "topic": "orders",
+            "body": f"m{i}",
+            "id": f"r{i}",
+            **({"keys": f"k{i % keys}"} if keys else {}),
+        }
+        for i in range(n)
+    ]
 
 
 def accepted(url: str) -> int:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:  # noqa: S310 - loopback
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
         for line in resp.read().decode().splitlines():
             if line.startswith("bulksend_serve_messages_accepted_total "):
                 return int(float(line.split()[1]))
@@ -39,13 +47,17 @@ def accepted(url: str) -> int:
 
 def listed(url: str, **query: str) -> list[dict[str, Any]]:
     qs = urllib.parse.urlencode({"limit": "1000", **query})
-    with urllib.request.urlopen(f"{url}{messages_path()}?{qs}", timeout=10) as resp:  # noqa: S310 - loopback
+    with urllib.request.urlopen(f"{url}{messages_path()}?{qs}", timeout=10) as resp:
         return list(json.loads(resp.read())["messages"])
 
 
 def spawn_send(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "bulksend", "send", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bulksend", "send", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_lines(path: Path, n: int, deadline_s: float) -> None:
@@ -74,8 +86,17 @@ def test_kill_9_then_resume_loses_nothing(tmp_path: Path, seed: int) -> None:
     with start_server_subprocess("--latency", "2") as (_, url):
         kills = 0
         for _ in range(2):  # two crashes at random moments, then a clean finish
-            proc = spawn_send(str(data), *target(url), "--out", str(out), "--concurrency", str(concurrency),
-                              "--key-from-id", "--resume", *FAST)
+            proc = spawn_send(
+                str(data),
+                *target(url),
+                "--out",
+                str(out),
+                "--concurrency",
+                str(concurrency),
+                "--key-from-id",
+                "--resume",
+                *FAST,
+            )
             have = out.read_bytes().count(b"\n") if out.exists() else 0
             wait_for_lines(out, have + rng.randint(50, 900), deadline_s=60)
             proc.send_signal(signal.SIGKILL)
@@ -86,14 +107,28 @@ def test_kill_9_then_resume_loses_nothing(tmp_path: Path, seed: int) -> None:
             lines, tail = ledger_lines(out)
             assert all(isinstance(r, dict) and "status" in r for r in lines)  # whole lines only
             assert len(tail) < 4096  # at most one torn last line
-        final = bulksend("send", str(data), *target(url), "--out", str(out), "--concurrency", str(concurrency),
-                         "--key-from-id", "--resume", "--stats", str(tmp_path / "s.json"), *FAST)
+        final = bulksend(
+            "send",
+            str(data),
+            *target(url),
+            "--out",
+            str(out),
+            "--concurrency",
+            str(concurrency),
+            "--key-from-id",
+            "--resume",
+            "--stats",
+            str(tmp_path / "s.json"),
+            *FAST,
+        )
         assert final.returncode == 0, final.stderr
         total_accepted = accepted(url)
     lines, tail = ledger_lines(out)
     assert tail == b""
     ok = Counter(r["id"] for r in lines if r["status"] == "ok")
-    assert set(ok) == {f"r{i}" for i in range(n)} and max(ok.values()) == 1  # every record ok exactly once
+    assert (
+        set(ok) == {f"r{i}" for i in range(n)} and max(ok.values()) == 1
+    )  # every record ok exactly once
     stats = orjson.loads((tmp_path / "s.json").read_bytes())
     assert stats["skipped"] + stats["ok"] == n and stats["failed"] == stats["invalid"] == 0
     # Duplicates at the server: only requests in flight at a crash (<= concurrency each).
@@ -105,8 +140,20 @@ def test_sigint_drains_then_resume_completes(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "in.jsonl", msgs(n))
     out, stats = tmp_path / "ledger.jsonl", tmp_path / "stats.json"
     with start_server_subprocess("--latency", "20") as (_, url):
-        proc = spawn_send(str(data), *target(url), "--out", str(out), "--stats", str(stats), "--rate", "400",
-                          "--concurrency", "32", "--progress-interval", "60")
+        proc = spawn_send(
+            str(data),
+            *target(url),
+            "--out",
+            str(out),
+            "--stats",
+            str(stats),
+            "--rate",
+            "400",
+            "--concurrency",
+            "32",
+            "--progress-interval",
+            "60",
+        )
         wait_for_lines(out, 100, deadline_s=60)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
@@ -117,7 +164,17 @@ def test_sigint_drains_then_resume_completes(tmp_path: Path) -> None:
         assert all(r["status"] == "ok" for r in lines)  # in-flight ones finished, none cut off
         first = orjson.loads(stats.read_bytes())
         assert first["ok"] == len(lines)
-        again = bulksend("send", str(data), *target(url), "--out", str(out), "--resume", "--stats", str(stats), *FAST)
+        again = bulksend(
+            "send",
+            str(data),
+            *target(url),
+            "--out",
+            str(out),
+            "--resume",
+            "--stats",
+            str(stats),
+            *FAST,
+        )
         assert again.returncode == 0, again.stderr
         assert accepted(url) == n  # a drain sends nothing twice
     lines, _ = ledger_lines(out)
@@ -130,7 +187,9 @@ def test_second_sigint_aborts_at_once_with_whole_lines(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "in.jsonl", msgs(500))
     out = tmp_path / "ledger.jsonl"
     with start_server_subprocess("--latency", "3000") as (_, url):
-        proc = spawn_send(str(data), *target(url), "--out", str(out), "--concurrency", "8", "--quiet")
+        proc = spawn_send(
+            str(data), *target(url), "--out", str(out), "--concurrency", "8", "--quiet"
+        )
         time.sleep(1.0)  # all 8 requests now wait on the 3 s answers
         proc.send_signal(signal.SIGINT)
         time.sleep(0.2)
@@ -151,10 +210,14 @@ def test_changed_input_is_refused_on_resume_unless_forced(tmp_path: Path) -> Non
     refused = bulksend("send", str(data), "--embedded", "--out", str(out), "--resume", "--quiet")
     assert refused.returncode == 2 and no_traceback(refused)
     assert "changed" in refused.stderr and "--force" in refused.stderr
-    forced = bulksend("send", str(data), "--embedded", "--out", str(out), "--resume", "--force", "--quiet")
+    forced = bulksend(
+        "send", str(data), "--embedded", "--out", str(out), "--resume", "--force", "--quiet"
+    )
     assert forced.returncode == 0
     lines = read_jsonl(out)
-    assert len(lines) == 12 and Counter(r["id"] for r in lines) == Counter({f"r{i}": 1 for i in range(12)})
+    assert len(lines) == 12 and Counter(r["id"] for r in lines) == Counter(
+        {f"r{i}": 1 for i in range(12)}
+    )
 
 
 def test_resume_ignores_and_cuts_a_torn_last_line(tmp_path: Path) -> None:
@@ -174,7 +237,12 @@ def test_resume_exit_code_covers_the_whole_ledger(tmp_path: Path) -> None:
     out = tmp_path / "ledger.jsonl"
     assert bulksend("send", str(data), "--embedded", "--out", str(out), "--quiet").returncode == 1
     # The invalid record is still not ok: the resumed run cannot claim success.
-    assert bulksend("send", str(data), "--embedded", "--out", str(out), "--resume", "--quiet").returncode == 1
+    assert (
+        bulksend(
+            "send", str(data), "--embedded", "--out", str(out), "--resume", "--quiet"
+        ).returncode
+        == 1
+    )
 
 
 @pytest.mark.parametrize(
@@ -193,15 +261,29 @@ def test_faults_are_retried_to_success(tmp_path: Path, flags: list[str]) -> None
     data = write_jsonl(tmp_path / "in.jsonl", msgs(n))
     out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
     with start_server_subprocess(*flags, "--seed", "11") as (_, url):
-        proc = bulksend("send", str(data), *target(url), "--out", str(out), "--stats", str(stats),
-                        "--timeout", "0.5", "--concurrency", "16", *FAST)
+        proc = bulksend(
+            "send",
+            str(data),
+            *target(url),
+            "--out",
+            str(out),
+            "--stats",
+            str(stats),
+            "--timeout",
+            "0.5",
+            "--concurrency",
+            "16",
+            *FAST,
+        )
     assert proc.returncode == 0, proc.stderr
     s = orjson.loads(stats.read_bytes())
     assert s["ok"] == n and s["retries"] > 0
     assert Counter(r["seq"] for r in read_jsonl(out)) == Counter(range(n))
 
 
-@pytest.mark.parametrize(("flag", "why"), [("--garbage-rate", "not JSON"), ("--no-msgid-rate", "lacks msg_id")])
+@pytest.mark.parametrize(
+    ("flag", "why"), [("--garbage-rate", "not JSON"), ("--no-msgid-rate", "lacks msg_id")]
+)
 def test_bad_200_answers_are_failed_results(tmp_path: Path, flag: str, why: str) -> None:
     data = write_jsonl(tmp_path / "in.jsonl", msgs(200))
     out = tmp_path / "out.jsonl"
@@ -211,7 +293,10 @@ def test_bad_200_answers_are_failed_results(tmp_path: Path, flag: str, why: str)
     results = read_jsonl(out)
     bad = [r for r in results if r["status"] == "failed"]
     assert len(results) == 200 and 20 <= len(bad) <= 100
-    assert all(r["error_code"] == "BAD_RESPONSE" and why in r["error_msg"] and r["attempts"] == 1 for r in bad)
+    assert all(
+        r["error_code"] == "BAD_RESPONSE" and why in r["error_msg"] and r["attempts"] == 1
+        for r in bad
+    )
 
 
 def test_ordered_keeps_per_key_order_under_random_503s(tmp_path: Path) -> None:
@@ -219,8 +304,20 @@ def test_ordered_keeps_per_key_order_under_random_503s(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "in.jsonl", msgs(n, keys=keys))
     out = tmp_path / "out.jsonl"
     with start_server_subprocess("--error-rate", "0.2", "--seed", "9") as (_, url):
-        proc = bulksend("send", str(data), *target(url), "--out", str(out), "--ordered", "--concurrency", "8", *FAST)
-        arrived = {k: [m["body"] for m in listed(url, topic="orders", key=f"k{k}")] for k in range(keys)}
+        proc = bulksend(
+            "send",
+            str(data),
+            *target(url),
+            "--out",
+            str(out),
+            "--ordered",
+            "--concurrency",
+            "8",
+            *FAST,
+        )
+        arrived = {
+            k: [m["body"] for m in listed(url, topic="orders", key=f"k{k}")] for k in range(keys)
+        }
     assert proc.returncode == 0, proc.stderr
     for k in range(keys):  # the server stored each key's messages in input order
         expected = [f"m{i}" for i in range(n) if i % keys == k]
@@ -231,7 +328,7 @@ def test_ordered_keeps_per_key_order_under_random_503s(tmp_path: Path) -> None:
         by_key[f"k{int(r['id'][1:]) % keys}"].append(r)
     for rows in by_key.values():
         rows.sort(key=lambda r: r["seq"])
-        assert all(a["done_at"] <= b["started_at"] for a, b in zip(rows, rows[1:], strict=False))
+        assert all(a["done_at"] <= b["started_at"] for a, b in itertools.pairwise(rows))
     assert any(r["attempts"] > 1 for r in read_jsonl(out))  # the 503s really happened
 
 
@@ -239,14 +336,28 @@ def test_on_key_failure_skip_fails_the_rest_of_the_key(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "in.jsonl", msgs(40, keys=4))
     out = tmp_path / "out.jsonl"
     with start_server_subprocess("--error-rate", "1", "--seed", "2") as (_, url):
-        proc = bulksend("send", str(data), *target(url), "--out", str(out), "--ordered", "--on-key-failure", "skip",
-                        "--max-retries", "0", "--quiet")
+        proc = bulksend(
+            "send",
+            str(data),
+            *target(url),
+            "--out",
+            str(out),
+            "--ordered",
+            "--on-key-failure",
+            "skip",
+            "--max-retries",
+            "0",
+            "--quiet",
+        )
         sent = accepted(url)
     assert proc.returncode == 1 and sent == 0
     results = read_jsonl(out)
     skipped = [r for r in results if r["error_code"] == "KEY_FAILED"]
     assert len(results) == 40 and len(skipped) == 36  # one real failure per key, the rest skipped
-    assert all(r["status"] == "failed" and r["attempts"] == 0 and "same key" in r["error_msg"] for r in skipped)
+    assert all(
+        r["status"] == "failed" and r["attempts"] == 0 and "same key" in r["error_msg"]
+        for r in skipped
+    )
 
 
 def test_adaptive_settles_near_the_servers_limit(tmp_path: Path) -> None:
@@ -254,8 +365,20 @@ def test_adaptive_settles_near_the_servers_limit(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "in.jsonl", msgs(n))
     out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
     with start_server_subprocess("--rate-limit", "500", "--seed", "4") as (_, url):
-        proc = bulksend("send", str(data), *target(url), "--out", str(out), "--stats", str(stats), "--adaptive",
-                        "--quiet", "--max-retries", "10", timeout=120)
+        proc = bulksend(
+            "send",
+            str(data),
+            *target(url),
+            "--out",
+            str(out),
+            "--stats",
+            str(stats),
+            "--adaptive",
+            "--quiet",
+            "--max-retries",
+            "10",
+            timeout=120,
+        )
     assert proc.returncode == 0, proc.stderr
     s = orjson.loads(stats.read_bytes())
     assert s["ok"] == n and s["failed"] == 0 and s["rate_changes"] > 0

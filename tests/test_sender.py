@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import time
 
@@ -40,30 +39,49 @@ async def test_every_record_gets_one_ok_result_with_answer_fields() -> None:
     assert r.http_status == 200 and r.attempts == 1 and r.msg_id and len(r.msg_id) == 32
     assert r.request_id and r.request_id.startswith("req-")
     assert r.queue_id is not None and r.queue_offset is not None and r.broker_name == "broker-0"
-    assert r.latency_ms is not None and r.latency_ms > 0 and r.started_at and r.done_at >= r.started_at
+    assert (
+        r.latency_ms is not None and r.latency_ms > 0 and r.started_at and r.done_at >= r.started_at
+    )
     assert len(srv.seen) == 50
 
 
 async def test_requests_are_signed_so_the_shared_verifier_accepts_them() -> None:
     async with ScriptedServer(lambda n, b: ok_answer(b)) as srv:
-        await run(srv.url, records(5), credentials=Credentials(ak=AK, sk=SK, security_token="sts-token"))
+        await run(
+            srv.url, records(5), credentials=Credentials(ak=AK, sk=SK, security_token="sts-token")
+        )
     for seen in srv.seen:
         h = seen.headers
         assert h["X-Project-Id"] == "proj" and h["X-Security-Token"] == "sts-token"
         assert "x-security-token" in h["Authorization"] and "x-sdk-date" in h["Authorization"]
-        assert signing.verify("POST", "/v2/rocketmq/proj/instances/inst/messages", [], h, seen.body,
-                              secret_for={AK: SK}.get, now=time.time()) == AK
+        assert (
+            signing.verify(
+                "POST",
+                "/v2/rocketmq/proj/instances/inst/messages",
+                [],
+                h,
+                seen.body,
+                secret_for={AK: SK}.get,
+                now=time.time(),
+            )
+            == AK
+        )
 
 
 async def test_token_auth_sends_x_auth_token_and_no_signature() -> None:
     async with ScriptedServer(lambda n, b: ok_answer(b)) as srv:
         await run(srv.url, records(2), credentials=Credentials(auth_token="iam-token"))
-    assert all(s.headers["X-Auth-Token"] == "iam-token" and "Authorization" not in s.headers for s in srv.seen)
+    assert all(
+        s.headers["X-Auth-Token"] == "iam-token" and "Authorization" not in s.headers
+        for s in srv.seen
+    )
 
 
 @pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
 async def test_retryable_statuses_are_retried(status: int) -> None:
-    script = lambda n, b: Answer(status, {"error_code": "E", "error_msg": "busy"}) if n < 2 else ok_answer(b)  # noqa: E731
+    def script(n: int, b: bytes) -> Answer:
+        return Answer(status, {"error_code": "E", "error_msg": "busy"}) if n < 2 else ok_answer(b)
+
     async with ScriptedServer(script) as srv:
         [r] = await run(srv.url, records(1))
     assert (r.status, r.attempts, r.http_status) == ("ok", 3, 200)
@@ -71,9 +89,17 @@ async def test_retryable_statuses_are_retried(status: int) -> None:
 
 @pytest.mark.parametrize("status", [400, 404, 409, 413, 422])
 async def test_other_4xx_are_not_retried(status: int) -> None:
-    async with ScriptedServer(lambda n, b: Answer(status, {"error_code": "DMS.400", "error_msg": "bad"})) as srv:
+    async with ScriptedServer(
+        lambda n, b: Answer(status, {"error_code": "DMS.400", "error_msg": "bad"})
+    ) as srv:
         [r] = await run(srv.url, records(1))
-    assert (r.status, r.attempts, r.http_status, r.error_code, r.error_msg) == ("failed", 1, status, "DMS.400", "bad")
+    assert (r.status, r.attempts, r.http_status, r.error_code, r.error_msg) == (
+        "failed",
+        1,
+        status,
+        "DMS.400",
+        "bad",
+    )
     assert len(srv.seen) == 1
 
 
@@ -89,7 +115,11 @@ async def test_retry_after_is_honoured(header: str) -> None:
     def script(n: int, b: bytes) -> Answer:
         if n == 0:
             value = "1" if header == "1" else email.utils.formatdate(time.time() + 2, usegmt=True)
-            return Answer(429, {"error_code": "APIG.0308", "error_msg": "throttled"}, headers={"Retry-After": value})
+            return Answer(
+                429,
+                {"error_code": "APIG.0308", "error_msg": "throttled"},
+                headers={"Retry-After": value},
+            )
         return ok_answer(b)
 
     async with ScriptedServer(script) as srv:
@@ -108,16 +138,22 @@ async def test_connection_drop_and_hang_are_retried() -> None:
 
 async def test_timeout_gives_a_failed_result_not_an_exception() -> None:
     async with ScriptedServer(lambda n, b: HANG) as srv:
-        [r] = await run(srv.url, records(1), timeout=0.2, retry=RetryPolicy(max_retries=1, backoff_base=0.001))
+        [r] = await run(
+            srv.url, records(1), timeout=0.2, retry=RetryPolicy(max_retries=1, backoff_base=0.001)
+        )
     assert (r.status, r.attempts, r.error_code, r.http_status) == ("failed", 2, "TIMEOUT", None)
 
 
 async def test_connect_error_is_a_failed_result() -> None:
-    [r] = await run("http://127.0.0.1:1", records(1), retry=RetryPolicy(max_retries=2, backoff_base=0.001))
+    [r] = await run(
+        "http://127.0.0.1:1", records(1), retry=RetryPolicy(max_retries=2, backoff_base=0.001)
+    )
     assert (r.status, r.attempts, r.error_code) == ("failed", 3, "CONNECT_ERROR")
 
 
-@pytest.mark.parametrize(("raw", "why"), [(b"<html>ok</html>", "not JSON"), (b'{"topic":"t"}', "lacks msg_id")])
+@pytest.mark.parametrize(
+    ("raw", "why"), [(b"<html>ok</html>", "not JSON"), (b'{"topic":"t"}', "lacks msg_id")]
+)
 async def test_bad_200_answers_are_failed_results_not_crashes(raw: bytes, why: str) -> None:
     async with ScriptedServer(lambda n, b: Answer(200, raw=raw)) as srv:
         [r] = await run(srv.url, records(1))
@@ -126,14 +162,22 @@ async def test_bad_200_answers_are_failed_results_not_crashes(raw: bytes, why: s
 
 
 async def test_twenty_auth_failures_in_a_row_stop_the_run() -> None:
-    answer = Answer(401, {"error_code": "APIGW.0301", "error_msg": "Incorrect IAM authentication information"})
+    answer = Answer(
+        401, {"error_code": "APIGW.0301", "error_msg": "Incorrect IAM authentication information"}
+    )
+    got: list[Result] = []
+
+    async def send_all(url: str) -> None:
+        opts = SendOptions(concurrency=2, retry=FAST_RETRY)
+        async with Sender(Target(url, "p", "i"), Credentials(ak=AK, sk=SK), opts) as sender:
+            async for r in sender.send(records(500)):
+                got.append(r)
+
     async with ScriptedServer(lambda n, b: answer) as srv:
-        got: list[Result] = []
-        with pytest.raises(AuthenticationFailed, match="authentication failed: 20 answers of HTTP 401"):
-            async with Sender(Target(srv.url, "p", "i"), Credentials(ak=AK, sk=SK),
-                              SendOptions(concurrency=2, retry=FAST_RETRY)) as sender:
-                async for r in sender.send(records(500)):
-                    got.append(r)
+        with pytest.raises(
+            AuthenticationFailed, match="authentication failed: 20 answers of HTTP 401"
+        ):
+            await send_all(srv.url)
     assert 20 <= len(got) < 30 and all(r.attempts == 1 and r.http_status == 401 for r in got)
     assert len(srv.seen) == len(got)
     assert all(SK not in (r.error_msg or "") for r in got)
@@ -144,7 +188,11 @@ async def test_invalid_items_become_invalid_results_in_order_of_seq() -> None:
     async with ScriptedServer(lambda n, b: ok_answer(b)) as srv:
         results = await run(srv.url, items)
     by_seq = {r.seq: r for r in results}
-    assert by_seq[1].status == "invalid" and by_seq[1].error_msg == "malformed JSON" and by_seq[1].attempts == 0
+    assert (
+        by_seq[1].status == "invalid"
+        and by_seq[1].error_msg == "malformed JSON"
+        and by_seq[1].attempts == 0
+    )
     assert by_seq[0].status == "ok" and len(srv.seen) == 1
 
 

@@ -37,25 +37,46 @@ _SECRET_KEYS = {"ak", "sk", "security_token", "auth_token"}
 def add_target_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("target")
     g.add_argument("--endpoint", help="base URL, e.g. https://dms.cn-north-4.myhuaweicloud.com")
-    g.add_argument("--region", help="region id; the endpoint becomes https://dms.REGION.myhuaweicloud.com")
+    g.add_argument(
+        "--region", help="region id; the endpoint becomes https://dms.REGION.myhuaweicloud.com"
+    )
     g.add_argument("--project-id", help="project id (env HUAWEICLOUD_SDK_PROJECT_ID)")
     g.add_argument("--instance-id", help="RocketMQ instance id")
     g.add_argument("--engine", help="rocketmq (default) or its alias reliability")
-    g.add_argument("--embedded", action="store_true", default=None,
-                   help="start the built-in server in this process on a free loopback port and send to it")
+    g.add_argument(
+        "--embedded",
+        action="store_true",
+        default=None,
+        help="start the built-in server in this process on a free loopback port and send to it",
+    )
     g.add_argument("--config", metavar="FILE.toml", help="read any option from a TOML file")
-    g.add_argument("--insecure", action="store_true", default=None, help="do not verify TLS certificates")
-    g.add_argument("--ca-bundle", metavar="FILE", help="trust this CA (PEM) in addition to the system's")
+    g.add_argument(
+        "--insecure", action="store_true", default=None, help="do not verify TLS certificates"
+    )
+    g.add_argument(
+        "--ca-bundle", metavar="FILE", help="trust this CA (PEM) in addition to the system's"
+    )
 
 
 def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pipeline")
     g.add_argument("--concurrency", type=int, metavar="N", help="requests in flight (default 64)")
-    g.add_argument("--rate", type=float, metavar="R", help="messages/s for the whole run (default 0 = no cap)")
-    g.add_argument("--max-retries", type=int, metavar="N", help="retries per record (default 5: at most 6 attempts)")
+    g.add_argument(
+        "--rate", type=float, metavar="R", help="messages/s for the whole run (default 0 = no cap)"
+    )
+    g.add_argument(
+        "--max-retries",
+        type=int,
+        metavar="N",
+        help="retries per record (default 5: at most 6 attempts)",
+    )
     g.add_argument("--timeout", type=float, metavar="S", help="seconds per attempt (default 30)")
-    g.add_argument("--backoff-base", type=float, metavar="S", help="backoff base, seconds (default 0.2)")
-    g.add_argument("--backoff-max", type=float, metavar="S", help="backoff cap, seconds (default 20)")
+    g.add_argument(
+        "--backoff-base", type=float, metavar="S", help="backoff base, seconds (default 0.2)"
+    )
+    g.add_argument(
+        "--backoff-max", type=float, metavar="S", help="backoff cap, seconds (default 20)"
+    )
 
 
 @dataclass(frozen=True)
@@ -138,7 +159,9 @@ def resolve_send_options(r: Resolver, **extra: Any) -> SendOptions:
         backoff_base=r.get("backoff_base", float, 0.2),
         backoff_max=r.get("backoff_max", float, 20.0),
     )
-    tls = TLSOptions(insecure=r.get("insecure", to_bool, False), ca_bundle=r.get("ca_bundle", str, None))
+    tls = TLSOptions(
+        insecure=r.get("insecure", to_bool, False), ca_bundle=r.get("ca_bundle", str, None)
+    )
     return SendOptions(
         concurrency=r.get("concurrency", int, 64),
         rate=r.get("rate", float, 0.0),

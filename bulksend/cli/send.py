@@ -20,36 +20,78 @@ from bulksend.job import SendJob, run_send
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("send", help="send records from files (JSONL, CSV, .gz, - for stdin)",
-                       description="Send every record of the inputs to SendMessage; one result per record.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="paths; - is stdin; .gz is read transparently")
-    p.add_argument("--format", choices=("jsonl", "csv"), help="force the input format (default: by extension)")
+    p = sub.add_parser(
+        "send",
+        help="send records from files (JSONL, CSV, .gz, - for stdin)",
+        description="Send every record of the inputs to SendMessage; one result per record.",
+    )
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="paths; - is stdin; .gz is read transparently"
+    )
+    p.add_argument(
+        "--format", choices=("jsonl", "csv"), help="force the input format (default: by extension)"
+    )
     p.add_argument("--topic", help="topic for records that name none")
     add_target_options(p)
     add_pipeline_options(p)
     g = p.add_argument_group("outputs")
     g.add_argument("--out", metavar="FILE", help="results: one JSON line per input record")
     g.add_argument("--stats", metavar="FILE", help="run statistics as JSON")
-    g.add_argument("--failed", metavar="FILE", help="failed and invalid records, replayable as input")
+    g.add_argument(
+        "--failed", metavar="FILE", help="failed and invalid records, replayable as input"
+    )
     g.add_argument("--quiet", action="store_true", default=None, help="no progress and no summary")
-    g.add_argument("--progress-interval", type=float, metavar="S",
-                   help="off a terminal, seconds between status lines (default 5)")
-    g.add_argument("--key-from-id", action="store_true", default=None,
-                   help="set KEYS to the record id where a record has no KEYS")
-    g.add_argument("--drain-timeout", type=float, metavar="S",
-                   help="on SIGINT/SIGTERM, seconds to let in-flight records finish (default 30)")
+    g.add_argument(
+        "--progress-interval",
+        type=float,
+        metavar="S",
+        help="off a terminal, seconds between status lines (default 5)",
+    )
+    g.add_argument(
+        "--key-from-id",
+        action="store_true",
+        default=None,
+        help="set KEYS to the record id where a record has no KEYS",
+    )
+    g.add_argument(
+        "--drain-timeout",
+        type=float,
+        metavar="S",
+        help="on SIGINT/SIGTERM, seconds to let in-flight records finish (default 30)",
+    )
     g = p.add_argument_group("reliability")
-    g.add_argument("--resume", action="store_true", default=None,
-                   help="skip records the --out ledger holds as ok; append the rest to it")
-    g.add_argument("--force", action="store_true", default=None,
-                   help="with --resume: go on even though an input changed since the ledger began")
-    g.add_argument("--ordered", action="store_true", default=None,
-                   help="records with the same KEYS go one at a time, in input order")
-    g.add_argument("--order-by", metavar="FIELD", help="with --ordered: key on topic, id, tags or a property")
-    g.add_argument("--on-key-failure", choices=("continue", "skip"),
-                   help="with --ordered: after a record finally fails, send the rest of its key or skip them")
-    g.add_argument("--adaptive", action="store_true", default=None,
-                   help="on 429, lower the rate multiplicatively and recover additively (AIMD)")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="skip records the --out ledger holds as ok; append the rest to it",
+    )
+    g.add_argument(
+        "--force",
+        action="store_true",
+        default=None,
+        help="with --resume: go on even though an input changed since the ledger began",
+    )
+    g.add_argument(
+        "--ordered",
+        action="store_true",
+        default=None,
+        help="records with the same KEYS go one at a time, in input order",
+    )
+    g.add_argument(
+        "--order-by", metavar="FIELD", help="with --ordered: key on topic, id, tags or a property"
+    )
+    g.add_argument(
+        "--on-key-failure",
+        choices=("continue", "skip"),
+        help="with --ordered: after a record finally fails, send the rest of its key or skip them",
+    )
+    g.add_argument(
+        "--adaptive",
+        action="store_true",
+        default=None,
+        help="on 429, lower the rate multiplicatively and recover additively (AIMD)",
+    )
     p.set_defaults(func=run)
 
 
