@@ -5,6 +5,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from bulksend.config import Credentials, RetryPolicy, SendOptions, Target, TLSOptions
 from bulksend.errors import (
     AuthenticationFailed,
     BulksendError,
@@ -15,17 +16,28 @@ from bulksend.errors import (
 )
 from bulksend.record import Invalid, Item, Record
 from bulksend.result import Result
+from bulksend.sender import Sender
+from bulksend.sources import Inputs
+from bulksend.stats import Stats
 
 __all__ = [
     "AuthenticationFailed",
     "BulksendError",
     "ConfigError",
+    "Credentials",
     "InputOpenError",
+    "Inputs",
     "Invalid",
     "Item",
     "LedgerError",
     "Record",
     "Result",
+    "RetryPolicy",
+    "SendOptions",
+    "Sender",
     "SinkError",
+    "Stats",
+    "TLSOptions",
+    "Target",
     "__version__",
 ]

@@ -97,11 +97,16 @@ class _Progress:
         self.interval = 0.25 if self.mode == "bar" else interval
         self.stats, self.sender, self.inputs, self.stream = stats, sender, inputs, stream
 
+    def fraction(self) -> float | None:
+        """Share of the inputs' bytes read. Reading runs at most a bounded buffer (the work
+        queue, one parse batch, one 1 MiB chunk) ahead of sending, so on the inputs a
+        backfill has (megabytes to gigabytes) this tracks the records done; the total
+        number of records is not known before the end of a stream."""
+        total_bytes = self.inputs.bytes_total
+        return self.inputs.bytes_read / total_bytes if total_bytes else None
+
     def line(self) -> str:
         s, c = self.stats, self.sender.counters
-        fraction = (
-            (self.inputs.bytes_read / self.inputs.bytes_total) if self.inputs.bytes_total else None
-        )
         return progress_line(
             done=s.total,
             ok=s.counts[OK],
@@ -110,7 +115,7 @@ class _Progress:
             retrying=c.retrying,
             in_flight=c.in_flight,
             elapsed=s.elapsed(),
-            fraction=fraction,
+            fraction=self.fraction(),
             rate_target=self.sender.schedule.rate,
             bar=self.mode == "bar",
         )

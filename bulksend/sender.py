@@ -3,6 +3,10 @@ with its own keep-alive connection, send them with retries; results flow out in 
 order. This module (with the CLI's signal handling) is the only code that reads the clock
 and sleeps (STYLE habit 2): the pacer, retry policy, AIMD and key lanes are pure.
 
+Clocks: ``time.monotonic()`` for every interval (latency, pacing), never ``loop.time()``:
+uvloop's loop time has millisecond resolution, which would quantise loopback latencies
+to whole milliseconds and pace high rates in 1 ms steps.
+
 Shutdown order is fixed (STYLE habit 3): stop the source -> close the work queue (one
 sentinel per worker) -> workers finish what they hold -> the last worker closes the results
 queue -> the consumer sees the end. ``stop()`` enters that order early (a drain); leaving
@@ -71,6 +75,8 @@ class BatchSource(Protocol):
 class Counters:
     """Live figures for progress hooks and adaptive control; the pool writes, others read."""
 
+    #: Items taken from the source (records, invalid and skipped ones).
+    read: int = 0
     dispatched: int = 0
     in_flight: int = 0
     retrying: int = 0
@@ -172,7 +178,7 @@ class Sender:
 
     def set_rate(self, rate: float) -> None:
         """Change the paced rate from now on (adaptive control, ramps). 0 = unpaced."""
-        elapsed = asyncio.get_running_loop().time() - self._t0
+        elapsed = time.monotonic() - self._t0
         self.schedule.set_rate(rate, elapsed, self.counters.dispatched)
 
     async def run(
@@ -196,7 +202,7 @@ class Sender:
         """
         n = self.options.concurrency
         inbox: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=n)
-        self._t0 = self._window_start = asyncio.get_running_loop().time()
+        self._t0 = self._window_start = time.monotonic()
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(
@@ -283,13 +289,14 @@ class Sender:
         on_result: OnResult,
         workers: int,
     ) -> None:
-        loop = asyncio.get_running_loop()
+        monotonic = time.monotonic
         counters, schedule, lanes = self.counters, self.schedule, self._lanes
         lane_limit = LANE_WAITING_PER_WORKER * self.options.concurrency
         async with contextlib.aclosing(self._items(items)) as stream:
             async for item in stream:
                 if self._stopping.is_set():
                     break
+                counters.read += 1
                 if done is not None and done(item):
                     if (waiting := on_result(item, skipped_result(item))) is not None:
                         await waiting
@@ -299,11 +306,11 @@ class Sender:
                         await waiting
                     continue
                 if self.aimd is not None:
-                    self._adapt_tick(loop.time())
+                    self._adapt_tick(monotonic())
                 intended = 0.0
                 if schedule.rate > 0:
                     intended = self._t0 + schedule.due_at(counters.dispatched)
-                    wait = intended - loop.time()
+                    wait = intended - monotonic()
                     if wait > 0:
                         await asyncio.sleep(wait)
                         if self._stopping.is_set():
@@ -396,10 +403,9 @@ class Sender:
     async def send_one(self, conn: Connection, record: Record, intended: float = 0.0) -> Result:
         """Every attempt for one record, retries and backoff included; always a Result.
         ``intended``: the loop time the pacer meant it to go (0.0 = unpaced)."""
-        loop = asyncio.get_running_loop()
         policy = self.options.retry
         body = self.body_of(record)
-        started = loop.time()
+        started = time.monotonic()
         started_at = time.time()
         attempts = 0
         while True:
@@ -423,7 +429,7 @@ class Sender:
                 retry_after = resp.retry_after
                 self._note_auth(resp.status, result)
                 if resp.status == 429 and self.aimd is not None:
-                    self._adapt_throttle(loop.time())
+                    self._adapt_throttle(time.monotonic())
             if not retryable or attempts > policy.max_retries or self._auth_error is not None:
                 break
             delay = parse_retry_after(retry_after, time.time())
@@ -435,7 +441,7 @@ class Sender:
             finally:
                 self.counters.retrying -= 1
         result.attempts = attempts
-        result.latency_ms = round((loop.time() - started) * 1000.0, 3)
+        result.latency_ms = round((time.monotonic() - started) * 1000.0, 3)
         result.started_at = int(started_at * 1000)
         result.done_at = int(time.time() * 1000)
         if intended:

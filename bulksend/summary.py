@@ -63,9 +63,11 @@ def progress_line(
         fraction = min(1.0, max(0.0, fraction))
         if bar:
             filled = int(fraction * width)
-            parts.append("[" + "#" * filled + "-" * (width - filled) + f"] {fraction * 100:5.1f}%")
+            parts.append(
+                "[" + "#" * filled + "-" * (width - filled) + f"] read {fraction * 100:5.1f}%"
+            )
         else:
-            parts.append(f"{fraction * 100:5.1f}%")
+            parts.append(f"read {fraction * 100:5.1f}%")
     parts.append(f"{done:,} done")
     parts.append(f"{rate:,.0f} msg/s" + (f" (target {rate_target:,.0f})" if rate_target else ""))
     parts.append(
