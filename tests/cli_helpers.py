@@ -61,3 +61,28 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def no_traceback(proc: subprocess.CompletedProcess[str]) -> bool:
     return "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+
+
+# A child's ru_maxrss starts at its parent's peak when it is forked (Linux keeps the old
+# mm's high-water mark across exec), and pytest's own RSS may be large by then: so measure
+# from a small middleman whose only child is the measured command.
+_PEAK_RSS_RUNNER = """
+import resource, subprocess, sys
+with open(sys.argv[1], "wb") as out:
+    code = subprocess.run(sys.argv[2:], stdout=out).returncode
+print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def run_measuring_peak_rss(
+    cmd: Sequence[str], stdout_path: Path, timeout: float = 300.0
+) -> tuple[int, float, str]:
+    """Run cmd; its exit code, its peak RSS in MB, and its stderr. Stdout goes to a file."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_RUNNER, str(stdout_path), *cmd],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    code, peak_kib = map(int, done.stdout.split())
+    return code, peak_kib / 1024, done.stderr  # ru_maxrss is in KiB on Linux

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_helpers import run_measuring_peak_rss
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -143,40 +145,14 @@ def test_million_lines_stream_in_bounded_memory(tmp_path: Path) -> None:
             f.write(block[: block.rindex(b"\n", 0, -1) + 1] + bad)
     out_path = tmp_path / "out.txt"
     started = time.monotonic()
-    # A child's ru_maxrss starts at its parent's peak when it is forked (Linux keeps the
-    # old mm's high-water mark across exec), and pytest's own RSS may be past 100 MB by
-    # now: so measure from a small middleman whose only child is the validate run.
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            PEAK_RSS_RUNNER,
-            str(out_path),
-            sys.executable,
-            "-m",
-            "bulksend",
-            "validate",
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    code, peak_mb, stderr = run_measuring_peak_rss(
+        [sys.executable, "-m", "bulksend", "validate", str(path)], out_path, timeout=120
     )
     elapsed = time.monotonic() - started
-    assert "Traceback" not in done.stderr, done.stderr
-    code, peak_kib = map(int, done.stdout.split())
+    assert "Traceback" not in stderr, stderr
     lines = out_path.read_text().splitlines()
     assert code == 1
     assert lines[-1] == "100 problems in 1000000 records"
     assert lines[0] == f"{path}:10000: body is null"
-    peak_mb = peak_kib / 1024  # ru_maxrss is in KiB on Linux
     assert peak_mb < 100, f"peak RSS {peak_mb:.0f} MB"
     print(f"1M lines: peak RSS {peak_mb:.1f} MB, validate took {elapsed:.1f} s")
-
-
-PEAK_RSS_RUNNER = """
-import resource, subprocess, sys
-with open(sys.argv[1], "wb") as out:
-    code = subprocess.run(sys.argv[2:], stdout=out).returncode
-print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-"""
