@@ -308,6 +308,11 @@ class Sender:
                 if self.aimd is not None:
                     self._adapt_tick(monotonic())
                 intended = 0.0
+                if counters.dispatched == 0:
+                    # The schedule starts with the first record, not with run(): reading
+                    # the first batch takes a while, and a clock started before it would
+                    # find the first messages overdue and send them in a burst.
+                    self._t0 = self._window_start = monotonic()
                 if schedule.rate > 0:
                     intended = self._t0 + schedule.due_at(counters.dispatched)
                     wait = intended - monotonic()

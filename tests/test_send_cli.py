@@ -302,6 +302,8 @@ def test_rate_is_kept(tmp_path: Path) -> None:
     # 200 at 100/s: the last is due 1.99 s after the first. Never faster than asked; the
     # upper bound only catches a stuck pacer, not a slow machine.
     assert span_s >= 1.95 and elapsed < 30
+    # No start-up burst: the first 11 sends (10 gaps of 10 ms) take >= 90 ms (ms clock).
+    assert starts[10] - starts[0] >= 90
 
 
 def test_progress_lines_off_a_terminal_and_quiet(tmp_path: Path) -> None:
