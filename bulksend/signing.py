@@ -24,6 +24,8 @@ SDK is a test-only dependency (tests recompute our signatures with it and requir
 
 from __future__ import annotations
 
+import calendar
+import functools
 import hashlib
 import hmac
 import time
@@ -45,14 +47,33 @@ def sdk_date(epoch_s: float) -> str:
 
 
 def parse_sdk_date(value: str) -> float:
-    """Seconds since the epoch of an X-Sdk-Date value; ValueError if malformed."""
-    return datetime.strptime(value, DATE_FORMAT).replace(tzinfo=UTC).timestamp()
+    """Seconds since the epoch of an X-Sdk-Date value (``YYYYMMDDTHHMMSSZ``); ValueError if
+    malformed. Slices and timegm rather than strptime: ~10 µs less per verified request."""
+    if (
+        len(value) != 16
+        or value[8] != "T"
+        or value[15] != "Z"
+        or not (value[:8] + value[9:15]).isdigit()
+    ):
+        raise ValueError(f"not an X-Sdk-Date: {value!r}")
+    fields = (
+        int(value[0:4]),
+        int(value[4:6]),
+        int(value[6:8]),
+        int(value[9:11]),
+        int(value[11:13]),
+        int(value[13:15]),
+    )
+    # datetime validates the ranges (month 13, second 61 ...), timegm does not.
+    datetime(*fields, tzinfo=UTC)
+    return float(calendar.timegm((*fields, 0, 0, 0)))
 
 
 def _encode(s: str) -> str:
     return quote(s, safe="~")
 
 
+@functools.lru_cache(maxsize=1024)
 def canonical_uri(path: str) -> str:
     """Each segment of the (unquoted) path percent-encoded, always ending in ``/``."""
     uri = "/".join(_encode(segment) for segment in unquote(path).split("/"))
