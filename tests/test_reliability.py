@@ -13,6 +13,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +52,29 @@ def listed(url: str, **query: str) -> list[dict[str, Any]]:
         return list(json.loads(resp.read())["messages"])
 
 
+_spawned: list[subprocess.Popen[str]] = []
+
+
 def spawn_send(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "bulksend", "send", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    _spawned.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _no_sender_left_behind() -> Iterator[None]:
+    """A failed assertion must not leave a sender running past its test."""
+    yield
+    while _spawned:
+        proc = _spawned.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
 
 
 def wait_for_lines(path: Path, n: int, deadline_s: float) -> None:
@@ -100,9 +117,7 @@ def test_kill_9_then_resume_loses_nothing(tmp_path: Path, seed: int) -> None:
             have = out.read_bytes().count(b"\n") if out.exists() else 0
             wait_for_lines(out, have + rng.randint(50, 900), deadline_s=60)
             proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-            proc.stdout.close()  # type: ignore[union-attr]
-            proc.stderr.close()  # type: ignore[union-attr]
+            proc.communicate(timeout=30)
             kills += 1
             lines, tail = ledger_lines(out)
             assert all(isinstance(r, dict) and "status" in r for r in lines)  # whole lines only
