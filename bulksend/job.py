@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from typing import TextIO
 
 from bulksend.config import Credentials, SendOptions, Target
 from bulksend.errors import BulksendError, ConfigError
+from bulksend.html import RunReport, write_html_report
+from bulksend.interrupts import Interrupts
 from bulksend.ledger import check_inputs, read_ledger, write_fingerprints
 from bulksend.record import Item
 from bulksend.result import FAILED, INVALID, OK, SKIPPED, Result
@@ -46,6 +47,8 @@ class SendJob:
     out: str | None = None
     stats: str | None = None
     failed: str | None = None
+    #: A self-contained HTML report of the run (charts, errors, settings).
+    html: str | None = None
     #: "auto" (bar on a terminal, a line every few seconds elsewhere), "bar", "lines", "off".
     progress: str = "auto"
     progress_interval_s: float = 5.0
@@ -70,14 +73,18 @@ class Outcome:
 
 
 @contextlib.asynccontextmanager
-async def _target(job: SendJob) -> AsyncIterator[tuple[Target, Credentials]]:
-    if job.target is not None:
-        yield job.target, job.credentials
+async def target_or_embedded(
+    target: Target | None, credentials: Credentials, engine: str = "rocketmq"
+) -> AsyncIterator[tuple[Target, Credentials]]:
+    """The given target, or (None: --embedded) the built-in server started in this process
+    on a free loopback port with no auth, stopped on leaving."""
+    if target is not None:
+        yield target, credentials
         return
     from bulksend.server import ServerOptions, run_server
 
     async with run_server(ServerOptions(host="127.0.0.1", port=0)) as server:
-        yield Target(server.url, EMBEDDED_PROJECT, EMBEDDED_INSTANCE, job.engine), Credentials()
+        yield Target(server.url, EMBEDDED_PROJECT, EMBEDDED_INSTANCE, engine), Credentials()
 
 
 class _Progress:
@@ -163,12 +170,13 @@ async def run_send(
         ledger = ResultsWriter(job.out, append=job.resume) if job.out else None
         failed = FailedWriter(job.failed, append=job.resume) if job.failed else None
         sender: Sender | None = None
+        report = RunReport() if job.html else None
         try:
             async with (
-                _target(job) as (target, creds),
+                target_or_embedded(job.target, job.credentials, job.engine) as (target, creds),
                 Sender(target, creds, job.options) as sender,
             ):
-                await _pump(job, sender, inputs, stats, ledger, failed, outcome, err, done)
+                await _pump(job, sender, inputs, stats, report, ledger, failed, outcome, err, done)
         finally:
             stats.finish()
             if sender is not None:
@@ -178,6 +186,16 @@ async def run_send(
                     sink.close()
             if job.stats:
                 write_json(job.stats, stats.snapshot())
+            if report is not None and job.html:
+                settings = {
+                    "inputs": ", ".join(job.inputs),
+                    "concurrency": job.options.concurrency,
+                    "rate": job.options.rate or "unpaced",
+                    "max_retries": job.options.retry.max_retries,
+                }
+                write_html_report(
+                    job.html, report, stats.snapshot(), title="bulksend send", settings=settings
+                )
             if job.progress != "off":
                 err.write(summary_table(stats.snapshot()) + "\n")
                 err.flush()
@@ -189,75 +207,50 @@ async def _pump(
     sender: Sender,
     inputs: Inputs,
     stats: Stats,
+    report: RunReport | None,
     ledger: ResultsWriter | None,
     failed: FailedWriter | None,
     outcome: Outcome,
     err: TextIO,
     done: Callable[[Item], bool] | None,
 ) -> None:
-    loop = asyncio.get_running_loop()
-    consumer = asyncio.current_task()
-    assert consumer is not None
-    signals = 0
-
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        outcome.interrupted = True
-        if signals == 1:
-            sender.stop()
-            # The drain gets drain_timeout_s; past it, cancel what is still in flight.
-            loop.call_later(job.drain_timeout_s, consumer.cancel)
-        else:
-            consumer.cancel()
-
-    installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, on_signal)
-            installed.append(sig)
     progress = (
         _Progress(job.progress, job.progress_interval_s, stats, sender, inputs, err)
         if job.progress != "off"
         else None
     )
+
+    def on_result(item: Item, result: Result) -> asyncio.Future[None] | None:
+        stats.add(result)
+        if report is not None:
+            report.add(result)
+        if failed is not None and result.status in (FAILED, INVALID):
+            failed.add(item, result)
+        # A skipped record's line is already in the ledger (its earlier ok): it is
+        # counted, not written again, so the ledger holds each ok exactly once.
+        if ledger is None or result.status == SKIPPED:
+            return None
+        written = ledger.add(result)
+        # The worker waits for its line to be written before it sends another request
+        # (all lines of a loop turn go in one write): after a kill -9 the records
+        # missing from the ledger, sent again by --resume, are at most those in flight.
+        return written if result.attempts else None
+
     stopped_by: BulksendError | None = None
-    async with asyncio.TaskGroup() as tg:
-        ticker = tg.create_task(progress.run()) if progress else None
-
-        def on_result(item: Item, result: Result) -> asyncio.Future[None] | None:
-            stats.add(result)
-            if failed is not None and result.status in (FAILED, INVALID):
-                failed.add(item, result)
-            # A skipped record's line is already in the ledger (its earlier ok): it is
-            # counted, not written again, so the ledger holds each ok exactly once.
-            if ledger is None or result.status == SKIPPED:
-                return None
-            written = ledger.add(result)
-            # The worker waits for its line to be written before it sends another request
-            # (all lines of a loop turn go in one write): after a kill -9 the records
-            # missing from the ledger, sent again by --resume, are at most those in flight.
-            return written if result.attempts else None
-
-        try:
-            await sender.run(inputs, on_result, done=done)
-        except BulksendError as exc:
-            # Raised past the task group, not through it: the CLI's boundary expects the
-            # error itself, not an ExceptionGroup around it.
-            stopped_by = exc
-        except asyncio.CancelledError:
-            if not outcome.interrupted:
-                raise
-            # Aborted by a second signal or the drain timeout: keep what was written.
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
-        finally:
-            if ticker is not None:
-                ticker.cancel()
-            if progress is not None:
-                progress.close()
-            for sig in installed:
-                loop.remove_signal_handler(sig)
+    with Interrupts(sender, job.drain_timeout_s) as interrupts:
+        async with asyncio.TaskGroup() as tg:
+            ticker = tg.create_task(progress.run()) if progress else None
+            try:
+                await interrupts.guard(sender.run(inputs, on_result, done=done))
+            except BulksendError as exc:
+                # Raised past the task group, not through it: the CLI's boundary expects
+                # the error itself, not an ExceptionGroup around it.
+                stopped_by = exc
+            finally:
+                if ticker is not None:
+                    ticker.cancel()
+                if progress is not None:
+                    progress.close()
+    outcome.interrupted = interrupts.interrupted
     if stopped_by is not None:
         raise stopped_by

@@ -317,7 +317,7 @@ class Sender:
                     intended = self._t0 + schedule.due_at(counters.dispatched)
                     wait = intended - monotonic()
                     if wait > 0:
-                        await asyncio.sleep(wait)
+                        await self._pause(wait)
                         if self._stopping.is_set():
                             break
                     if inbox.full():
@@ -335,6 +335,16 @@ class Sender:
         # cancelled, nobody is left to take them and a full queue would block forever.
         for _ in range(workers):
             await inbox.put(None)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep until a paced due time; a drain (``stop()``) cuts a long pause short. Short
+        pauses, the common case at any real rate, skip the cost of a cancellable wait."""
+        if seconds < 0.05:
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
 
     # --- workers -------------------------------------------------------------------------
 

@@ -345,3 +345,13 @@ def test_secret_flags_do_not_exist() -> None:
     helptext = bulksend("send", "--help").stdout
     for word in ("--ak", "--sk", "--secret", "--token", "--password"):
         assert word not in helptext
+
+
+def test_send_html_report(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "in.jsonl", msgs(50))
+    html = tmp_path / "report.html"
+    proc = bulksend("send", str(data), "--embedded", "--html", str(html), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    text = html.read_text()
+    assert text.count("<svg") >= 3 and "bulksend send" in text
+    assert "<script src" not in text and "<link" not in text  # opens offline: nothing fetched

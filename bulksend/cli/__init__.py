@@ -38,14 +38,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bulksend.cli import send, serve, validate
+    from bulksend.cli import load, report, send, serve, validate
 
     parser = _Parser(
         prog="bulksend", description="Send messages to the DMS RocketMQ SendMessage API."
     )
     parser.add_argument("--version", action="version", version=f"bulksend {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (send, validate, serve):
+    for module in (send, validate, serve, load, report):
         module.register(sub)
     return parser
 

@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g = p.add_argument_group("outputs")
     g.add_argument("--out", metavar="FILE", help="results: one JSON line per input record")
     g.add_argument("--stats", metavar="FILE", help="run statistics as JSON")
+    g.add_argument("--html", metavar="FILE", help="a self-contained HTML report of the run")
     g.add_argument(
         "--failed", metavar="FILE", help="failed and invalid records, replayable as input"
     )
@@ -116,6 +117,7 @@ def build_job(args: argparse.Namespace) -> SendJob:
         out=r.get("out", str, None),
         stats=r.get("stats", str, None),
         failed=r.get("failed", str, None),
+        html=r.get("html", str, None),
         progress="off" if r.get("quiet", to_bool, False) else "auto",
         progress_interval_s=r.get("progress_interval", float, 5.0),
         drain_timeout_s=r.get("drain_timeout", float, 30.0),
