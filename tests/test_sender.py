@@ -216,14 +216,16 @@ async def test_rate_is_paced_without_a_start_up_burst() -> None:
 
 async def test_stop_cuts_a_long_paced_pause_short() -> None:
     got: list[Result] = []
-    async with ScriptedServer(lambda n, b: ok_answer(b)) as srv:
-        async with Sender(Target(srv.url, "p", "i"), options=SendOptions(rate=0.2)) as sender:
+    async with (
+        ScriptedServer(lambda n, b: ok_answer(b)) as srv,
+        Sender(Target(srv.url, "p", "i"), options=SendOptions(rate=0.2)) as sender,
+    ):
 
-            def on_result(item: object, result: Result) -> None:
-                got.append(result)
-                sender.stop()  # the next record is due 5 s later: the drain must not wait
+        def on_result(item: object, result: Result) -> None:
+            got.append(result)
+            sender.stop()  # the next record is due 5 s later: the drain must not wait
 
-            t0 = time.monotonic()
-            await sender.run(records(3), on_result)
-            took = time.monotonic() - t0
+        t0 = time.monotonic()
+        await sender.run(records(3), on_result)
+        took = time.monotonic() - t0
     assert len(got) == 1 and took < 2.0
