@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from hdrh.histogram import HdrHistogram
 
 from bulksend.errors import LedgerError
 from bulksend.result import OK, Result
-from bulksend.stats import Stats, histogram_summary, new_histogram
+from bulksend.stats import Latencies, Stats
 from bulksend.summary import summary_table
 from bulksend.synthetic import SOURCE as LOAD_SOURCE
 
@@ -36,12 +35,6 @@ from bulksend.synthetic import SOURCE as LOAD_SOURCE
 #: it waited for a free worker (the pool was full) or for a client too busy to keep up.
 #: Below it is the event loop's ordinary wake-up jitter on a busy two-core machine.
 LATE_MS = 10.0
-
-
-def record_ms(hist: HdrHistogram, ms: float) -> None:
-    """Record a latency in ms as ``Stats`` does: whole microseconds, clamped to the range."""
-    us = int(ms * 1000.0)
-    hist.record_value(max(hist.lowest_trackable_value, min(hist.highest_trackable_value, us)))
 
 
 class LoadStats:
@@ -54,7 +47,7 @@ class LoadStats:
 
     def __init__(self) -> None:
         self.base = Stats()
-        self.corrected = new_histogram()
+        self.corrected = Latencies()
         self.late = 0
         self.intended = _Span()
         self.sent = _Span()
@@ -69,7 +62,7 @@ class LoadStats:
         if queue > LATE_MS:
             self.late += 1
         if result.status == OK and result.latency_ms is not None:
-            record_ms(self.corrected, result.latency_ms + queue)
+            self.corrected.add_ms(result.latency_ms + queue)
 
     def finish(self) -> None:
         self.base.finish()
@@ -78,7 +71,7 @@ class LoadStats:
         """``Stats.snapshot()``'s keys, ``latency_ms`` corrected, plus the load's own."""
         snap = self.base.snapshot()
         snap["service_latency_ms"] = snap["latency_ms"]
-        snap["latency_ms"] = histogram_summary(self.corrected)
+        snap["latency_ms"] = self.corrected.summary()
         snap["late"] = self.late
         snap["late_after_ms"] = LATE_MS
         snap["intended_rate_msg_s"] = self.intended.rate()

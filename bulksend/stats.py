@@ -42,6 +42,52 @@ def histogram_summary(hist: HdrHistogram) -> dict[str, float]:
     }
 
 
+class Latencies:
+    """Latencies (ms) into an HdrHistogram, fed in bulk.
+
+    hdrh's ``record_value`` costs ~2 µs of Python per value, a tenth of a message's whole
+    CPU budget. Here a value costs a dict increment on its HdrHistogram bucket (~0.3 µs);
+    the counts go into the histogram, one ``record_value`` per bucket, when it is read.
+    Subtleness ahead! Each value is reduced to the lowest value of the bucket it would land
+    in anyway (3 significant digits = 2,048 sub-buckets, so ``shift = bit_length - 11``),
+    hence percentiles, min, max and mean are exactly those of recording every value
+    (``tests/test_stats.py`` checks it against hdrh itself).
+    """
+
+    __slots__ = ("_hist", "_pending")
+
+    def __init__(self) -> None:
+        self._hist = new_histogram()
+        self._pending: dict[int, int] = {}
+
+    def add_ms(self, ms: float) -> None:
+        """Record one latency in milliseconds (whole µs, clamped to 1 µs .. 1 h)."""
+        us = int(ms * 1000.0)
+        if us < _LOWEST_US:
+            us = _LOWEST_US
+        elif us > _HIGHEST_US:
+            us = _HIGHEST_US
+        shift = us.bit_length() - 11
+        if shift > 0:
+            us = us >> shift << shift
+        pending = self._pending
+        pending[us] = pending.get(us, 0) + 1
+
+    def histogram(self) -> HdrHistogram:
+        """The HdrHistogram of every value added so far."""
+        for value, count in self._pending.items():
+            self._hist.record_value(value, count)
+        self._pending.clear()
+        return self._hist
+
+    @property
+    def count(self) -> int:
+        return int(self._hist.get_total_count()) + sum(self._pending.values())
+
+    def summary(self) -> dict[str, float]:
+        return histogram_summary(self.histogram())
+
+
 class Stats:
     """Accumulates Results. ``total`` counts every record, invalid and skipped included;
     ``retries`` counts HTTP attempts beyond each record's first; latency is over ok records."""
@@ -51,7 +97,7 @@ class Stats:
         self.retries = 0
         self.http_status: Counter[int] = Counter()
         self.errors: Counter[str] = Counter()
-        self.latency = new_histogram()
+        self.latency = Latencies()
         self.started = time.monotonic()
         self.finished: float | None = None
         self.rate_changes = 0
@@ -78,9 +124,7 @@ class Stats:
         if result.error_code is not None and result.status != OK:
             self.errors[result.error_code] += 1
         if result.status == OK and result.latency_ms is not None:
-            self.latency.record_value(
-                max(_LOWEST_US, min(_HIGHEST_US, int(result.latency_ms * 1000.0)))
-            )
+            self.latency.add_ms(result.latency_ms)
 
     @property
     def total(self) -> int:
@@ -112,7 +156,7 @@ class Stats:
             "retries": self.retries,
             "elapsed_s": round(elapsed, 3),
             "throughput_msg_s": round(done / elapsed, 1) if elapsed > 0 else 0.0,
-            "latency_ms": histogram_summary(self.latency),
+            "latency_ms": self.latency.summary(),
             "http_status": {str(k): v for k, v in sorted(self.http_status.items())},
             "errors": dict(self.errors.most_common()),
             "rate_changes": self.rate_changes,
