@@ -160,7 +160,8 @@ class FastSigner:
         self, method: str, path: str, headers: Mapping[str, str], *, ak: str, sk: str
     ) -> None:
         self._ak = ak
-        self._sk = sk.encode()
+        # HMAC's key schedule (two padded key blocks) done once; each request copies it.
+        self._keyed = hmac.new(sk.encode(), digestmod=hashlib.sha256)
         fixed = {k.lower(): v.strip() for k, v in headers.items()}
         names = sorted({*(k for k in fixed if "_" not in k), "x-sdk-date"})
         self.signed = names
@@ -188,7 +189,9 @@ class FastSigner:
         payload = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
         canonical = f"{self._head}{date}{self._tail}{payload}"
         to_sign = f"{ALGORITHM}\n{date}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
-        return self._auth_prefix + hmac.new(self._sk, to_sign.encode(), hashlib.sha256).hexdigest()
+        mac = self._keyed.copy()
+        mac.update(to_sign.encode())
+        return self._auth_prefix + mac.hexdigest()
 
 
 # --- verification (the built-in server) -------------------------------------------------
