@@ -9,6 +9,7 @@ file, never from a flag, and never appear in a repr, a log line, a result or an 
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import tomllib
 from collections.abc import Mapping
@@ -196,6 +197,18 @@ class SendOptions:
             raise ConfigError("--rate must be >= 0")
         if self.timeout <= 0:
             raise ConfigError("--timeout must be > 0")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"`` or a bare number of seconds."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ConfigError(f"not a duration: {text!r} (e.g. 500ms, 30s, 5m, 1h)")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
 
 
 def load_toml(path: str) -> dict[str, Any]:

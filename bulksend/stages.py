@@ -21,24 +21,14 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-import re
 from dataclasses import dataclass, field
 
+from bulksend.config import parse_duration
 from bulksend.errors import ConfigError
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 #: Below this many messages a rounding error in the integral is not a message: keeps
 #: ``ceil(200.0000000001)`` from inventing a 201st message in a 200-message schedule.
 _EPSILON = 1e-9
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"`` or a bare number of seconds."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise ConfigError(f"not a duration: {text!r} (e.g. 500ms, 30s, 5m, 1h)")
-    return float(match.group(1)) * _UNIT_S[match.group(2)]
 
 
 @dataclass(frozen=True, slots=True)

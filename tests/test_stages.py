@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bulksend.config import parse_duration
 from bulksend.errors import ConfigError
 from bulksend.pacer import Pacer
-from bulksend.stages import RampPacer, Stages, parse_duration
+from bulksend.stages import RampPacer, Stages
 
 
 @pytest.mark.parametrize(

@@ -17,10 +17,10 @@ from bulksend.cli.options import (
     resolve_target,
     to_bool,
 )
-from bulksend.config import RetryPolicy
+from bulksend.config import RetryPolicy, parse_duration
 from bulksend.errors import ConfigError
 from bulksend.load import LoadJob, run_load
-from bulksend.stages import Stages, parse_duration
+from bulksend.stages import Stages
 from bulksend.synthetic import DEFAULT_TOPIC, MessageSpec, read_template
 from bulksend.thresholds import Threshold
 

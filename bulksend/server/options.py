@@ -6,24 +6,13 @@ here with its unit. Misbehaviour is off unless asked for.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
+from bulksend.config import parse_duration
 from bulksend.errors import ConfigError
 
 #: Engines the SendMessage path accepts; anything else is a 404, as on the real gateway.
 ENGINES = frozenset({"rocketmq", "reliability"})
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*$")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in ``"500ms"``, ``"10s"``, ``"2m"`` or a bare number of seconds."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise ConfigError(f"not a duration: {text!r} (e.g. 500ms, 10s, 2m)")
-    return float(match.group(1)) * _UNIT_S[match.group(2)]
 
 
 @dataclass(frozen=True, slots=True)
