@@ -75,14 +75,10 @@ class BatchSource(Protocol):
 class Counters:
     """Live figures for progress hooks and adaptive control; the pool writes, others read."""
 
-    #: Items taken from the source (records, invalid and skipped ones).
-    read: int = 0
     dispatched: int = 0
     in_flight: int = 0
     retrying: int = 0
     ok: int = 0
-    #: Sends that found the pool full at their paced due time, so went out late.
-    late: int = 0
 
 
 def invalid_result(item: Invalid) -> Result:
@@ -296,7 +292,6 @@ class Sender:
             async for item in stream:
                 if self._stopping.is_set():
                     break
-                counters.read += 1
                 if done is not None and done(item):
                     if (waiting := on_result(item, skipped_result(item))) is not None:
                         await waiting
@@ -320,8 +315,6 @@ class Sender:
                         await self._pause(wait)
                         if self._stopping.is_set():
                             break
-                    if inbox.full():
-                        counters.late += 1
                 counters.dispatched += 1
                 work = (item, intended)
                 if lanes is not None:
