@@ -1,16 +1,16 @@
 """The pool: a dispatcher paces records into a bounded queue; ``concurrency`` workers, each
-with its own keep-alive connection, send them with retries; results flow out in completion
-order. This module (with the CLI's signal handling) is the only code that reads the clock
-and sleeps (STYLE habit 2): the pacer, retry policy, AIMD and key lanes are pure.
+with its own keep-alive connection, send them with retries and report each result the
+moment it is in, in completion order. This module is the only code that reads the clock
+and sleeps for a send (STYLE habit 2): the pacer, retry policy, AIMD and key lanes are pure.
 
 Clocks: ``time.monotonic()`` for every interval (latency, pacing), never ``loop.time()``:
 uvloop's loop time has millisecond resolution, which would quantise loopback latencies
 to whole milliseconds and pace high rates in 1 ms steps.
 
 Shutdown order is fixed (STYLE habit 3): stop the source -> close the work queue (one
-sentinel per worker) -> workers finish what they hold -> the last worker closes the results
-queue -> the consumer sees the end. ``stop()`` enters that order early (a drain); leaving
-the ``async with`` before the end cancels whatever still runs.
+sentinel per worker) -> workers finish what they hold and report it -> the task group of
+``run()`` ends -> ``run()`` returns. ``stop()`` enters that order early (a drain);
+cancelling ``run()`` (or leaving ``send()``'s loop early) cancels whatever still runs.
 
     async with Sender(target, credentials, options) as sender:
         async for result in sender.send(records):
