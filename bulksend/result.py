@@ -3,7 +3,7 @@ exception (STYLE habit 4)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
@@ -12,7 +12,6 @@ OK: Final = "ok"
 FAILED: Final = "failed"
 INVALID: Final = "invalid"
 SKIPPED: Final = "skipped"
-STATUSES: Final = (OK, FAILED, INVALID, SKIPPED)
 
 
 @dataclass(slots=True)
@@ -42,9 +41,6 @@ class Result:
     #: long it waited for a free worker past that (ms; the "late" share of latency).
     intended_at: int | None = None
     queue_ms: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def to_json_line(self) -> bytes:
         """One whole JSON line, newline included (orjson serialises slotted dataclasses)."""
