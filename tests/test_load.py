@@ -209,6 +209,8 @@ def test_sigint_drains_and_exits_130(tmp_path: Path) -> None:
 
 def test_sigint_in_a_pause_of_the_stages_ends_without_waiting_for_it(tmp_path: Path) -> None:
     # 1 s at 20/s, then a minute at 0/s: the dispatcher sleeps; nothing is left to drain.
+    # Message n is due at n / 20 s, so the first second holds 21 (n = 0 .. 20, the last at
+    # 1.0 s); waiting for only 20 raced the 21st against the signal.
     stages = "0s:20,1s:20,1.001s:0,60s:0,60.001s:20,61s:20"
     out = tmp_path / "out.jsonl"
     cmd = [sys.executable, "-m", "bulksend", "load", "--embedded", "--stages", stages, "--quiet",
@@ -216,7 +218,7 @@ def test_sigint_in_a_pause_of_the_stages_ends_without_waiting_for_it(tmp_path: P
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len(read_jsonl(out) if out.exists() else []) < 20:
+        while time.monotonic() < deadline and len(read_jsonl(out) if out.exists() else []) < 21:
             time.sleep(0.05)
         signalled = time.monotonic()
         proc.send_signal(signal.SIGINT)
@@ -228,7 +230,7 @@ def test_sigint_in_a_pause_of_the_stages_ends_without_waiting_for_it(tmp_path: P
             proc.wait()
     assert proc.returncode == 130
     assert took < 5  # not the 30 s drain timeout, nor the minute's pause
-    assert len(read_jsonl(out)) == 20
+    assert len(read_jsonl(out)) == 21  # nothing from after the pause
 
 
 @pytest.mark.parametrize(
