@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from bulksend.cli.options import Resolver, resolve_credentials, resolve_send_options, resolve_target
-from bulksend.config import Credentials, Target, region_endpoint
+from bulksend.config import Credentials, Target
+from bulksend.regions import region_endpoint
 from bulksend.errors import ConfigError
 
 
