@@ -9,8 +9,8 @@ import pytest
 
 from bulksend.cli.options import Resolver, resolve_credentials, resolve_send_options, resolve_target
 from bulksend.config import Credentials, Target
-from bulksend.regions import region_endpoint
 from bulksend.errors import ConfigError
+from bulksend.regions import region_endpoint
 
 
 @pytest.mark.parametrize(
