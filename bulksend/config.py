@@ -1,13 +1,17 @@
 """Configuration as small frozen value objects, validated when built.
 
-The CLI, the TOML loader and library users all build the same objects (STYLE habit 7).
-Precedence, lowest first: defaults < ``--config FILE.toml`` < environment < flags.
-Secrets (AK/SK, security token, IAM token) come only from the environment or the config
-file, never from a flag, and never appear in a repr, a log line, a result or an error.
+The CLI, the TOML loader and library users all build the same objects. Precedence,
+lowest first: defaults < ``--config FILE.toml`` < environment < flags. Secrets (AK/SK,
+security token, IAM token) never come from a flag (see ``bulksend.credentials`` for where
+they do come from) and never appear in a repr, a log line, a result or an error.
+
+Every numeric option has its range in ``LIMITS``; the value objects and the CLI (flags,
+environment and config file alike) check against that one table with ``check_number``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import ssl
@@ -30,13 +34,70 @@ ENV_PROJECT_ID = "HUAWEICLOUD_SDK_PROJECT_ID"
 ENV_SECURITY_TOKEN = "HUAWEICLOUD_SDK_SECURITY_TOKEN"
 ENV_AUTH_TOKEN = "HUAWEICLOUD_SDK_AUTH_TOKEN"
 
-#: Regions whose DMS endpoint is not under myhuaweicloud.com.
-_REGION_DOMAINS = {"eu-west-101": "myhuaweicloud.eu"}
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """The values a numeric option may take: finite, ``lo`` <= value <= ``hi``."""
+
+    lo: float
+    hi: float
+    #: ``lo`` itself is excluded (a timeout of 0 s means nothing can answer).
+    lo_open: bool = False
+    integer: bool = False
+    unit: str = ""
+
+    def describe(self) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        lo, hi = _number(self.lo), _number(self.hi)
+        if self.integer:
+            return f"a whole number from {lo} to {hi}{unit}"
+        return f"a number {'>' if self.lo_open else '>='} {lo} and <= {hi}{unit}"
+
+    def admits(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        return above and value <= self.hi
 
 
-def region_endpoint(region: str) -> str:
-    """``https://dms.{region}.myhuaweicloud.com`` (``.eu`` for eu-west-101)."""
-    return f"https://dms.{region}.{_REGION_DOMAINS.get(region, 'myhuaweicloud.com')}"
+def _number(x: float) -> str:
+    return f"{int(x):,}" if x == int(x) else f"{x:g}"
+
+
+#: The range of every numeric option of ``send`` and ``load``, by option name. Upper bounds
+#: are there to catch typos and overflow (``1e309`` is inf), not to second-guess a user.
+LIMITS: dict[str, Range] = {
+    # One connection (one file descriptor, one local port) each: a host has ~64k ports.
+    "concurrency": Range(1, 65_535, integer=True),
+    "max_in_flight": Range(1, 65_535, integer=True),
+    "rate": Range(0, 10_000_000, unit="messages/s"),
+    # Past ~60 retries the backoff ceiling stops growing; 100 is already days of waiting.
+    "max_retries": Range(0, 100, integer=True),
+    "timeout": Range(0, 86_400, lo_open=True, unit="s"),
+    "backoff_base": Range(0, 3_600, unit="s"),
+    "backoff_max": Range(0, 86_400, unit="s"),
+    # 0 wrote 12 MB of status lines in 2.5 s: ten lines a second is the most anyone reads.
+    "progress_interval": Range(0.1, 86_400, unit="s"),
+    "drain_timeout": Range(0, 86_400, unit="s"),
+    # The broker's body limit (synthetic.MAX_BODY_BYTES).
+    "body_size": Range(0, 4 * 1024 * 1024, integer=True, unit="bytes"),
+    "keys": Range(0, 1_000_000_000, integer=True),
+}
+
+
+def check_number(name: str, value: object, origin: str | None = None) -> None:
+    """ConfigError, one line naming the option (and where it came from: an environment
+    variable or the config file), unless ``value`` is in ``LIMITS[name]``."""
+    allowed = LIMITS[name]
+    if allowed.admits(value):
+        return
+    where = f"{origin}: " if origin else ""
+    flag = "--" + name.replace("_", "-")
+    raise ConfigError(f"{where}{flag} must be {allowed.describe()}, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,22 +166,38 @@ class Credentials:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], file: Mapping[str, Any] | None = None) -> Credentials:
-        """From the environment, falling back to the config file's ``ak``/``sk``/... keys."""
-        file = file or {}
+        """From the environment, else from the config file's ``ak``/``sk``/... keys.
 
-        def pick(names: tuple[str, ...], key: str) -> str | None:
-            for name in names:
-                if env.get(name):
-                    return env[name]
-            value = file.get(key)
-            return str(value) if value else None
+        Each source is taken whole, as the SDK's providers take theirs: an AK from one
+        place is never paired with an SK (or a security token) from another.
+        """
+        names = (ENV_AK, ENV_SK, (ENV_SECURITY_TOKEN,), (ENV_AUTH_TOKEN,))
+        found = _credentials_in(env, names, "HUAWEICLOUD_SDK_AK and HUAWEICLOUD_SDK_SK")
+        if found.mode != "none":
+            return found
+        keys = (("ak",), ("sk",), ("security_token",), ("auth_token",))
+        return _credentials_in(file or {}, keys, "ak and sk in the config file")
 
-        return cls(
-            ak=pick(ENV_AK, "ak"),
-            sk=pick(ENV_SK, "sk"),
-            security_token=pick((ENV_SECURITY_TOKEN,), "security_token"),
-            auth_token=pick((ENV_AUTH_TOKEN,), "auth_token"),
-        )
+
+def _credentials_in(
+    source: Mapping[str, Any], names: tuple[tuple[str, ...], ...], pair: str
+) -> Credentials:
+    """AK/SK (+ security token), or an IAM token, or none, from one source."""
+
+    def pick(candidates: tuple[str, ...]) -> str | None:
+        for name in candidates:
+            value = source.get(name)
+            if value:
+                return str(value)
+        return None
+
+    ak, sk, security_token, auth_token = (pick(n) for n in names)
+    if bool(ak) != bool(sk):
+        raise ConfigError(f"AK and SK go together: set both {pair}")
+    if security_token and not ak:
+        # A security token belongs to the temporary AK/SK it was issued with.
+        raise ConfigError(f"a security token needs its temporary AK/SK: set {pair} too")
+    return Credentials(ak=ak, sk=sk, security_token=security_token, auth_token=auth_token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +213,9 @@ class RetryPolicy:
     retry_statuses: frozenset[int] = frozenset({429, 500, 502, 503, 504})
 
     def __post_init__(self) -> None:
-        if self.max_retries < 0:
-            raise ConfigError("--max-retries must be >= 0")
-        if self.backoff_base < 0 or self.backoff_max < 0:
-            raise ConfigError("--backoff-base and --backoff-max must be >= 0")
+        check_number("max_retries", self.max_retries)
+        check_number("backoff_base", self.backoff_base)
+        check_number("backoff_max", self.backoff_max)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,12 +267,9 @@ class SendOptions:
     def __post_init__(self) -> None:
         if self.on_key_failure not in ("continue", "skip"):
             raise ConfigError("--on-key-failure must be continue or skip")
-        if self.concurrency < 1:
-            raise ConfigError("--concurrency must be >= 1")
-        if self.rate < 0:
-            raise ConfigError("--rate must be >= 0")
-        if self.timeout <= 0:
-            raise ConfigError("--timeout must be > 0")
+        check_number("concurrency", self.concurrency)
+        check_number("rate", self.rate)
+        check_number("timeout", self.timeout)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
@@ -208,11 +281,23 @@ def parse_duration(text: str) -> float:
     match = _DURATION.match(text)
     if match is None:
         raise ConfigError(f"not a duration: {text!r} (e.g. 500ms, 30s, 5m, 1h)")
-    return float(match.group(1)) * _UNIT_S[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    if not math.isfinite(seconds):  # 400 digits are still digits, and float() says inf
+        raise ConfigError(f"not a duration: {text!r} (too long)")
+    return seconds
+
+
+#: Tables of a config file that apply to one subcommand only.
+COMMAND_TABLES = ("send", "load")
 
 
 def load_toml(path: str) -> dict[str, Any]:
-    """A config file's table, keys normalised to snake_case (``max-retries`` = ``max_retries``)."""
+    """A config file's keys, normalised to snake_case (``max-retries`` = ``max_retries``).
+
+    Top-level keys (or a ``[bulksend]`` table, the same thing) apply to every subcommand
+    that has the option; a ``[send]`` or ``[load]`` table's keys only to that subcommand,
+    kept as a nested dict under its name. Any other table is an error.
+    """
     try:
         with Path(path).open("rb") as fh:
             data = tomllib.load(fh)
@@ -220,11 +305,18 @@ def load_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read --config {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config {path} is not valid TOML: {exc}") from None
-    # A [bulksend] or [send] table is accepted as well as top-level keys.
-    for section in ("bulksend", "send"):
-        if isinstance(data.get(section), dict):
-            data = {**data, **data.pop(section)}
-    return {k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
+    if isinstance(data.get("bulksend"), dict):
+        shared = data.pop("bulksend")
+        data = {**data, **shared}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in COMMAND_TABLES:
+                tables = ", ".join(f"[{t}]" for t in ("bulksend", *COMMAND_TABLES))
+                raise ConfigError(f"--config {path}: unknown table [{key}] (known: {tables})")
+            value = {k.replace("-", "_"): v for k, v in value.items()}
+        flat[key.replace("-", "_")] = value
+    return flat
 
 
 def environ() -> Mapping[str, str]:

@@ -5,10 +5,20 @@
   may have stored the message, so sending again would risk a duplicate for no gain).
 * anything else: failed, with the Huawei ``error_code``/``error_msg`` when the body has
   them, else ``HTTP_<status>`` and the start of the body.
+
+What the server sends back is scrubbed before it reaches a result (``scrub``): a server
+that echoes the request's headers must not get a credential written to the ledger. What
+travels, and so can come back: the security token (X-Security-Token), the IAM token
+(X-Auth-Token), and in ``Authorization`` the AK and a signature. The SK never travels, but
+a server that verifies signatures knows it: it is scrubbed too. The signature is good for
+its one request for 15 minutes (the gateway's clock skew), so it goes as well. The AK is
+kept: it names the key, like a user name, and is what one needs to tell which key a 401
+was for.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -29,7 +39,7 @@ def interpret(record: Record, resp: Response, secrets: tuple[str, ...] = ()) -> 
         id=record.id,
         status=FAILED,
         http_status=resp.status,
-        request_id=resp.request_id,
+        request_id=scrub(resp.request_id, secrets) if resp.request_id else resp.request_id,
     )
     try:
         data = orjson.loads(resp.body) if resp.body else None
@@ -50,7 +60,7 @@ def interpret(record: Record, resp: Response, secrets: tuple[str, ...] = ()) -> 
             )
         return result
     if isinstance(data, dict) and ("error_code" in data or "error_msg" in data):
-        result.error_code = str(data.get("error_code") or f"HTTP_{resp.status}")
+        result.error_code = scrub(str(data.get("error_code") or f"HTTP_{resp.status}"), secrets)
         result.error_msg = scrub(str(data.get("error_msg") or ""), secrets)
     else:
         result.error_code = f"HTTP_{resp.status}"
@@ -58,10 +68,21 @@ def interpret(record: Record, resp: Response, secrets: tuple[str, ...] = ()) -> 
     return result
 
 
+#: An SDK-HMAC-SHA256 signature as it appears in an Authorization header.
+_SIGNATURE = re.compile(r"(signature\s*=\s*)[^\s,;\"']+", re.IGNORECASE)
+
+
 def scrub(text: str, secrets: tuple[str, ...]) -> str:
-    """Never let a secret the server echoes back reach a result."""
+    """Never let a secret (or a request's signature) the server echoes back reach a result.
+
+    Cheap when there is nothing to scrub, as for nearly every answer: a substring test per
+    secret, and the regular expression only where an ``=`` could introduce a signature.
+    """
     for secret in secrets:
-        text = text.replace(secret, "***")
+        if secret in text:
+            text = text.replace(secret, "***")
+    if "=" in text:
+        text = _SIGNATURE.sub(r"\1***", text)
     return text
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from bulksend.cli.options import Resolver, resolve_credentials, resolve_send_options, resolve_target
-from bulksend.config import Credentials, Target, region_endpoint
+from bulksend.config import Credentials, Target
 from bulksend.errors import ConfigError
+from bulksend.regions import region_endpoint
 
 
 @pytest.mark.parametrize(

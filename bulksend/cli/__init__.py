@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import textwrap
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -32,7 +33,28 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coro)
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Wraps each line of a description or epilog on its own, so that the epilog's tables
+    (credential variables, exit codes) keep their lines, and a long description still
+    wraps to the terminal."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            lead = line[: len(line) - len(line.lstrip())]
+            lines.append(
+                textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent + lead)
+                if line.strip()
+                else ""
+            )
+        return "\n".join(lines)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> Any:  # one line, exit 2, as for every usage error
         self.exit(EXIT_USAGE, f"bulksend: error: {message}\n")
 
@@ -47,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for module in (send, validate, serve, load, report):
         module.register(sub)
+    # Each subcommand reads only its own options from the environment and a config file,
+    # and a config file may name any subcommand's (see cli/options.py): record both.
+    options = {
+        name: frozenset(
+            a.dest for a in p._actions if a.option_strings and a.default != argparse.SUPPRESS
+        )
+        for name, p in sub.choices.items()
+    }
+    for p in sub.choices.values():
+        p.set_defaults(config_options=options)
     return parser
 
 

@@ -12,6 +12,7 @@ from bulksend.cli import run_async
 from bulksend.cli.options import (
     Resolver,
     add_target_options,
+    help_epilog,
     resolve_credentials,
     resolve_send_options,
     resolve_target,
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "server does, measure latency from each message's intended send time (and, beside it, "
         "from the actual send), check thresholds. Exit 0 all ok and thresholds pass, 1 some "
         "message failed, 99 a threshold failed, 2 usage or config error, 130 interrupted.",
+        epilog=help_epilog("load"),
     )
     add_target_options(p)
     g = p.add_argument_group("schedule")

@@ -10,6 +10,7 @@ from bulksend.cli.options import (
     Resolver,
     add_pipeline_options,
     add_target_options,
+    help_epilog,
     resolve_credentials,
     resolve_engine,
     resolve_send_options,
@@ -24,6 +25,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "send",
         help="send records from files (JSONL, CSV, .gz, - for stdin)",
         description="Send every record of the inputs to SendMessage; one result per record.",
+        epilog=help_epilog("send"),
     )
     p.add_argument(
         "inputs", nargs="+", metavar="INPUT", help="paths; - is stdin; .gz is read transparently"
