@@ -24,9 +24,9 @@ figures are in ``benchmarks/bench_exactly_once.py``), and "unique in the input" 
 even enough: ListMessages searches the topic, where a record's KEYS may also be another
 producer's or another input's. The derived key is unique to the record by construction
 (a 120-bit hash of its identity), stable across runs and under any spelling of the input
-path (the identity is), computable from an intent line alone, short (26 characters: KEYS
-is indexed by the broker), and made of ``[a-z2-7]`` (no space, RocketMQ's key separator,
-nothing to escape in a URL).
+path (the identity is), computable from an intent line alone, short (22 characters: KEYS
+is indexed by the broker), and made of ``[A-Za-z0-9_-]`` (no space, RocketMQ's key
+separator; nothing to escape in a URL).
 
 **The window.** A stored message's ``store_timestamp`` is the broker's clock at the store,
 some time after the intent (written before the first attempt) and before the query. The
@@ -81,14 +81,17 @@ __all__ = [
     "Reconciler",
     "decide",
     "derive_key",
+    "intent_line",
     "query_window",
     "reconciled_fields",
     "with_key",
 ]
 
-#: Every derived key starts so; the rest is base32 of a 15-byte BLAKE2b of the identity.
+#: Every derived key starts so; the rest is base64 of a 15-byte BLAKE2b of the identity.
 KEY_PREFIX = "bs"
-_KEY_PERSON = b"bulksend-key-v1"  # BLAKE2b personalisation: the derivation's version
+#: BLAKE2b personalised with the derivation's version, so another derivation never
+#: yields the same keys.
+_KEY_HASH = hashlib.blake2b(digest_size=15, person=b"bulksend-key-v1")
 #: The error_code of an ok line whose key more than one stored message carries.
 DUPLICATE_AT_SERVER = "DUPLICATE_AT_SERVER"
 
@@ -97,15 +100,17 @@ DUPLICATE_AT_SERVER = "DUPLICATE_AT_SERVER"
 
 
 def derive_key(identity: str) -> str:
-    """The key bulksend adds to a record's KEYS: ``bs`` + 24 base32 characters.
+    """The key bulksend adds to a record's KEYS: ``bs`` + 20 characters of URL-safe
+    base64 (``[A-Za-z0-9_-]``).
 
     BLAKE2b-120 of the identity's UTF-8 bytes (lone surrogates, from file names that are
     not UTF-8, kept by ``surrogateescape``): 10^9 records collide with probability ~10^-18.
+    ~0.8 µs a record: a keyed hash object is copied rather than set up, and base64 rather
+    than base32 (the stdlib's base32 is Python code, ~6 µs).
     """
-    digest = hashlib.blake2b(
-        identity.encode("utf-8", "surrogateescape"), digest_size=15, person=_KEY_PERSON
-    ).digest()
-    return KEY_PREFIX + base64.b32encode(digest).decode("ascii").lower()
+    digest = _KEY_HASH.copy()
+    digest.update(identity.encode("utf-8", "surrogateescape"))
+    return KEY_PREFIX + base64.urlsafe_b64encode(digest.digest()).decode("ascii")
 
 
 def with_key(properties: tuple[tuple[str, str], ...], key: str) -> tuple[tuple[str, str], ...]:
@@ -123,6 +128,25 @@ def with_key(properties: tuple[tuple[str, str], ...], key: str) -> tuple[tuple[s
 # --- the intent -----------------------------------------------------------------------
 
 
+def intent_line(seq: int, identity: str, topic: str, key: str, at: int) -> bytes:
+    """The write-ahead ledger line of a record about to be sent, newline included::
+
+        {"seq": N, "identity": "...", "status": "intent", "topic": "...", "key": "...", "at": ms}
+
+    A function, not a method, for the hot path: no Intent is built per record (~1 µs)."""
+    return orjson.dumps(
+        {
+            "seq": seq,
+            "identity": identity,
+            "status": "intent",
+            "topic": topic,
+            "key": key,
+            "at": at,
+        },
+        option=orjson.OPT_APPEND_NEWLINE,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Intent:
     """What the ledger holds of a record before its first request leaves."""
@@ -135,18 +159,8 @@ class Intent:
     at: int
 
     def to_json_line(self) -> bytes:
-        """The ledger line: ``{"seq","identity","status":"intent","topic","key","at"}``."""
-        return orjson.dumps(
-            {
-                "seq": self.seq,
-                "identity": self.identity,
-                "status": "intent",
-                "topic": self.topic,
-                "key": self.key,
-                "at": self.at,
-            },
-            option=orjson.OPT_APPEND_NEWLINE,
-        )
+        """The ledger line (see ``intent_line``)."""
+        return intent_line(self.seq, self.identity, self.topic, self.key, self.at)
 
     @classmethod
     def from_line(cls, obj: Mapping[str, Any]) -> Intent:

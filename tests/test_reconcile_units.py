@@ -31,6 +31,7 @@ from bulksend.reconcile import (
     ReconcileOptions,
     decide,
     derive_key,
+    intent_line,
     query_window,
     reconciled_fields,
     with_key,
@@ -53,7 +54,7 @@ from bulksend.reconcile import (
 )
 def test_derived_key_is_short_unspaced_and_url_safe(identity: str) -> None:
     key = derive_key(identity)
-    assert re.fullmatch(r"bs[a-z2-7]{24}", key)
+    assert re.fullmatch(r"bs[A-Za-z0-9_-]{20}", key)
     assert derive_key(identity) == key  # a function of the identity alone
 
 
@@ -63,8 +64,8 @@ def test_derived_key_is_pinned() -> None:
     # derivation must change these lines on purpose.
     identity = "v1:/data/day1.jsonl:1"
     spec = hashlib.blake2b(identity.encode(), digest_size=15, person=b"bulksend-key-v1")
-    assert derive_key(identity) == "bs" + base64.b32encode(spec.digest()).decode().lower()
-    assert derive_key(identity) == "bszucvy6rmmdemr4r72l5hi4bj"
+    assert derive_key(identity) == "bs" + base64.urlsafe_b64encode(spec.digest()).decode()
+    assert derive_key(identity) == "bszQVceixgyMjyP9L6dHAp"
 
 
 def test_derived_keys_differ_across_many_identities() -> None:
@@ -109,6 +110,7 @@ def test_intent_line_is_the_ledger_contract() -> None:
         ("at", 1700),
     ]
     assert Intent.from_line(orjson.loads(line)) == intent
+    assert intent_line(7, "v1:/d/in.jsonl:8", "orders", "bsk", 1700) == line
 
 
 @pytest.mark.parametrize(
