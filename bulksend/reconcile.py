@@ -9,7 +9,8 @@ record is looked up with ListMessages by that key in a window around its intent:
 
     derive_key(identity) -> key                the key bulksend adds to KEYS (pure)
     with_key(properties, key) -> properties    KEYS with the key beside the record's own
-    Intent.to_json_line()                      the write-ahead ledger line
+    intent_line(...) / Intent                  the write-ahead ledger line
+    attempt_in_doubt(status, code, written)    which attempts need a check (pure)
     query_window(at, now, skew) -> (start, end)
     decide(intent, listed) -> Found | NotFound | Ambiguous      (pure)
     Reconciler.probe / check / reconcile_all   the clock, the waits, ListMessages, retries
@@ -79,6 +80,7 @@ __all__ = [
     "ReconcileError",
     "ReconcileOptions",
     "Reconciler",
+    "attempt_in_doubt",
     "decide",
     "derive_key",
     "intent_line",
@@ -123,6 +125,34 @@ def with_key(properties: tuple[tuple[str, str], ...], key: str) -> tuple[tuple[s
             merged = f"{value} {key}" if value.strip() else key
             return (*properties[:i], (KEYS, merged), *properties[i + 1 :])
     return (*properties, (KEYS, key))
+
+
+# --- which attempts are in doubt --------------------------------------------------------
+
+#: Server errors after which the message may be stored all the same: a 500 may come after
+#: the store, and a gateway's 502/504 means it stopped waiting for a backend that may have
+#: stored it. 429 and 503 (DMS.00503001, broker busy) refuse the message as a whole.
+IN_DOUBT_STATUSES = frozenset({500, 502, 504})
+
+
+def attempt_in_doubt(
+    http_status: int | None, error_code: str | None, *, request_written: bool
+) -> bool:
+    """Whether an attempt may have stored the message without the answer saying so: then
+    the record is reconciled before any re-send.
+
+    * no answer (``http_status`` None): in doubt once the request was written, whatever
+      ended the wait (a timeout, the connection closed); a connection that never opened
+      (refused, unknown host, TLS, connect timeout) sent nothing;
+    * a 2xx that is not a usable answer (``error_code`` set: not JSON, no msg_id, too
+      large): stored, but which message is only ListMessages' to say;
+    * 500, 502, 504: in doubt; any other status is a plain answer.
+    """
+    if http_status is None:
+        return request_written
+    if 200 <= http_status < 300:
+        return error_code is not None
+    return http_status in IN_DOUBT_STATUSES
 
 
 # --- the intent -----------------------------------------------------------------------

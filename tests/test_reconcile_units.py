@@ -29,6 +29,7 @@ from bulksend.reconcile import (
     Intent,
     NotFound,
     ReconcileOptions,
+    attempt_in_doubt,
     decide,
     derive_key,
     intent_line,
@@ -92,6 +93,37 @@ def test_with_key(
     properties: tuple[tuple[str, str], ...], expected: tuple[tuple[str, str], ...]
 ) -> None:
     assert with_key(properties, "K") == expected
+
+
+# --- attempts in doubt --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "written", "in_doubt"),
+    [
+        (None, "TIMEOUT", True, True),  # the answer never came
+        (None, "PROTOCOL_ERROR", True, True),  # closed before a complete answer
+        (None, "TIMEOUT", False, False),  # connect timed out: nothing was sent
+        (None, "CONNECT_ERROR", False, False),  # refused, unknown host, TLS
+        (200, None, True, False),  # ok
+        (200, "BAD_RESPONSE", True, True),  # not JSON, or no msg_id
+        (200, "ANSWER_TOO_LARGE", True, True),
+        (204, "BAD_RESPONSE", True, True),
+        (500, "DMS.00500000", True, True),
+        (502, "HTTP_502", True, True),
+        (504, "HTTP_504", True, True),
+        (503, "DMS.00503001", True, False),  # broker busy: not stored
+        (429, "APIG.0308", True, False),  # throttled at the gateway
+        (400, "DMS.00400002", True, False),
+        (401, "APIGW.0301", True, False),
+        (404, "APIGW.0101", True, False),
+        (413, "APIGW.0201", True, False),
+    ],
+)
+def test_attempt_in_doubt(
+    status: int | None, code: str | None, written: bool, in_doubt: bool
+) -> None:
+    assert attempt_in_doubt(status, code, request_written=written) is in_doubt
 
 
 # --- the intent line ----------------------------------------------------------------------
