@@ -10,9 +10,10 @@ Phase 1 (the reconciler exists, the delivery does not call it yet) measures:
 2. **Hot-path cost, projected.** The sender's CPU µs per message sending N records to the
    built-in server (a subprocess: its CPU is not counted) plain, against the same with the
    per-record work --exactly-once adds: the derived key added to KEYS (a longer body to
-   hash and send) and an intent line serialised and written — one write per record here,
-   an upper bound of the one write per loop turn the delivery will make. Rounds alternate
-   plain / keyed; medians. The bar (issue 8): at most 10 % more CPU per message.
+   sign and send) and an intent line serialised and written, one write per record (an
+   upper bound of the one write per loop turn the delivery will make) or per 16. Rounds
+   alternate the variants; medians and minima. The bar (issue 8): at most 10 % more CPU
+   per message. Phase 2 replaces this projection with ``bulksend send --exactly-once``.
 3. **A resume's reconciliation of 64 in-flight records**: ``reconcile_all`` over 64
    intents (stored and not) at several concurrencies, wall and CPU time, with the crash
    long past (no index-lag wait) and with the default 3 s ``--reconcile-after`` counted
