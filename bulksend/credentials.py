@@ -221,12 +221,6 @@ def metadata_url(env: Mapping[str, str], asset_tag_path: str = DMI_ASSET_TAG_PAT
                 f"{ENV_METADATA_URL} must be an http:// URL or off, got {configured!r}"
             )
         return configured.rstrip("/")
-    # ---- Subtle: a test run never asks the real service --------------------------------
-    # pytest sets PYTEST_CURRENT_TEST and every subprocess a test starts inherits it. Even
-    # on a CI runner that is an ECS, a test that names no stand-in (in ENV_METADATA_URL)
-    # must not fetch, or send, the runner's own temporary keys.
-    if env.get("PYTEST_CURRENT_TEST"):
-        return None
     return METADATA_URL if on_huawei_cloud(asset_tag_path) else None
 
 

@@ -30,9 +30,11 @@ def bulksend(
     cwd: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``python -m bulksend ARGS``; the test's secrets and BULKSEND_* variables removed
-    unless ``env`` sets them."""
+    unless ``env`` sets them (BULKSEND_METADATA_URL=off stays: see conftest.py)."""
     clean = {
-        k: v for k, v in os.environ.items() if k not in SECRET_ENV and not k.startswith("BULKSEND_")
+        k: v
+        for k, v in os.environ.items()
+        if k not in SECRET_ENV and (not k.startswith("BULKSEND_") or k == "BULKSEND_METADATA_URL")
     }
     clean.update(env or {})
     return subprocess.run(

@@ -1,5 +1,7 @@
 """Shared fixtures. Tests that import huaweicloudsdkcore get a throwaway HOME: importing it
-writes ~/.huaweicloud/application_id."""
+writes ~/.huaweicloud/application_id. No test may ask a real ECS metadata service (a CI
+runner may itself be an ECS): BULKSEND_METADATA_URL=off, inherited by every subprocess;
+the tests of the metadata lookup name a stand-in on 127.0.0.1 instead."""
 
 from __future__ import annotations
 
@@ -8,3 +10,4 @@ import tempfile
 
 # Before any test module imports the SDK.
 os.environ["HOME"] = tempfile.mkdtemp(prefix="bulksend-home-")
+os.environ["BULKSEND_METADATA_URL"] = "off"
