@@ -208,10 +208,11 @@ def test_second_sigint_aborts_at_once_with_whole_lines(tmp_path: Path) -> None:
         time.sleep(1.0)  # all 8 requests now wait on the 3 s answers
         proc.send_signal(signal.SIGINT)
         time.sleep(0.2)
-        t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
-        assert proc.returncode == 130 and time.monotonic() - t0 < 1.5
+        assert proc.returncode == 130
+    # Not a timing: a drain would have waited for the 8 answers (due at 3 s) and written
+    # their lines; an abort leaves none, and no torn one.
     lines, tail = ledger_lines(out)
     assert tail == b"" and len(lines) == 0
 
