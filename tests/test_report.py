@@ -376,7 +376,8 @@ async def test_report_in_headless_chromium(html_report: Path) -> None:
         await page.mouse("mouseMoved", x - width / 2 + min(max(at_px, 2), width - 2), y)
         legend = await legend_values(page, "throughput")
         assert re.fullmatch(
-            r"\+(\d+(\.\d+)? s|\d+:\d\d(:\d\d)?) \(\d\d:\d\d:\d\d UTC\)(, partial: .*)?", legend["time"]
+            r"\+(\d+(\.\d+)? s|\d+:\d\d(:\d\d)?) \(\d\d:\d\d:\d\d UTC\)(, partial: .*)?",
+            legend["time"],
         ), legend
         for name in ("intended/s", "sent/s", "ok/s", "failed/s"):
             assert re.fullmatch(r"[\d,]+(\.\d+)?", legend[name]), legend

@@ -82,8 +82,9 @@
               if (x1 <= x0) continue;
               ctx.fillStyle = "rgba(120,120,120,0.14)";
               ctx.fillRect(x0, top, x1 - x0, height);
-              ctx.fillStyle = "#666";
               ctx.font = 11 * ratio + "px system-ui, sans-serif";
+              if (ctx.measureText("partial").width + 8 * ratio > x1 - x0) continue;
+              ctx.fillStyle = "#666";
               ctx.fillText("partial", x0 + 4 * ratio, top + 13 * ratio);
             }
             ctx.restore();
