@@ -16,7 +16,8 @@ from typing import Any
 import orjson
 import pytest
 
-from bulksend.html import MAX_POINTS, MIN_COVERED, PERCENTILES, RunReport, chart_specs, render_html
+from bulksend.charts import MIN_COVERED, chart_specs
+from bulksend.html import MAX_POINTS, PERCENTILES, RunReport, render_html
 from bulksend.result import FAILED, OK, Result
 from bulksend.synthetic import SOURCE
 from tests.browser import Page, browser_page
@@ -308,6 +309,7 @@ def test_error_rate_and_late_sends_per_second() -> None:
         0.0,
         round(40 / 0.991, 2),
     ]
+    assert all(s["color"] for c in chart_specs(report) for s in c["series"])
     codes = chart(report, "codes")
     assert [s["label"] for s in codes["series"]] == ["DMS.00503001"]
     assert series(chart(report, "statuses"), "503")[1] == 25.0
