@@ -76,7 +76,7 @@ def chart_specs(report: RunReport) -> list[dict[str, Any]]:
     )
     charts = [
         frame.chart("throughput", "Throughput", throughput),
-        frame.chart("inflight", "In flight (sent, not yet answered)", [in_flight], height=140),
+        frame.chart("inflight", "In flight (sent, not yet answered)", [in_flight], height=180),
         _latency_chart(report, frame),
         frame.chart(
             "errorrate", "Error rate (failed answers, % of answers)", [error_rate], height=180
