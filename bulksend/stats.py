@@ -25,9 +25,9 @@ def new_histogram() -> HdrHistogram:
 
 
 def histogram_summary(hist: HdrHistogram) -> dict[str, float]:
-    """p50/p90/p99/p99.9/max/mean in milliseconds (0 when empty)."""
+    """p50/p90/p99/p99.9/p99.99/max/mean in milliseconds (0 when empty)."""
     if hist.get_total_count() == 0:
-        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "p99_9": 0.0, "max": 0.0, "mean": 0.0}
+        return dict.fromkeys(("p50", "p90", "p99", "p99_9", "p99_99", "max", "mean"), 0.0)
 
     def ms(us: float) -> float:
         return round(us / 1000.0, 3)
@@ -37,6 +37,7 @@ def histogram_summary(hist: HdrHistogram) -> dict[str, float]:
         "p90": ms(hist.get_value_at_percentile(90)),
         "p99": ms(hist.get_value_at_percentile(99)),
         "p99_9": ms(hist.get_value_at_percentile(99.9)),
+        "p99_99": ms(hist.get_value_at_percentile(99.99)),
         "max": ms(hist.get_max_value()),
         "mean": ms(hist.get_mean_value()),
     }
