@@ -31,7 +31,12 @@ from bulksend.outcome import interpret
 from bulksend.pool import Counters
 from bulksend.record import KEYS, Record
 from bulksend.result import FAILED, OK, Result, result_for
-from bulksend.retry import compute_backoff, is_retryable_status, parse_retry_after
+from bulksend.retry import (
+    compute_backoff,
+    is_retryable_error,
+    is_retryable_status,
+    parse_retry_after,
+)
 from bulksend.signing import FastSigner
 
 USER_AGENT = f"bulksend/{__version__}"
@@ -58,6 +63,7 @@ def open_transport(target: Target, options: SendOptions) -> Transport:
         fixed_headers(target),
         timeout=options.timeout,
         ssl_context=options.tls.context() if target.url.startswith("https") else None,
+        max_answer_bytes=options.max_answer_bytes,
     )
 
 
@@ -174,7 +180,7 @@ class Delivery:
                 result = result_for(record, FAILED)
                 result.error_code = exc.code
                 result.error_msg = str(exc)
-                retryable = True
+                retryable = is_retryable_error(exc)
             else:
                 result = interpret(record, resp, self._secrets)
                 retryable = result.status != OK and is_retryable_status(resp.status, policy)
