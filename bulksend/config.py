@@ -187,6 +187,9 @@ class SendOptions:
     on_key_failure: str = "continue"
     #: AIMD rate control on 429 answers (see adaptive.py).
     adaptive: bool = False
+    #: Bytes; an answer (head and body) larger than this fails its attempt ANSWER_TOO_LARGE
+    #: and its connection is closed. A SendMessage answer is well under 1 KiB.
+    max_answer_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.on_key_failure not in ("continue", "skip"):
@@ -197,6 +200,8 @@ class SendOptions:
             raise ConfigError("--rate must be >= 0")
         if self.timeout <= 0:
             raise ConfigError("--timeout must be > 0")
+        if self.max_answer_bytes < 1:
+            raise ConfigError("--max-answer-bytes must be >= 1")
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
