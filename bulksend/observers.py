@@ -9,7 +9,8 @@ the *run* (stop it, change its rate), never on the record. Delivery calls
   pure AIMD controller (``bulksend.adaptive``).
 
 A target-health observer (pause dispatch and probe during an outage) is the same shape: it
-sees every transport error here and holds the pool through its ``on_dispatch`` hook.
+sees every transport error here, and holds new records by returning an awaitable from the
+pool's ``on_dispatch`` hook.
 """
 
 from __future__ import annotations

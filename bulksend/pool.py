@@ -20,7 +20,8 @@ runs.
 Extension points, each a single place:
 
 * ``on_dispatch(now)`` runs before each record is paced: periodic control (AIMD's quiet
-  windows) and, later, a gate that holds dispatch while the target is down.
+  windows); when it returns an awaitable, dispatch waits for it (a gate that holds every
+  new record while the target is down).
 * ``_pace`` is the pacing driver: the one await between a record being read and it being
   due. Pacing by the loop turn (one wake-up releasing every record due by then) replaces
   this method and the queue hop below it, nothing else.
@@ -104,7 +105,7 @@ class Pool:
         open_courier: Callable[[], Courier],
         *,
         counters: Counters | None = None,
-        on_dispatch: Callable[[float], None] | None = None,
+        on_dispatch: Callable[[float], Awaitable[None] | None] | None = None,
     ) -> None:
         self.options = options
         self.schedule = schedule
@@ -214,8 +215,10 @@ class Pool:
                     if (waiting := on_result(item, invalid_result(item))) is not None:
                         await waiting
                     continue
-                if on_dispatch is not None:
-                    on_dispatch(monotonic())
+                if on_dispatch is not None and (held := on_dispatch(monotonic())) is not None:
+                    await held
+                    if self._stopping.is_set():
+                        break
                 if counters.dispatched == 0:
                     # The schedule starts with the first record, not with run(): reading
                     # the first batch takes a while, and a clock started before it would
