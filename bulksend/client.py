@@ -220,7 +220,8 @@ class _H1Protocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self._parser.get_status_code() < 200:
-            return  # interim (1xx): the final answer follows
+            self._reset()  # interim (1xx): the final answer follows
+            return
         if not self._parser.should_keep_alive():
             self.closed = True
             if self.transport is not None:
@@ -365,6 +366,10 @@ class H1Connection:
             return await waiter
         finally:
             self._t._inflight.pop(self, None)
+            if waiter.cancelled():
+                # The caller gave up (a cancelled run): the answer may still come, and must
+                # not be taken as the next request's.
+                self.close()
 
     def expire(self) -> None:
         """Called by the sweep: the attempt in flight ran out of time."""

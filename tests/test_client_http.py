@@ -12,7 +12,7 @@ from collections.abc import Awaitable
 import orjson
 import pytest
 
-from bulksend.client import AiohttpTransport, Transport
+from bulksend.client import AiohttpTransport, H1Transport, Transport
 from bulksend.config import RetryPolicy, SendOptions, Target
 from bulksend.delivery import fixed_headers
 from bulksend.record import Record
@@ -90,6 +90,21 @@ async def test_interim_1xx_answers_are_skipped(interim: list[bytes], split: bool
     assert len(srv.requests) == 8 and srv.connections == 2
 
 
+async def test_a_1xx_and_then_the_close_is_no_answer() -> None:
+    async def handle(ex: Exchange) -> None:
+        await ex.write(EARLY_HINTS)
+        ex.close()
+
+    async with RawServer(handle) as srv:
+        [r] = await send(srv.url, 1)
+    assert (r.status, r.error_code, r.http_status, r.attempts) == (
+        "failed",
+        "PROTOCOL_ERROR",
+        None,
+        3,
+    )
+
+
 async def test_bytes_nobody_asked_for_close_the_connection() -> None:
     """After each first answer on a connection the server starts a second, unasked-for
     answer; it finishes it only once the next request arrives. Credited to that request, it
@@ -139,6 +154,36 @@ async def test_bytes_arriving_while_no_request_is_outstanding_close_the_connecti
             await s.run(records(3), on_result)
     assert_each_ok_with_its_own_answer(got, 3)
     assert srv.connections == 2
+
+
+async def test_an_attempt_given_up_by_its_caller_leaves_no_answer_for_the_next() -> None:
+    """A caller cancels ``post`` while its request is out; the answer the server sends
+    later must not be the answer to the next request on that connection."""
+
+    async def handle(ex: Exchange) -> None:
+        if ex.conn == 0 and ex.n == 0:
+            return  # answered only when the next request comes (if it comes on this one)
+        if ex.conn == 0:
+            await ex.write(response("200 OK", orjson.dumps({"msg_id": "ID-m0"})))
+        await ex.write(response("200 OK", answer_json(ex.body)))
+
+    target = Target("http://127.0.0.1", *TARGET_PATH)
+    async with RawServer(handle) as srv:
+        transport = H1Transport(
+            srv.url + target.path, fixed_headers(target), timeout=10, ssl_context=None
+        )
+        conn = transport.connection()
+        first = asyncio.create_task(conn.post({}, b'{"topic":"t","body":"m0"}'))
+        for _ in range(500):  # until the server holds the request (at most 5 s)
+            if srv.requests:
+                break
+            await asyncio.sleep(0.01)
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        answer = await conn.post({}, b'{"topic":"t","body":"m1"}')
+        await transport.aclose()
+    assert orjson.loads(answer.body)["msg_id"] == "ID-m1" and srv.connections == 2
 
 
 # --- close-delimited answers -------------------------------------------------------------
