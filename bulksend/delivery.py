@@ -129,17 +129,17 @@ class Delivery:
         self._observers = tuple(o.on_attempt for o in observers)
         self._before_send = before_send
         self._auth = Auth(target, credentials)
-        self._secrets = credentials.secrets()
+        self._current_secrets = self._secrets = credentials.secrets()
 
     def set_credentials(self, credentials: Credentials) -> None:
         """Sign (or authenticate) every attempt that starts from now on with ``credentials``.
-        The old secrets stay scrubbed from answers: an answer to a request sent with them
-        may still arrive."""
+        The previous secrets stay scrubbed from answers too: an answer to a request sent
+        with them may still arrive (those before are long gone: a request lives at most
+        ``timeout`` seconds, credentials are refreshed far less often)."""
         self._auth = Auth(self.target, credentials)
-        self._secrets = (
-            *self._secrets,
-            *(s for s in credentials.secrets() if s not in self._secrets),
-        )
+        current = credentials.secrets()
+        self._secrets = tuple(dict.fromkeys((*current, *self._current_secrets)))
+        self._current_secrets = current
 
     def halt(self) -> None:
         self.halted = True

@@ -329,3 +329,20 @@ async def test_before_send_is_awaited_before_the_first_attempt_only() -> None:
     assert [r.status for r in results] == ["ok"] * 3 and results[0].attempts == 2
     # Record n's hook ran before its request reached the server (record 0 made two).
     assert seen_at_hook == [(0, 0), (1, 2), (2, 3)]
+
+
+async def test_secrets_old_and_new_are_scrubbed_after_set_credentials() -> None:
+    swap: list[Sender] = []
+
+    def script(n: int, b: bytes) -> Answer:
+        swap[0].set_credentials(Credentials(auth_token="new-secret-token"))
+        echo = "tokens old-secret-token and new-secret-token"
+        return Answer(400, {"error_code": "DMS.400", "error_msg": echo})
+
+    async with ScriptedServer(script) as srv:
+        opts = SendOptions(concurrency=1, retry=FAST_RETRY)
+        creds = Credentials(auth_token="old-secret-token")
+        async with Sender(Target(srv.url, "p", "i"), creds, opts) as sender:
+            swap.append(sender)
+            [r] = [r async for r in sender.send(records(1))]
+    assert r.error_msg == "tokens *** and ***"
