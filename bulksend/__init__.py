@@ -3,8 +3,7 @@ Huawei Cloud DMS RocketMQ SendMessage API."""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from bulksend._version import __version__
 from bulksend.config import Credentials, RetryPolicy, SendOptions, Target, TLSOptions
 from bulksend.errors import (
     AuthenticationFailed,

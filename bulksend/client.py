@@ -6,13 +6,17 @@ Two transports behind one small interface (``Connection.post``), chosen per run:
   ``asyncio.Protocol`` + httptools (llhttp). Hand-written because the CPU per message is the
   product: on this machine (100k signed messages to nginx, one core) aiohttp's client costs
   ~95 µs per message at its best and this shape ~16-20 µs. It does only what SendMessage
-  needs: one request at a time per connection, Content-Length bodies, TLS via ssl.
+  needs: one request at a time per connection, Content-Length bodies, TLS via ssl. Answers
+  are read as RFC 9112 says: Content-Length, chunked, or (no length at all) up to the close.
 * ``AiohttpTransport``: aiohttp's client, used when an HTTP(S) proxy from the standard
   environment variables applies to the endpoint (CONNECT tunnels and proxy auth are
   aiohttp's well-kept business, not ours).
 
 Every exception from the layers below (OSError, ssl, httptools, aiohttp, timeouts) becomes a
 ``bulksend.errors.TransportError`` here and nowhere else.
+
+Answers are capped (``max_answer_bytes``, head and body): a server that streams without end
+costs one attempt (``AnswerTooLarge``) and a connection, never the process's memory.
 
 Timeouts: one sweep timer per transport, not a timer per request. Each attempt records a
 deadline; the sweep runs every ``timeout / 8`` seconds (at most 0.25 s, at least 10 ms) and
@@ -27,12 +31,24 @@ import ssl
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 import httptools
 
-from bulksend.errors import ConnectError, ProtocolError, RequestTimeout, TransportError
+if TYPE_CHECKING:
+    import aiohttp
+
+from bulksend.errors import (
+    AnswerTooLarge,
+    ConnectError,
+    ProtocolError,
+    RequestTimeout,
+    TransportError,
+)
+
+#: Bytes; the default cap on one answer (SendOptions.max_answer_bytes).
+DEFAULT_MAX_ANSWER_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,66 +92,143 @@ def make_transport(
     *,
     timeout: float,
     ssl_context: ssl.SSLContext | None,
+    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
 ) -> Transport:
     """The fast transport unless a proxy applies to ``url``."""
-    if proxy_for(url):
-        return AiohttpTransport(url, fixed_headers, timeout=timeout, ssl_context=ssl_context)
-    return H1Transport(url, fixed_headers, timeout=timeout, ssl_context=ssl_context)
+    kind = AiohttpTransport if proxy_for(url) else H1Transport
+    return kind(
+        url,
+        fixed_headers,
+        timeout=timeout,
+        ssl_context=ssl_context,
+        max_answer_bytes=max_answer_bytes,
+    )
 
 
 # --- the fast HTTP/1.1 transport ---------------------------------------------------------
 
 
 class _H1Protocol(asyncio.Protocol):
-    """Parses answers with httptools; completes ``waiter`` once per answer."""
+    """Parses answers with httptools; completes ``waiter`` once per request.
 
-    __slots__ = ("_body", "_parser", "_request_id", "_retry_after", "closed", "transport", "waiter")
+    Subtleness ahead! Bytes are credited to the request outstanding, and to nothing else:
 
-    def __init__(self) -> None:
+    * 1xx answers (100 Continue, 103 Early Hints) are interim (RFC 9110 §15.2): skipped, the
+      request still waits for its final answer.
+    * Bytes that arrive with no request outstanding (a second answer, a late 1xx) cannot
+      belong to the next request: the connection is closed, so they never reach it.
+    * An answer with neither Content-Length nor chunked encoding ends at the close (RFC 9112
+      §6.3): a clean EOF completes it; a reset, or EOF inside a delimited answer, fails it.
+    * More than ``limit`` bytes while a request is outstanding (or a Content-Length over
+      it) fail the attempt with AnswerTooLarge and close the connection.
+    """
+
+    __slots__ = (
+        "_body",
+        "_declared",
+        "_delimited",
+        "_headers_done",
+        "_limit",
+        "_parser",
+        "_received",
+        "_request_id",
+        "_retry_after",
+        "_stray",
+        "closed",
+        "transport",
+        "waiter",
+    )
+
+    def __init__(self, limit: int) -> None:
         self._parser = httptools.HttpResponseParser(self)
+        self._limit = limit
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[Response] | None = None
         self.closed = False
+        self._received = 0
+        self._stray = False
+        self._reset()
+
+    def _reset(self) -> None:
         self._body: list[bytes] = []
         self._request_id: str | None = None
         self._retry_after: str | None = None
+        self._headers_done = False
+        #: Content-Length or Transfer-Encoding seen: the answer does not end at the close.
+        self._delimited = False
+        self._declared = 0
+
+    def start(self, waiter: asyncio.Future[Response]) -> None:
+        """A request is about to be written; its answer completes ``waiter``."""
+        self.waiter = waiter
+        self._received = 0
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.waiter is None:
+            self._discard()  # no request outstanding: these bytes answer nothing we sent
+            return
+        self._received += len(data)
+        if self._received > self._limit:
+            self._too_large()
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # pragma: no cover - we never ask to upgrade
             self._fail(ProtocolError("unexpected protocol upgrade"))
         except httptools.HttpParserError as exc:
             self._fail(ProtocolError(f"malformed HTTP answer: {exc}"))
+        if self._stray:
+            self._discard()  # an answer began after ours was complete
+        elif self.waiter is not None and self._declared > self._limit:
+            self._too_large()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if exc is None and self.waiter is not None and self._headers_done and not self._delimited:
+            self._complete()  # a close-delimited answer: the close is its end
+            return
         self._fail(ProtocolError("connection closed before a complete answer"))
 
     # httptools callbacks
     def on_message_begin(self) -> None:
-        self._body = []
-        self._request_id = None
-        self._retry_after = None
+        if self.waiter is None:
+            self._stray = True
+        self._reset()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) == 12 and name.lower() == b"x-request-id":
+        n = len(name)
+        if n == 12 and name.lower() == b"x-request-id":
             self._request_id = value.decode("latin-1")
-        elif len(name) == 11 and name.lower() == b"retry-after":
+        elif n == 11 and name.lower() == b"retry-after":
             self._retry_after = value.decode("latin-1")
+        elif n == 14 and name.lower() == b"content-length":
+            self._delimited = True
+            # llhttp has checked it is a number (an invalid one is a parser error).
+            self._declared = int(value) if value.strip().isdigit() else 0
+        elif n == 17 and name.lower() == b"transfer-encoding":
+            self._delimited = True
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self._parser.get_status_code() < 200:
+            self._reset()  # interim (1xx): the final answer follows
+            return
         if not self._parser.should_keep_alive():
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
+        self._complete()
+
+    def _complete(self) -> None:
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
@@ -143,13 +236,25 @@ class _H1Protocol(asyncio.Protocol):
                 Response(self._parser.get_status_code(), body, self._request_id, self._retry_after)
             )
 
+    def _too_large(self) -> None:
+        status = self._parser.get_status_code() if self._headers_done else None
+        self._fail(
+            AnswerTooLarge(
+                f"answer over {self._limit} bytes (--max-answer-bytes)"
+                + (f", HTTP {status}" if status else "")
+            )
+        )
+
+    def _discard(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
     def _fail(self, exc: TransportError) -> None:
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
-        if self.transport is not None:
-            self.transport.abort()
-        self.closed = True
+        self._discard()
 
 
 class H1Transport:
@@ -162,6 +267,7 @@ class H1Transport:
         *,
         timeout: float,
         ssl_context: ssl.SSLContext | None,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
     ) -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or ""
@@ -169,6 +275,7 @@ class H1Transport:
         self.port = parts.port or (443 if self.tls else 80)
         self.ssl_context = (ssl_context or ssl.create_default_context()) if self.tls else None
         self.timeout = timeout
+        self.max_answer_bytes = max_answer_bytes
         path = parts.path or "/"
         lines = "".join(f"{k}: {v}\r\n" for k, v in fixed_headers.items())
         self._head = f"POST {path} HTTP/1.1\r\n{lines}".encode("latin-1")
@@ -221,7 +328,7 @@ class H1Connection:
         try:
             async with asyncio.timeout(t.timeout):
                 _, proto = await loop.create_connection(
-                    _H1Protocol,
+                    lambda: _H1Protocol(t.max_answer_bytes),
                     t.host,
                     t.port,
                     ssl=t.ssl_context,
@@ -248,7 +355,7 @@ class H1Connection:
         assert proto.transport is not None
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Response] = loop.create_future()
-        proto.waiter = waiter
+        proto.start(waiter)
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         proto.transport.write(
             b"%s%sContent-Length: %d\r\n\r\n%s"
@@ -259,6 +366,10 @@ class H1Connection:
             return await waiter
         finally:
             self._t._inflight.pop(self, None)
+            if waiter.cancelled():
+                # The caller gave up (a cancelled run): the answer may still come, and must
+                # not be taken as the next request's.
+                self.close()
 
     def expire(self) -> None:
         """Called by the sweep: the attempt in flight ran out of time."""
@@ -285,8 +396,10 @@ class AiohttpTransport:
         *,
         timeout: float,
         ssl_context: ssl.SSLContext | None,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
     ) -> None:
         self.url = url
+        self.max_answer_bytes = max_answer_bytes
         self.fixed = dict(fixed_headers)
         self.timeout = timeout
         self.ssl_context = ssl_context
@@ -334,10 +447,9 @@ class AiohttpConnection:
         all_headers.pop("Host", None)  # aiohttp writes Host itself, from the URL (same value)
         try:
             async with session.post(self._t.url, data=body, headers=all_headers) as resp:
-                data = await resp.read()
                 return Response(
                     resp.status,
-                    data,
+                    await self._read_capped(resp),
                     resp.headers.get("X-Request-Id"),
                     resp.headers.get("Retry-After"),
                 )
@@ -347,6 +459,22 @@ class AiohttpConnection:
             raise ConnectError(f"cannot connect: {exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ProtocolError(f"{type(exc).__name__}: {exc}") from None
+
+    async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The body, or AnswerTooLarge past the cap (the head is bounded by aiohttp's own
+        line and field limits)."""
+        limit = self._t.max_answer_bytes
+        declared = resp.content_length
+        data = bytearray()
+        if declared is None or declared <= limit:
+            async for chunk in resp.content.iter_any():
+                data += chunk
+                if len(data) > limit:
+                    break
+            else:
+                return bytes(data)
+        resp.close()  # drop the connection: the rest of the answer is never read
+        raise AnswerTooLarge(f"answer over {limit} bytes (--max-answer-bytes), HTTP {resp.status}")
 
     def close(self) -> None:
         pass

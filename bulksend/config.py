@@ -86,6 +86,8 @@ LIMITS: dict[str, Range] = {
     # The broker's body limit (synthetic.MAX_BODY_BYTES).
     "body_size": Range(0, 4 * 1024 * 1024, integer=True, unit="bytes"),
     "keys": Range(0, 1_000_000_000, integer=True),
+    # A SendMessage answer is a few hundred bytes; the cap only stops a runaway one.
+    "max_answer_bytes": Range(1, 1 << 40, integer=True, unit="bytes"),
 }
 
 
@@ -263,6 +265,9 @@ class SendOptions:
     on_key_failure: str = "continue"
     #: AIMD rate control on 429 answers (see adaptive.py).
     adaptive: bool = False
+    #: Bytes; an answer (head and body) larger than this fails its attempt ANSWER_TOO_LARGE
+    #: and its connection is closed. A SendMessage answer is well under 1 KiB.
+    max_answer_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.on_key_failure not in ("continue", "skip"):
@@ -270,6 +275,7 @@ class SendOptions:
         check_number("concurrency", self.concurrency)
         check_number("rate", self.rate)
         check_number("timeout", self.timeout)
+        check_number("max_answer_bytes", self.max_answer_bytes)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")

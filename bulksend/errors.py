@@ -10,7 +10,8 @@
     └── TransportError            one HTTP attempt failed below HTTP (internal: the client
         ├── ConnectError          turns it into a retry or a failed Result, never escapes
         ├── RequestTimeout        a Sender)
-        └── ProtocolError
+        ├── ProtocolError
+        └── AnswerTooLarge        an answer over --max-answer-bytes (not retried)
 
 aiohttp, httptools, ssl and OS errors are translated into TransportError in exactly one
 place per transport (``client.py``); the CLI translates BulksendError into a one-line
@@ -64,3 +65,9 @@ class ProtocolError(TransportError):
     """The peer broke HTTP/1.1 (closed mid-answer, unparsable bytes)."""
 
     code = "PROTOCOL_ERROR"
+
+
+class AnswerTooLarge(TransportError):
+    """The answer outgrew --max-answer-bytes; the connection was closed."""
+
+    code = "ANSWER_TOO_LARGE"

@@ -1,12 +1,17 @@
 """One ``Result`` per input record: the ledger line. Per-message failure is data, never an
-exception (STYLE habit 4)."""
+exception: a record that could not be sent is a ``failed`` Result with the reason in it, so
+one bad record (or one bad answer) never stops the others, and the ledger accounts for every
+record whatever happened to it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
+
+if TYPE_CHECKING:
+    from bulksend.record import Item
 
 OK: Final = "ok"
 FAILED: Final = "failed"
@@ -52,3 +57,10 @@ class Result:
 
 
 _FIELDS = tuple(Result.__dataclass_fields__)
+
+
+def result_for(item: Item, status: str) -> Result:
+    """A Result for ``item`` with the fields that identify it in the ledger copied over.
+    The one place (with ``outcome.interpret`` for answers) that decides which fields those
+    are: a new identifying field is copied here."""
+    return Result(seq=item.seq, source=item.source, id=item.id, status=status)

@@ -6,8 +6,11 @@ Backoff and Jitter", 2015)::
     wait(n) = uniform(0, min(backoff_max, backoff_base * 2**n))     n = 0 for the first retry
 
 A ``Retry-After`` answer header (delay-seconds or an HTTP-date, RFC 9110 §10.2.3) replaces
-the computed wait. Retried: 429, 500, 502, 503, 504, connection errors and timeouts. Never
-retried: other 4xx (401/403 included: a wrong key does not get better by asking again).
+the computed wait. Retried: 429, 500, 502, 503, 504, connection errors, timeouts and broken
+answers. Never retried: other 4xx (401/403 included: a wrong key does not get better by
+asking again), and an answer over --max-answer-bytes (``ANSWER_TOO_LARGE``): its status may
+have been 2xx, the message stored, so a retry risks a duplicate; and a server that sent too
+much once will again, each time costing the cap in memory and bandwidth.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import random
 from email.utils import parsedate_to_datetime
 
 from bulksend.config import RetryPolicy
+from bulksend.errors import AnswerTooLarge, TransportError
 
 #: A Retry-After longer than this is taken as this (an hour): a typo on the server's side
 #: must not park a record for days.
@@ -52,3 +56,8 @@ def parse_retry_after(value: str | None, now_epoch_s: float) -> float | None:
 
 def is_retryable_status(status: int, policy: RetryPolicy) -> bool:
     return status in policy.retry_statuses
+
+
+def is_retryable_error(exc: TransportError) -> bool:
+    """Whether an attempt that failed below HTTP is tried again (see the module docstring)."""
+    return not isinstance(exc, AnswerTooLarge)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import time
 
@@ -13,7 +14,9 @@ from bulksend.errors import AuthenticationFailed
 from bulksend.record import Invalid, Record
 from bulksend.result import Result
 from bulksend.sender import Sender
+from bulksend.server import MessageQuery
 from tests.scripted_server import DROP, HANG, Answer, ScriptedServer, ok_answer
+from tests.serve_helpers import INSTANCE_ID, PROJECT_ID, start_server_inprocess
 
 AK, SK = "AKSENDERTEST", "sender-secret-key"
 FAST_RETRY = RetryPolicy(max_retries=5, backoff_base=0.001, backoff_max=0.01)
@@ -229,3 +232,117 @@ async def test_stop_cuts_a_long_paced_pause_short() -> None:
         await sender.run(records(3), on_result)
         took = time.monotonic() - t0
     assert len(got) == 1 and took < 2.0
+
+
+async def test_set_credentials_signs_from_then_on_against_the_built_in_server() -> None:
+    """Temporary credentials refreshed mid-run: the server knows only the new AK/SK, so the
+    records sent before the swap are refused (401) and every one after it is stored."""
+    new_ak, new_sk = "AKREFRESHED000000002", "refreshed/secret+key"
+    got: list[Result] = []
+    async with start_server_inprocess(ak=new_ak, sk=new_sk) as server:
+        opts = SendOptions(concurrency=1, retry=FAST_RETRY)
+        creds = Credentials(ak=AK, sk=SK, security_token="sts-old")
+        async with Sender(Target(server.url, PROJECT_ID, INSTANCE_ID), creds, opts) as sender:
+
+            def on_result(item: object, result: Result) -> None:
+                got.append(result)
+                if len(got) == 2:
+                    sender.set_credentials(
+                        Credentials(ak=new_ak, sk=new_sk, security_token="sts-new")
+                    )
+
+            await sender.run(records(6, topic="refresh"), on_result)
+        stored = await server.store.messages(MessageQuery(topic="refresh"))
+    assert [(r.seq, r.status, r.http_status) for r in got] == [
+        (0, "failed", 401),
+        (1, "failed", 401),
+        *((i, "ok", 200) for i in range(2, 6)),
+    ]
+    assert sorted(m.body for m in stored) == [f"m{i}" for i in range(2, 6)]
+
+
+async def test_set_credentials_reaches_retries_but_not_a_request_already_sent() -> None:
+    new_ak, new_sk = "AKNEW", "new-secret"
+    swap: list[Sender] = []
+
+    def script(n: int, b: bytes) -> Answer:
+        if n == 0:  # the first request is on the wire: swap while it waits for its answer
+            swap[0].set_credentials(Credentials(ak=new_ak, sk=new_sk, security_token="sts-new"))
+            return Answer(503, {"error_code": "DMS.00503001", "error_msg": "busy"})
+        return ok_answer(b)
+
+    async with ScriptedServer(script) as srv:
+        opts = SendOptions(concurrency=1, retry=FAST_RETRY)
+        creds = Credentials(ak=AK, sk=SK, security_token="sts-old")
+        async with Sender(Target(srv.url, "proj", "inst"), creds, opts) as sender:
+            swap.append(sender)
+            [r] = [r async for r in sender.send(records(1))]
+    assert (r.status, r.attempts) == ("ok", 2)
+    keys = {AK: SK, new_ak: new_sk}
+    signed_by = [
+        signing.verify(
+            "POST",
+            "/v2/rocketmq/proj/instances/inst/messages",
+            [],
+            seen.headers,
+            seen.body,
+            secret_for=keys.get,
+            now=time.time(),
+        )
+        for seen in srv.seen
+    ]
+    assert signed_by == [AK, new_ak]
+    assert [s.headers["X-Security-Token"] for s in srv.seen] == ["sts-old", "sts-new"]
+
+
+async def test_set_credentials_switches_an_auth_token() -> None:
+    async with ScriptedServer(lambda n, b: ok_answer(b)) as srv:
+        opts = SendOptions(concurrency=1, retry=FAST_RETRY)
+        async with Sender(
+            Target(srv.url, "p", "i"), Credentials(auth_token="token-1"), opts
+        ) as sender:
+
+            def on_result(item: object, result: Result) -> None:
+                sender.set_credentials(Credentials(auth_token="token-2"))
+
+            await sender.run(records(2), on_result)
+    assert [s.headers["X-Auth-Token"] for s in srv.seen] == ["token-1", "token-2"]
+
+
+async def test_before_send_is_awaited_before_the_first_attempt_only() -> None:
+    """The hook a write-ahead intent uses: it must finish before the request leaves, and
+    retries must not call it again."""
+    seen_at_hook: list[tuple[int, int]] = []
+
+    def script(n: int, b: bytes) -> Answer:
+        return Answer(503, {"error_code": "E", "error_msg": "busy"}) if n == 0 else ok_answer(b)
+
+    async with ScriptedServer(script) as srv:
+
+        async def before_send(record: Record) -> None:
+            await asyncio.sleep(0.01)  # a ledger write's await: the request must wait for it
+            seen_at_hook.append((record.seq, len(srv.seen)))
+
+        opts = SendOptions(concurrency=1, retry=FAST_RETRY)
+        async with Sender(Target(srv.url, "p", "i"), options=opts, before_send=before_send) as s:
+            results = [r async for r in s.send(records(3))]
+    assert [r.status for r in results] == ["ok"] * 3 and results[0].attempts == 2
+    # Record n's hook ran before its request reached the server (record 0 made two).
+    assert seen_at_hook == [(0, 0), (1, 2), (2, 3)]
+
+
+async def test_secrets_old_and_new_are_scrubbed_after_set_credentials() -> None:
+    swap: list[Sender] = []
+
+    def script(n: int, b: bytes) -> Answer:
+        swap[0].set_credentials(Credentials(auth_token="new-secret-token"))
+        echo = "tokens old-secret-token and new-secret-token"
+        return Answer(400, {"error_code": "DMS.400", "error_msg": echo})
+
+    async with ScriptedServer(script) as srv:
+        opts = SendOptions(concurrency=1, retry=FAST_RETRY)
+        creds = Credentials(auth_token="old-secret-token")
+        async with Sender(Target(srv.url, "p", "i"), creds, opts) as sender:
+            swap.append(sender)
+            [r] = [r async for r in sender.send(records(1))]
+    assert r.error_msg == "tokens *** and ***"

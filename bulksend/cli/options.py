@@ -93,6 +93,12 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--backoff-max", type=float, metavar="S", help="backoff cap, seconds (default 20)"
     )
+    g.add_argument(
+        "--max-answer-bytes",
+        type=int,
+        metavar="N",
+        help="an answer larger than this fails ANSWER_TOO_LARGE (default 1048576)",
+    )
 
 
 @dataclass(frozen=True)
@@ -307,6 +313,7 @@ def resolve_send_options(r: Resolver, **extra: Any) -> SendOptions:
         timeout=r.get("timeout", float, 30.0),
         retry=retry,
         tls=tls,
+        max_answer_bytes=r.get("max_answer_bytes", int, 1 << 20),
         **extra,
     )
 

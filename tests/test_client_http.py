@@ -1,0 +1,321 @@
+"""The client's HTTP/1.1 against a raw server that writes exact bytes: 1xx answers, bytes
+nobody asked for, close-delimited answers, and answers too large to hold."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Awaitable
+
+import orjson
+import pytest
+
+from bulksend.client import AiohttpTransport, H1Transport, Transport
+from bulksend.config import RetryPolicy, SendOptions, Target
+from bulksend.delivery import fixed_headers
+from bulksend.record import Record
+from bulksend.result import Result
+from bulksend.sender import Sender
+from tests.cli_helpers import SECRET_ENV
+from tests.raw_server import Exchange, RawServer, answer_json, response
+
+TARGET_PATH = ("p", "i")
+RETRY = RetryPolicy(max_retries=2, backoff_base=0.001, backoff_max=0.01)
+CAP = 64 << 10
+
+
+def clean_env() -> dict[str, str]:
+    """The test's environment without secrets, BULKSEND_* settings or proxies."""
+    proxies = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in SECRET_ENV and not k.startswith("BULKSEND_") and k.lower() not in proxies
+    }
+
+
+def records(n: int) -> list[Record]:
+    return [Record(seq=i, source=f"in:{i + 1}", topic="t", body=f"m{i}") for i in range(n)]
+
+
+async def send(
+    url: str,
+    n: int,
+    *,
+    concurrency: int = 1,
+    transport: Transport | None = None,
+    **opts: object,
+) -> list[Result]:
+    options = SendOptions(concurrency=concurrency, retry=RETRY, **opts)  # type: ignore[arg-type]
+    async with Sender(Target(url, *TARGET_PATH), options=options, transport=transport) as s:
+        return sorted([r async for r in s.send(records(n))], key=lambda r: r.seq)
+
+
+def assert_each_ok_with_its_own_answer(results: list[Result], n: int) -> None:
+    assert [(r.seq, r.status, r.attempts, r.msg_id) for r in results] == [
+        (i, "ok", 1, f"ID-m{i}") for i in range(n)
+    ]
+
+
+# --- 1xx ---------------------------------------------------------------------------------
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "interim",
+    [[CONTINUE], [EARLY_HINTS], [CONTINUE, EARLY_HINTS, EARLY_HINTS]],
+    ids=["100", "103", "100+103+103"],
+)
+@pytest.mark.parametrize("split", [False, True], ids=["one-write", "apart"])
+async def test_interim_1xx_answers_are_skipped(interim: list[bytes], split: bool) -> None:
+    """RFC 9110 §15.2: a client reads past 1xx to the final answer. ``apart``: the final
+    answer comes a little later, after the client could have sent its next request."""
+
+    async def handle(ex: Exchange) -> None:
+        final = response("200 OK", answer_json(ex.body))
+        if split:
+            await ex.write(*interim)
+            await asyncio.sleep(0.02)
+            await ex.write(final)
+        else:
+            await ex.write(*interim, final)
+
+    async with RawServer(handle) as srv:
+        results = await send(srv.url, 8, concurrency=2)
+    assert_each_ok_with_its_own_answer(results, 8)
+    assert len(srv.requests) == 8 and srv.connections == 2
+
+
+async def test_a_1xx_and_then_the_close_is_no_answer() -> None:
+    async def handle(ex: Exchange) -> None:
+        await ex.write(EARLY_HINTS)
+        ex.close()
+
+    async with RawServer(handle) as srv:
+        [r] = await send(srv.url, 1)
+    assert (r.status, r.error_code, r.http_status, r.attempts) == (
+        "failed",
+        "PROTOCOL_ERROR",
+        None,
+        3,
+    )
+
+
+async def test_bytes_nobody_asked_for_close_the_connection() -> None:
+    """After each first answer on a connection the server starts a second, unasked-for
+    answer; it finishes it only once the next request arrives. Credited to that request, it
+    would give it a msg_id that is not its own."""
+    stray = response("200 OK", b'{"msg_id":"STRAY","queue_id":0,"queue_offset":0}')
+
+    async def handle(ex: Exchange) -> None:
+        if ex.n == 0:
+            await ex.write(response("200 OK", answer_json(ex.body)), stray[:-10])
+        else:
+            await ex.write(stray[-10:], response("200 OK", answer_json(ex.body)))
+
+    async with RawServer(handle) as srv:
+        results = await send(srv.url, 6)
+    assert_each_ok_with_its_own_answer(results, 6)
+    # Each connection carried one request: the stray bytes closed it.
+    assert srv.connections == 6 and {n for _, n, _ in srv.requests} == {0}
+
+
+async def test_bytes_arriving_while_no_request_is_outstanding_close_the_connection() -> None:
+    """As above, but the stray bytes come while the client holds no request at all: its
+    worker is kept busy writing the result until the server sees the connection close (or
+    gives up after 2 s, which is how the client fails this test)."""
+    stray = response("200 OK", b'{"msg_id":"STRAY","queue_id":0,"queue_offset":0}')
+    released = asyncio.Event()
+
+    async def handle(ex: Exchange) -> None:
+        if ex.n == 0 or ex.conn > 0:
+            await ex.write(response("200 OK", answer_json(ex.body)))
+            if ex.conn == 0:
+                await ex.write(stray[:-10])
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ex.reader.read(1), 2)
+                released.set()
+        else:  # only a connection the client kept after the stray bytes gets here
+            await ex.write(stray[-10:], response("200 OK", answer_json(ex.body)))
+
+    got: list[Result] = []
+
+    def on_result(item: object, result: Result) -> Awaitable[bool] | None:
+        got.append(result)
+        return released.wait() if result.seq == 0 else None
+
+    async with RawServer(handle) as srv:
+        options = SendOptions(concurrency=1, retry=RETRY)
+        async with Sender(Target(srv.url, *TARGET_PATH), options=options) as s:
+            await s.run(records(3), on_result)
+    assert_each_ok_with_its_own_answer(got, 3)
+    assert srv.connections == 2
+
+
+async def test_an_attempt_given_up_by_its_caller_leaves_no_answer_for_the_next() -> None:
+    """A caller cancels ``post`` while its request is out; the answer the server sends
+    later must not be the answer to the next request on that connection."""
+
+    async def handle(ex: Exchange) -> None:
+        if ex.conn == 0 and ex.n == 0:
+            return  # answered only when the next request comes (if it comes on this one)
+        if ex.conn == 0:
+            await ex.write(response("200 OK", orjson.dumps({"msg_id": "ID-m0"})))
+        await ex.write(response("200 OK", answer_json(ex.body)))
+
+    target = Target("http://127.0.0.1", *TARGET_PATH)
+    async with RawServer(handle) as srv:
+        transport = H1Transport(
+            srv.url + target.path, fixed_headers(target), timeout=10, ssl_context=None
+        )
+        conn = transport.connection()
+        first = asyncio.create_task(conn.post({}, b'{"topic":"t","body":"m0"}'))
+        for _ in range(500):  # until the server holds the request (at most 5 s)
+            if srv.requests:
+                break
+            await asyncio.sleep(0.01)
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        answer = await conn.post({}, b'{"topic":"t","body":"m1"}')
+        await transport.aclose()
+    assert orjson.loads(answer.body)["msg_id"] == "ID-m1" and srv.connections == 2
+
+
+# --- close-delimited answers -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n",
+    ],
+    ids=["http-1.0", "connection-close"],
+)
+async def test_close_delimited_answers_are_complete_at_eof(head: bytes) -> None:
+    async def handle(ex: Exchange) -> None:
+        await ex.write(head, answer_json(ex.body))
+        ex.close()
+
+    async with RawServer(handle) as srv:
+        results = await send(srv.url, 20, concurrency=4)
+    assert_each_ok_with_its_own_answer(results, 20)
+    assert len(srv.requests) == 20  # one delivery per record, none retried
+
+
+async def test_an_answer_cut_short_of_its_content_length_is_still_an_error() -> None:
+    async def handle(ex: Exchange) -> None:
+        body = answer_json(ex.body)
+        await ex.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body), body[:-5])
+        ex.close()
+
+    async with RawServer(handle) as srv:
+        [r] = await send(srv.url, 1)
+    assert (r.status, r.error_code, r.attempts) == ("failed", "PROTOCOL_ERROR", 3)
+
+
+# --- answer size cap -----------------------------------------------------------------------
+
+ENDLESS_CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"8000\r\n" + b"x" * 0x8000 + b"\r\n",
+)
+HUGE_LENGTH = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000000000\r\n\r\n",
+    b"x" * 0x8000,
+)
+
+
+def too_large_then_ok(head_and_chunk: tuple[bytes, bytes]):  # type: ignore[no-untyped-def]
+    """Record m0 gets an answer that never ends; every other record a normal one."""
+
+    async def handle(ex: Exchange) -> None:
+        if orjson.loads(ex.body)["body"] == "m0":
+            await ex.stream(*head_and_chunk)
+        else:
+            await ex.write(response("200 OK", answer_json(ex.body)))
+
+    return handle
+
+
+def aiohttp_transport(url: str, cap: int) -> AiohttpTransport:
+    target = Target(url, *TARGET_PATH)
+    return AiohttpTransport(
+        target.url, fixed_headers(target), timeout=10, ssl_context=None, max_answer_bytes=cap
+    )
+
+
+@pytest.mark.parametrize("answer", [ENDLESS_CHUNKED, HUGE_LENGTH], ids=["chunked", "length"])
+@pytest.mark.parametrize("via", ["h1", "aiohttp"])
+async def test_an_answer_over_the_cap_fails_the_attempt_and_closes_the_connection(
+    answer: tuple[bytes, bytes], via: str
+) -> None:
+    async with RawServer(too_large_then_ok(answer)) as srv:
+        transport = aiohttp_transport(srv.url, CAP) if via == "aiohttp" else None
+        # timeout=10: were the cap not enforced, the attempt would end as a TIMEOUT.
+        results = await send(srv.url, 3, transport=transport, max_answer_bytes=CAP, timeout=10)
+    big, *rest = results
+    assert (big.status, big.error_code, big.attempts) == ("failed", "ANSWER_TOO_LARGE", 1)
+    assert f"{CAP} bytes" in (big.error_msg or "")
+    assert [(r.status, r.msg_id) for r in rest] == [("ok", "ID-m1"), ("ok", "ID-m2")]
+    # Not retried (a 200 may mean the message was stored), and its connection was closed.
+    assert sum(1 for *_, body in srv.requests if b'"m0"' in body) == 1
+    assert srv.closed_by_client >= 1
+
+
+async def test_the_default_cap_is_one_mebibyte() -> None:
+    mib = 1 << 20
+
+    async def handle(ex: Exchange) -> None:
+        # m0: an answer a little under 1 MiB, head included; m1: a body alone over 1 MiB.
+        size = mib - 1024 if b'"m0"' in ex.body else mib + 1
+        body = answer_json(ex.body)
+        await ex.write(response("200 OK", body + b" " * (size - len(body))))
+
+    async with RawServer(handle) as srv:
+        small, big = await send(srv.url, 2)
+    assert SendOptions().max_answer_bytes == mib
+    assert (small.status, big.status, big.error_code) == ("ok", "failed", "ANSWER_TOO_LARGE")
+
+
+async def test_max_answer_bytes_flag_reaches_the_transport(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``bulksend send --max-answer-bytes``: the CLI's flag ends in the attempt's cap."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b'{"topic":"t","body":"m0"}\n{"topic":"t","body":"m1"}\n')
+    out = tmp_path / "out.jsonl"
+
+    async def handle(ex: Exchange) -> None:
+        pad = b" " * (3000 if b'"m0"' in ex.body else 0)
+        await ex.write(response("200 OK", answer_json(ex.body) + pad))
+
+    async with RawServer(handle) as srv:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bulksend",
+            "send",
+            str(inp),
+            "--endpoint",
+            srv.url,
+            "--project-id",
+            "p",
+            "--instance-id",
+            "i",
+            "--max-answer-bytes",
+            "2048",
+            "--out",
+            str(out),
+            "--quiet",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=clean_env(),
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1, err
+    by_body = {r["seq"]: r for r in map(orjson.loads, out.read_bytes().splitlines())}
+    assert by_body[0]["error_code"] == "ANSWER_TOO_LARGE" and by_body[1]["status"] == "ok"
