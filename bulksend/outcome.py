@@ -27,6 +27,7 @@ def interpret(record: Record, resp: Response, secrets: tuple[str, ...] = ()) -> 
         seq=record.seq,
         source=record.source,
         id=record.id,
+        identity=record.identity,
         status=FAILED,
         http_status=resp.status,
         request_id=resp.request_id,

@@ -3,7 +3,7 @@ exception (STYLE habit 4)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
@@ -21,6 +21,7 @@ class Result:
     seq: int
     source: str
     id: str | None
+    identity: str | None = field(default=None, kw_only=True)  # Record.identity; in field order
     status: str
     http_status: int | None = None
     msg_id: str | None = None

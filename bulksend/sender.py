@@ -86,6 +86,7 @@ def invalid_result(item: Invalid) -> Result:
         seq=item.seq,
         source=item.source,
         id=item.id,
+        identity=item.identity,
         status=INVALID,
         error_code="INVALID_RECORD",
         error_msg=item.error,
@@ -93,7 +94,9 @@ def invalid_result(item: Invalid) -> Result:
 
 
 def skipped_result(item: Item) -> Result:
-    return Result(seq=item.seq, source=item.source, id=item.id, status=SKIPPED)
+    return Result(
+        seq=item.seq, source=item.source, id=item.id, identity=item.identity, status=SKIPPED
+    )
 
 
 class Sender:
@@ -378,6 +381,7 @@ class Sender:
                 seq=record.seq,
                 source=record.source,
                 id=record.id,
+                identity=record.identity,
                 status=FAILED,
                 error_code="KEY_FAILED",
                 error_msg=f"not sent: record seq {self._failed_keys[key]} with the same key"
@@ -426,6 +430,7 @@ class Sender:
                     seq=record.seq,
                     source=record.source,
                     id=record.id,
+                    identity=record.identity,
                     status=FAILED,
                     error_code=exc.code,
                     error_msg=str(exc),

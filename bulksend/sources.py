@@ -1,43 +1,66 @@
 """The input stage: paths in, one stream of ``Record``/``Invalid`` items out, each with its
-``seq`` and ``source`` (see ``bulksend.record``).
+``seq``, ``source`` and ``identity`` (see ``bulksend.record``).
 
 Every path is opened and checked when ``Inputs`` is built, so an unusable input stops the
 run (``InputOpenError``) before a single record is sent. After that, bad input is data: a
 malformed line, bad UTF-8, an over-long line or a gzip file corrupt midway each become one
-``Invalid`` and the stream goes on.
+``Invalid`` and the stream goes on. Each input is read exactly once, front to back, so a
+pipe, a FIFO or ``/dev/stdin`` gives all its records.
 
 Reading is streamed in 1 MiB binary chunks split on ``\\n`` here, not through a text file:
 no decoding of valid lines (orjson takes bytes), a handful of C calls per chunk instead of
 several Python calls per line, and peak memory of about one chunk plus the longest line
 whatever the input's size. ``parse`` decides what each line means.
+
+A ``.json`` file whose first non-space byte is ``[`` holds one JSON array of records: it is
+streamed element by element (memory: one chunk plus the longest element), each element's
+``source`` is ``path:line:column`` of its first byte. Any other ``.json`` file is JSONL.
+
+A ``Span`` reads one byte range of a plain JSONL file and numbers its records as a read of
+the whole file would: a shard reads only its share (``bulksend.spans.split_jsonl`` cuts
+a file into spans at line starts).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import hashlib
 import io
+import itertools
 import os
 import stat
 import sys
 import zlib
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
+from json import JSONDecodeError
 from types import TracebackType
 from typing import BinaryIO, Final
 
 from bulksend.errors import ConfigError, InputOpenError
-from bulksend.parse import CsvHeader, decode_raw, parse_jsonl, parse_jsonl_line, record_from_obj
+from bulksend.parse import (
+    CsvHeader,
+    decode_raw,
+    parse_jsonl,
+    parse_jsonl_line,
+    record_from_obj,
+    scan_json_value,
+    skip_json_space,
+)
 from bulksend.record import Invalid, Item
 
 __all__ = [
     "FORMATS",
     "MAX_LINE_BYTES",
     "Inputs",
-    "fingerprint",
+    "Span",
+    "canonical_input",
     "format_for",
+    "input_key",
+    "input_keys",
     "parse_jsonl_line",
     "record_from_obj",
 ]
@@ -48,7 +71,8 @@ _EXTENSIONS: Final = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", "
 #: Bytes asked of the file per read (decompressed bytes for .gz).
 CHUNK_BYTES: Final = 1 << 20
 #: A longer line is one Invalid, so a file without newlines cannot exhaust memory. Twice
-#: DMS RocketMQ's 4 MiB message limit leaves room for JSON escaping.
+#: DMS RocketMQ's 4 MiB message limit leaves room for JSON escaping. Also the longest
+#: element of a JSON array file, in characters.
 MAX_LINE_BYTES: Final = 8 << 20
 #: Longest CSV field, in characters (the csv module's default, 128 Ki, is below a message).
 MAX_CSV_FIELD: Final = 4 << 20
@@ -68,14 +92,76 @@ def format_for(path: str, fmt: str | None) -> str:
         return fmt
     if path == "-":
         return "jsonl"
-    stem = path[:-3] if path.lower().endswith(".gz") else path
-    found = _EXTENSIONS.get(os.path.splitext(stem)[1].lower())
+    found = _EXTENSIONS.get(_extension(path))
     if found is None:
         raise InputOpenError(
             f"{path}: unknown input format (use a .jsonl, .ndjson, .json or .csv name, "
             "optionally .gz, or give --format jsonl|csv)"
         )
     return found
+
+
+def _extension(path: str) -> str:
+    stem = path[:-3] if path.lower().endswith(".gz") else path
+    return os.path.splitext(stem)[1].lower()
+
+
+# --- identity ------------------------------------------------------------------------------
+
+
+def canonical_input(path: str) -> str:
+    """The name of an input that does not depend on how it was typed: the real path
+    (absolute, ``.``/``..`` and symlinks resolved), so ``day1.jsonl``, ``./day1.jsonl`` and
+    ``/data/day1.jsonl`` are one input. ``-`` (stdin) and a URL (``s3://...``) stay as
+    given."""
+    if path == "-" or "://" in path:
+        return path
+    return os.path.realpath(path)
+
+
+def input_key(path: str, occurrence: int = 1) -> str:
+    """The input's part of its records' identities: 16 hex digits of the SHA-256 of
+    ``canonical_input(path)`` (and of ``occurrence`` from the second time the same input is
+    named in one run, so its records stay distinct from the first reading's).
+
+    A digest, not the path itself: identities are written in every ledger line and held in
+    memory by ``--resume``, and 64 bits tell any inputs of a run apart."""
+    name = canonical_input(path)
+    if occurrence > 1:
+        name = f"{name}\n{occurrence}"
+    return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def input_keys(paths: Iterable[str]) -> list[str]:
+    """``input_key`` of each of a run's inputs, in order, counting repeats of an input."""
+    seen: dict[str, int] = {}
+    keys = []
+    for path in paths:
+        name = canonical_input(path)
+        seen[name] = seen.get(name, 0) + 1
+        keys.append(input_key(path, seen[name]))
+    return keys
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Bytes ``start``..``end`` (end exclusive; None: to the end) of a plain JSONL regular
+    file, ``start`` being a line start: one shard's share of an input.
+
+    ``first_line`` is the physical line number of the line at ``start`` and ``first_seq``
+    the seq of the span's first record, so the span's records get the same ``seq``,
+    ``source`` and ``identity`` as in a read of the whole file. ``key`` is the input's key
+    (default ``input_key(path)``: the file's first reading in a run). ``records``, when
+    known (``split_jsonl`` counts them), is how many seqs the span holds.
+    """
+
+    path: str
+    start: int = 0
+    end: int | None = None
+    first_line: int = 1
+    first_seq: int = 0
+    records: int | None = None
+    key: str | None = None
 
 
 @dataclass(eq=False)
@@ -85,11 +171,16 @@ class _Input:
     name: str  # as given on the command line; "-" for stdin
     fmt: str
     read: Callable[[int], bytes]
-    size: int | None  # on disk; None for stdin, pipes and devices
+    size: int | None  # bytes it will read from disk; None for stdin, pipes and devices
+    key: str = ""  # the identity's input part
     gz_raw: BinaryIO | None = None  # the compressed file under a GzipFile (for bytes_read)
     owned: list[io.IOBase] = field(default_factory=list)  # to close
     broken: str | None = None  # why the rest of the file could not be read
     tail: bytes = b""  # the partial line before the break, or an over-long line's start
+    line0: int = 0  # physical lines before the first one read (a Span's first_line - 1)
+    seq0: int | None = None  # the first record's seq (a Span's); None: carry on
+    bom: bool = True  # at the file's start: a UTF-8 BOM there is dropped
+    array: bool = False  # may be a JSON array (a .json name): look at the first byte
 
     def close(self) -> None:
         for f in reversed(self.owned):
@@ -97,30 +188,84 @@ class _Input:
         self.owned.clear()
 
 
-def _open(path: str, fmt: str | None, stdin: BinaryIO | None) -> _Input:
+def _open(spec: str | Span, fmt: str | None, stdin: BinaryIO | None, key: str) -> _Input:
+    if isinstance(spec, Span):
+        return _open_span(spec, fmt, key)
+    path = spec
     if path == "-":
         src = stdin if stdin is not None else sys.stdin.buffer
         # read1 returns what a pipe has now instead of waiting for a full chunk.
-        return _Input("-", format_for(path, fmt), getattr(src, "read1", src.read), None)
-    try:
-        raw = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by _Input.close
-    except OSError as exc:
-        raise InputOpenError(f"cannot open input {path}: {exc.strerror or exc}") from None
+        return _Input("-", format_for(path, fmt), getattr(src, "read1", src.read), None, key)
+    raw = _open_file(path)
     try:
         info = os.fstat(raw.fileno())
         if stat.S_ISDIR(info.st_mode):
             raise InputOpenError(f"cannot open input {path}: Is a directory")
         fmt = format_for(path, fmt)
         size = info.st_size if stat.S_ISREG(info.st_mode) else None
+        array = fmt == "jsonl" and _extension(path) == ".json"
         if not path.lower().endswith(".gz"):
-            return _Input(path, fmt, raw.read, size, owned=[raw])
+            return _Input(path, fmt, raw.read, size, key, owned=[raw], array=array)
         # Checked now, so a mislabelled file stops the run before anything is sent.
         if size and os.pread(raw.fileno(), 2, 0) != _GZIP_MAGIC:
             raise InputOpenError(f"cannot open input {path}: not a gzip file")
         gz = gzip.GzipFile(fileobj=raw, mode="rb")
         # read1 inflates one compressed block per call, so every line before a corrupt
         # spot is delivered; read would drop the whole chunk it was filling.
-        return _Input(path, fmt, gz.read1, size, gz_raw=raw, owned=[raw, gz])
+        return _Input(path, fmt, gz.read1, size, key, gz_raw=raw, owned=[raw, gz], array=array)
+    except OSError as exc:
+        raw.close()
+        raise InputOpenError(f"cannot read input {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        raw.close()
+        raise
+
+
+def _open_file(path: str) -> io.FileIO:
+    try:
+        return open(path, "rb", buffering=0)
+    except OSError as exc:
+        raise InputOpenError(f"cannot open input {path}: {exc.strerror or exc}") from None
+
+
+def _open_span(span: Span, fmt: str | None, key: str) -> _Input:
+    path = span.path
+    if format_for(path, fmt) != "jsonl" or path.lower().endswith(".gz"):
+        raise InputOpenError(
+            f"{path}: only a plain (not gzip) JSONL file can be read by byte range"
+        )
+    raw = _open_file(path)
+    try:
+        info = os.fstat(raw.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise InputOpenError(f"{path}: only a regular file can be read by byte range")
+        end = info.st_size if span.end is None else span.end
+        if not 0 <= span.start <= end <= info.st_size or span.first_line < 1 or span.first_seq < 0:
+            raise InputOpenError(
+                f"{path}: span {span.start}..{end} does not fit the file ({info.st_size} bytes)"
+            )
+        if span.start and os.pread(raw.fileno(), 1, span.start - 1) != b"\n":
+            raise InputOpenError(f"{path}: span start {span.start} is not at a line start")
+        raw.seek(span.start)
+        left = end - span.start
+
+        def read(n: int) -> bytes:
+            nonlocal left
+            data = raw.read(min(n, left)) if left > 0 else b""
+            left -= len(data)
+            return data
+
+        return _Input(
+            path,
+            "jsonl",
+            read,
+            end - span.start,
+            key,
+            owned=[raw],
+            line0=span.first_line - 1,
+            seq0=span.first_seq,
+            bom=span.start == 0,
+        )
     except OSError as exc:
         raw.close()
         raise InputOpenError(f"cannot read input {path}: {exc.strerror or exc}") from None
@@ -133,25 +278,28 @@ class Inputs:
     """The records of ``paths``, in order, as one stream of Items.
 
     ``paths``: files as given on the command line; ``-`` is ``stdin`` (default
-    ``sys.stdin.buffer``, never closed here), at most once. ``.gz`` files are decompressed.
+    ``sys.stdin.buffer``, never closed here), at most once; a ``Span`` is a byte range of a
+    plain JSONL file, its records numbered from the span's ``first_seq`` (a path after it
+    carries on from there). ``.gz`` files are decompressed.
     ``fmt``: ``"jsonl"`` or ``"csv"`` for every input; default: by extension, stdin jsonl.
     ``default_topic``: the topic of records that name none.
 
     All paths are opened here: InputOpenError (missing, a directory, unreadable, not gzip,
-    unknown format) or ConfigError (bad ``fmt`` or topic) is raised before anything is read.
-    Iterate once (``for item in inputs`` or ``inputs.batches(n)``); use as a context manager
-    or call ``close()``.
+    unknown format, a span that does not fit) or ConfigError (bad ``fmt`` or topic) is
+    raised before anything is read. Iterate once (``for item in inputs`` or
+    ``inputs.batches(n)``); use as a context manager or call ``close()``.
     """
 
     bytes_total: int | None
-    """Sum of the inputs' sizes on disk (compressed for .gz); None if one is not a file."""
+    """Sum of the inputs' sizes on disk (compressed for .gz; a span's length); None if one
+    is not a file."""
     bytes_read: int
     """Bytes of the inputs consumed so far, as counted by ``bytes_total``; moves a chunk
     at a time, which is cheap enough to poll for a progress bar."""
 
     def __init__(
         self,
-        paths: Sequence[str],
+        paths: Sequence[str | Span],
         *,
         fmt: str | None = None,
         default_topic: str | None = None,
@@ -161,16 +309,21 @@ class Inputs:
             raise ConfigError(f"unknown input format {fmt!r} (expected jsonl or csv)")
         if default_topic == "":
             raise ConfigError("the default topic (--topic) is empty")
-        if isinstance(paths, str):
-            raise TypeError("paths is a sequence of paths, not one str")
+        if isinstance(paths, str | Span):
+            raise TypeError("paths is a sequence of paths, not one path")
         if list(paths).count("-") > 1:
             raise InputOpenError("stdin (-) is given more than once")
         self._default_topic = default_topic
         self._inputs: list[_Input] = []
         self._started = False
+        # A span is part of its file's first reading; plain paths count their repeats.
+        keys = iter(input_keys(p for p in paths if isinstance(p, str)))
         try:
-            for path in paths:
-                self._inputs.append(_open(path, fmt, stdin))
+            for spec in paths:
+                if isinstance(spec, str):
+                    self._inputs.append(_open(spec, fmt, stdin, next(keys)))
+                else:
+                    self._inputs.append(_open(spec, fmt, stdin, spec.key or input_key(spec.path)))
         except BaseException:
             self.close()
             raise
@@ -213,6 +366,8 @@ class Inputs:
         seq = 0
         for inp in self._inputs:
             base = self.bytes_read
+            if inp.seq0 is not None:
+                seq = inp.seq0
             try:
                 if inp.fmt == "csv":
                     seq = yield from self._csv_items(inp, seq)
@@ -226,15 +381,20 @@ class Inputs:
     # --- JSONL ---------------------------------------------------------------------------
 
     def _jsonl_items(self, inp: _Input, seq: int) -> Generator[Item, None, int]:
-        name = inp.name
+        chunks = self._chunks(inp)
+        if inp.array:
+            first, chunks = _first_byte(chunks)
+            if first == b"[":
+                return (yield from _ArrayReader(inp, chunks, self._default_topic).items(seq))
+        name, key = inp.name, inp.key
         topic = self._default_topic
-        lineno = 0
-        for line in self._lines(inp):
+        lineno = inp.line0
+        for line in self._lines(inp, chunks):
             lineno += 1
             if line is _MARK:
-                yield self._marked(inp, seq, f"{name}:{lineno}")
+                yield self._marked(inp, seq, f"{name}:{lineno}", f"{key}:{lineno}")
             else:
-                item = parse_jsonl(line, seq, f"{name}:{lineno}", topic)
+                item = parse_jsonl(line, seq, f"{name}:{lineno}", topic, f"{key}:{lineno}")
                 if item is None:  # blank: no seq
                     continue
                 yield item
@@ -242,26 +402,29 @@ class Inputs:
         return seq
 
     @staticmethod
-    def _marked(inp: _Input, seq: int, source: str) -> Invalid:
+    def _marked(inp: _Input, seq: int, source: str, identity: str) -> Invalid:
         raw = decode_raw(inp.tail)
         if inp.broken is not None:
-            return Invalid(seq, source, raw, inp.broken)
-        return Invalid(seq, source, raw, f"line is longer than {MAX_LINE_BYTES >> 20} MiB")
+            return Invalid(seq, source, raw, inp.broken, None, identity)
+        return Invalid(
+            seq, source, raw, f"line is longer than {MAX_LINE_BYTES >> 20} MiB", None, identity
+        )
 
     # --- reading -------------------------------------------------------------------------
 
     def _chunks(self, inp: _Input) -> Iterator[bytes]:
-        """The input's bytes, BOM dropped; sets ``inp.broken`` if reading fails midway."""
+        """The input's bytes, a leading BOM dropped; sets ``inp.broken`` if reading fails
+        midway."""
         read, gz_raw, base = inp.read, inp.gz_raw, self.bytes_read
         done = 0  # bytes read from a plain file or stdin
         try:
             chunk = read(CHUNK_BYTES)
             eof = not chunk  # then never read again: a terminal would wait for a 2nd ^D
             # A pipe may hand out fewer bytes than a BOM: gather enough to look.
-            while not eof and len(chunk) < len(_BOM):
+            while inp.bom and not eof and len(chunk) < len(_BOM):
                 more = read(CHUNK_BYTES)
                 chunk, eof = chunk + more, not more
-            if chunk.startswith(_BOM):
+            if inp.bom and chunk.startswith(_BOM):
                 done, chunk = len(_BOM), chunk[len(_BOM) :]
             while not eof or chunk:
                 if chunk:
@@ -276,14 +439,14 @@ class Inputs:
             what = "gzip data is corrupt" if gz_raw is not None else "read failed"
             inp.broken = f"{what} ({exc}); the rest of this file is skipped"
 
-    def _lines(self, inp: _Input) -> Iterator[bytes]:
+    def _lines(self, inp: _Input, chunks: Iterable[bytes] | None = None) -> Iterator[bytes]:
         """The input's physical lines without their ``\\n``, ``\\r`` kept. An over-long line,
         and the unreadable rest of a broken file (always last), come as ``_MARK`` with
         ``inp.tail``/``inp.broken`` set."""
         parts: list[bytes] = []  # the unfinished line, in pieces
         pending = 0  # len of the pieces
         overlong = False  # inside an over-long line: drop bytes up to its end
-        for chunk in self._chunks(inp):
+        for chunk in self._chunks(inp) if chunks is None else chunks:
             lines = chunk.split(b"\n")
             if len(lines) == 1:
                 if not overlong:
@@ -330,25 +493,33 @@ class Inputs:
                 row, error = None, None
             except csv.Error as exc:
                 row, error = [], feed.problem or f"malformed CSV: {exc}"
+            first = feed.first
             if inp.broken is not None:  # the broken tail swallows the unfinished row
                 raw = "\n".join([*feed.raw, decode_raw(inp.tail)])
-                yield Invalid(seq, f"{inp.name}:{feed.first}", raw, inp.broken)
+                yield Invalid(
+                    seq, f"{inp.name}:{first}", raw, inp.broken, None, f"{inp.key}:{first}"
+                )
                 return seq + 1
             if row is None:
                 return seq
             if error is None and not feed.nonblank:
                 continue
-            source, raw = f"{inp.name}:{feed.first}", "\n".join(feed.raw)
+            source, identity = f"{inp.name}:{first}", f"{inp.key}:{first}"
+            raw = "\n".join(feed.raw)
             if error is not None:
-                yield Invalid(
-                    seq, source, raw, f"CSV header row: {error}" if header is None else error
-                )
+                message = f"CSV header row: {error}" if header is None else error
+                yield Invalid(seq, source, raw, message, None, identity)
             elif header is None:
                 header = CsvHeader(row)
                 continue
             else:
                 yield header.item(
-                    row, seq=seq, source=source, raw=raw, default_topic=self._default_topic
+                    row,
+                    seq=seq,
+                    source=source,
+                    raw=raw,
+                    default_topic=self._default_topic,
+                    identity=identity,
                 )
             seq += 1
 
@@ -398,35 +569,171 @@ class _CsvFeed:
         return text + "\n"
 
 
-# --- change detection ---------------------------------------------------------------------
-
-_FINGERPRINT_SPAN: Final = 1 << 20
+# --- JSON arrays ---------------------------------------------------------------------------
 
 
-def fingerprint(path: str) -> str:
-    """A cheap fingerprint of an input file's content, for ``--resume`` to notice that an
-    input changed since the results ledger was written.
+def _first_byte(chunks: Iterator[bytes]) -> tuple[bytes, Iterator[bytes]]:
+    """The first non-space byte of a stream (b"" if none), and the whole stream again."""
+    seen: list[bytes] = []
+    for chunk in chunks:
+        seen.append(chunk)
+        text = chunk.lstrip(b" \t\n\r")  # JSON's whitespace
+        if text:
+            return text[:1], itertools.chain(seen, chunks)
+    return b"", iter(seen)
 
-    ``v1:<size>:<mtime_ns>:<sha256 of the first and the last MiB>`` (the whole file when
-    it is at most 2 MiB): at most 2 MiB read whatever the file's size. Size and the tail
-    catch appends and truncation, the head catches a different file, mtime catches an edit
-    in the middle. A ``touch`` or a copy without ``-p`` also counts as a change: the safe
-    side, --resume refuses rather than skipping the wrong records. The .gz file itself is
-    fingerprinted, not its content. Raises InputOpenError if ``path`` is ``-`` or cannot
-    be read.
+
+class _Broken(Exception):
+    """Internal: the array's own text is malformed at ``pos`` (``msg`` says how), in what
+    begins at ``start`` (an element, or the text after one)."""
+
+    def __init__(self, msg: str, start: int, pos: int) -> None:
+        super().__init__(msg)
+        self.msg, self.start, self.pos = msg, start, pos
+
+
+class _ArrayReader:
+    """One JSON array of records, streamed element by element.
+
+    The text is decoded incrementally (bad UTF-8 kept as surrogate escapes, so it comes
+    back byte for byte and the element is reported by ``parse`` as for a JSONL line). The
+    stdlib's C scanner finds where each element ends; the element's own bytes then go
+    through ``parse_jsonl`` as a JSONL line would, exact numbers included. The buffer holds
+    the undecided text only: about one chunk plus the longest element.
+
+    An element that is not a valid record is one Invalid; a break in the array's own
+    syntax (or the unreadable rest of a gzip file) is one Invalid for the rest of the file,
+    since no next element can be found with certainty after it.
     """
-    if path == "-":
-        raise InputOpenError("stdin (-) has no fingerprint: --resume needs input files")
-    try:
-        with open(path, "rb") as f:
-            info = os.fstat(f.fileno())
-            digest = hashlib.sha256()
-            if info.st_size <= 2 * _FINGERPRINT_SPAN:
-                digest.update(f.read())
-            else:
-                digest.update(f.read(_FINGERPRINT_SPAN))
-                f.seek(-_FINGERPRINT_SPAN, os.SEEK_END)
-                digest.update(f.read(_FINGERPRINT_SPAN))
-    except OSError as exc:
-        raise InputOpenError(f"cannot read input {path}: {exc.strerror or exc}") from None
-    return f"v1:{info.st_size}:{info.st_mtime_ns}:{digest.hexdigest()}"
+
+    def __init__(self, inp: _Input, chunks: Iterator[bytes], topic: str | None) -> None:
+        self.inp = inp
+        self.chunks = chunks
+        self.topic = topic
+        self.decode = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode
+        self.buf = ""
+        self.eof = False
+        self.base = 0  # file offset (characters) of buf[0]
+        self.line = 1  # the line holding offset counted_to
+        self.line_start = 0  # offset where that line starts
+        self.counted_to = 0  # offset up to which newlines are counted
+
+    def more(self) -> bool:
+        """Append the next chunk's text; False at the end of the input."""
+        if self.eof:
+            return False
+        chunk = next(self.chunks, None)
+        if chunk is None:
+            self.eof = True
+            self.buf += self.decode(b"", final=True)
+            return False
+        self.buf += self.decode(chunk)
+        return True
+
+    def where(self, at: int) -> tuple[int, int]:
+        """(line, column) of buf[at], both 1-based; column in characters."""
+        rel = self.counted_to - self.base
+        newlines = self.buf.count("\n", rel, at)
+        if newlines:
+            self.line += newlines
+            self.line_start = self.base + self.buf.rindex("\n", rel, at) + 1
+        self.counted_to = self.base + at
+        return self.line, self.base + at - self.line_start + 1
+
+    def space(self, at: int) -> int:
+        """Past the whitespace at buf[at], reading on as needed."""
+        while True:
+            at = skip_json_space(self.buf, at)
+            if at < len(self.buf) or not self.more():
+                return at
+
+    def value(self, at: int) -> int:
+        """The end of the JSON value at buf[at], reading on as needed. A value that ends
+        where the buffer does may go on (a number): read on before trusting it."""
+        while True:
+            problem: tuple[str, int] | None = None
+            try:
+                end = scan_json_value(self.buf, at)
+            except StopIteration:
+                end, problem = None, ("Expecting value", at)
+            except JSONDecodeError as exc:
+                end, problem = None, (exc.msg, exc.pos)
+            except RecursionError:
+                end, problem = None, ("Nested too deeply", at)
+            except ValueError as exc:
+                end, problem = None, (str(exc), at)
+            if end is not None and (end < len(self.buf) or self.eof):
+                return end
+            if problem is not None and self.eof:
+                raise _Broken(problem[0], at, problem[1])
+            if len(self.buf) - at > MAX_LINE_BYTES:
+                raise _Broken(f"Element longer than {MAX_LINE_BYTES >> 20} MiB", at, at)
+            self.more()
+
+    def char(self, at: int) -> str:
+        """buf[at], or "" past the end of the input."""
+        return self.buf[at] if at < len(self.buf) else ""
+
+    def trim(self, at: int) -> int:
+        """Drop the text before buf[at] once it is a chunk's worth; the new ``at``."""
+        if at < CHUNK_BYTES:
+            return at
+        self.where(at)
+        self.buf = self.buf[at:]
+        self.base += at
+        return 0
+
+    def items(self, seq: int) -> Generator[Item, None, int]:
+        key, name = self.inp.key, self.inp.name
+        at = self.space(self.space(0) + 1)  # past "["
+        try:
+            if self.char(at) == "]":
+                self.end(at + 1)
+                return seq
+            while True:
+                line, col = self.where(at)
+                source, identity = f"{name}:{line}:{col}", f"{key}:{line}:{col}"
+                end = self.value(at)
+                text = self.buf[at:end].encode("utf-8", "surrogateescape")
+                item = parse_jsonl(text, seq, source, self.topic, identity)
+                assert item is not None  # a JSON value is never blank
+                yield item
+                seq += 1
+                at = self.space(end)
+                if self.char(at) == "]":
+                    self.end(at + 1)
+                    return seq
+                if self.char(at) != ",":
+                    raise _Broken("Expecting ',' delimiter or ']'", at, at)
+                at = self.trim(self.space(at + 1))
+        except _Broken as exc:
+            yield self.broken(exc, seq)
+            return seq + 1
+
+    def end(self, at: int) -> None:
+        """After the closing ``]``: nothing but whitespace may follow."""
+        at = self.space(at)
+        if at < len(self.buf):
+            raise _Broken("Extra data", at, at)
+        if self.inp.broken is not None:
+            raise _Broken("", at, at)
+
+    def broken(self, exc: _Broken, seq: int) -> Invalid:
+        """One Invalid for the rest of the input, from ``exc.start`` on."""
+        line, col = self.where(exc.start)
+        source, identity = f"{self.inp.name}:{line}:{col}", f"{self.inp.key}:{line}:{col}"
+        raw = decode_raw(
+            self.buf[exc.start : exc.start + _RAW_PREFIX].encode("utf-8", "surrogateescape")
+        )
+        if self.inp.broken is not None:
+            return Invalid(seq, source, raw, self.inp.broken, None, identity)
+        line, col = self.where(exc.pos)
+        return Invalid(
+            seq,
+            source,
+            raw,
+            f"malformed JSON array: {exc.msg}: line {line} column {col}; "
+            "the rest of this file is skipped",
+            None,
+            identity,
+        )
