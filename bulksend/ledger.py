@@ -88,7 +88,14 @@ class IdentitySet:
     @staticmethod
     def _split(identity: str) -> tuple[str, int] | None:
         key, _, line = identity.rpartition(":")
-        if key and ":" not in key and line.isascii() and line.isdigit() and len(line) < 16:
+        if (
+            key
+            and ":" not in key
+            and line.isascii()
+            and line.isdigit()
+            and len(line) < 16
+            and (line[0] != "0" or line == "0")  # "k:01" is not "k:1"
+        ):
             return key, int(line)
         return None
 
