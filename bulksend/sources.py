@@ -24,6 +24,7 @@ a file into spans at line starts).
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -234,17 +235,20 @@ def _open_span(span: Span, fmt: str | None, key: str) -> _Input:
         raise InputOpenError(
             f"{path}: only a plain (not gzip) JSONL file can be read by byte range"
         )
+    # Looked at before opening: opening a FIFO would wait for a writer.
+    with contextlib.suppress(OSError):  # a missing file: _open_file says so
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise InputOpenError(f"{path}: only a regular file can be read by byte range")
     raw = _open_file(path)
     try:
         info = os.fstat(raw.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise InputOpenError(f"{path}: only a regular file can be read by byte range")
         end = info.st_size if span.end is None else span.end
         if not 0 <= span.start <= end <= info.st_size or span.first_line < 1 or span.first_seq < 0:
             raise InputOpenError(
                 f"{path}: span {span.start}..{end} does not fit the file ({info.st_size} bytes)"
             )
-        if span.start and os.pread(raw.fileno(), 1, span.start - 1) != b"\n":
+        # An empty span at the end of a file whose last line has no newline is fine.
+        if 0 < span.start < end and os.pread(raw.fileno(), 1, span.start - 1) != b"\n":
             raise InputOpenError(f"{path}: span start {span.start} is not at a line start")
         raw.seek(span.start)
         left = end - span.start
@@ -453,7 +457,9 @@ class Inputs:
                     parts.append(chunk)
                     pending += len(chunk)
                     if pending > MAX_LINE_BYTES:
-                        inp.tail, parts, pending, overlong = parts[0][:_RAW_PREFIX], [], 0, True
+                        # The line's start, however the reads cut it.
+                        inp.tail = b"".join(parts)[:_RAW_PREFIX]
+                        parts, pending, overlong = [], 0, True
                 continue
             last = lines.pop()
             if overlong:
