@@ -64,8 +64,14 @@ __all__ = [
 INTENT: Final = "intent"
 RUN: Final = "run"
 
-#: Lines per page of an IdentitySet's bitmap (64 KiB pages).
-_PAGE_LINES: Final = 1 << 19
+#: Lines per page of an IdentitySet's bitmap: 2**19 (64 KiB pages).
+_PAGE_SHIFT: Final = 19
+_PAGE_MASK: Final = (1 << _PAGE_SHIFT) - 1
+
+
+def _is_line(text: str) -> bool:
+    """Whether ``text`` is a line number as identities write it (no sign, no leading 0)."""
+    return text.isdigit() and text.isascii() and len(text) < 16 and (text[0] != "0" or text == "0")
 
 
 class IdentitySet:
@@ -85,46 +91,36 @@ class IdentitySet:
         self._other: set[str] = set()
         self._count = 0
 
-    @staticmethod
-    def _split(identity: str) -> tuple[str, int] | None:
-        key, _, line = identity.rpartition(":")
-        if (
-            key
-            and ":" not in key
-            and line.isascii()
-            and line.isdigit()
-            and len(line) < 16
-            and (line[0] != "0" or line == "0")  # "k:01" is not "k:1"
-        ):
-            return key, int(line)
-        return None
-
     def add(self, identity: str) -> None:
-        split = self._split(identity)
-        if split is None:
+        key, _, line = identity.rpartition(":")
+        if ":" in key or not key or not _is_line(line):
             if identity not in self._other:
                 self._other.add(identity)
                 self._count += 1
             return
-        key, line = split
-        pages = self._pages.setdefault(key, {})
-        page = pages.get(line // _PAGE_LINES)
+        n = int(line)
+        pages = self._pages.get(key)
+        if pages is None:
+            pages = self._pages[key] = {}
+        page = pages.get(n >> _PAGE_SHIFT)
         if page is None:
-            page = pages[line // _PAGE_LINES] = bytearray(_PAGE_LINES // 8)
-        at, mask = (line % _PAGE_LINES) >> 3, 1 << (line & 7)
-        if not page[at] & mask:
-            page[at] |= mask
+            page = pages[n >> _PAGE_SHIFT] = bytearray(1 << (_PAGE_SHIFT - 3))
+        at, bit = (n & _PAGE_MASK) >> 3, 1 << (n & 7)
+        if not page[at] & bit:
+            page[at] |= bit
             self._count += 1
 
     def __contains__(self, identity: object) -> bool:
-        if not isinstance(identity, str):
+        # The path every record of a resumed run takes: as few calls as the checks allow.
+        if type(identity) is not str:
             return False
-        split = self._split(identity)
-        if split is None:
+        key, _, line = identity.rpartition(":")
+        pages = self._pages.get(key)
+        if pages is None or not _is_line(line):
             return identity in self._other
-        key, line = split
-        page = self._pages.get(key, {}).get(line // _PAGE_LINES)
-        return page is not None and bool(page[(line % _PAGE_LINES) >> 3] & (1 << (line & 7)))
+        n = int(line)
+        page = pages.get(n >> _PAGE_SHIFT)
+        return page is not None and bool(page[(n & _PAGE_MASK) >> 3] >> (n & 7) & 1)
 
     def __len__(self) -> int:
         return self._count
