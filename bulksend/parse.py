@@ -267,22 +267,10 @@ def skip_json_space(text: str, at: int) -> int:
 def _member_text(line: bytes, name: str) -> str:
     """The JSON text of top-level member ``name`` in the object on ``line`` (the last one
     when repeated, which is orjson's choice too), whitespace outside strings dropped.
-    ``line`` must hold a valid JSON object: orjson has already decoded it."""
+    ``line`` must hold a valid JSON object that has ``name``: orjson has decoded it."""
     text = line.decode()
-    space = skip_json_space
-    found: tuple[int, int] | None = None
     try:
-        at = space(text, space(text, 0) + 1)  # past "{"
-        while text[at] == '"':
-            key, at = _scan(text, at)
-            start = space(text, space(text, at) + 1)  # past ":"
-            at = scan_json_value(text, start)
-            if key == name:
-                found = (start, at)
-            at = space(text, at)
-            if text[at] != ",":
-                break
-            at = space(text, at + 1)
+        found = _member_at(text, name)
     except RecursionError:
         raise _Reject(f"{name} is nested too deeply to be read exactly") from None
     if found is None:  # cannot happen for a line orjson decoded to a dict holding name
@@ -291,6 +279,32 @@ def _member_text(line: bytes, name: str) -> str:
     if " " in value or "\t" in value or "\n" in value or "\r" in value:
         value = _COMPACT.sub(lambda m: m.group(1) or "", value)
     return value
+
+
+def _member_at(text: str, name: str) -> tuple[int, int] | None:
+    """Where the value of top-level member ``name`` starts and ends in ``text``."""
+    space = skip_json_space
+    token = f'"{name}"'
+    # Shortcut, one scan instead of one per member. With no backslash in the line every
+    # '"' opens or closes a string, so the text '"name"' can only be that string whole;
+    # found once, it is the top-level key orjson saw (a key with escapes, or a second
+    # occurrence anywhere, takes the walk below).
+    if "\\" not in text and text.count(token) == 1:
+        start = space(text, space(text, text.index(token) + len(token)) + 1)  # past ":"
+        return start, scan_json_value(text, start)
+    found = None
+    at = space(text, space(text, 0) + 1)  # past "{"
+    while text[at] == '"':
+        key, at = _scan(text, at)
+        start = space(text, space(text, at) + 1)  # past ":"
+        at = scan_json_value(text, start)
+        if key == name:
+            found = (start, at)
+        at = space(text, at)
+        if text[at] != ",":
+            break
+        at = space(text, at + 1)
+    return found
 
 
 def _properties(plist: Any, pdict: Any, keys: Any, tags: Any) -> tuple[tuple[str, str], ...]:

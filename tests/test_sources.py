@@ -559,10 +559,22 @@ def test_non_string_body_is_the_inputs_own_json_text(tmp_path: Path, body: str, 
     assert item.body == sent
 
 
-def test_a_repeated_body_member_sends_the_last_as_orjson_reads_it(tmp_path: Path) -> None:
-    path = write(tmp_path, "m.jsonl", '{"topic":"t","body":1,"body":[2, 3]}\n')
+@pytest.mark.parametrize(
+    ("line", "sent"),
+    [
+        ('{"topic":"t","body":1,"body":[2, 3]}', "[2,3]"),  # the last, as orjson reads it
+        ('{"topic":"t","x":{"body":2},"body":[1]}', "[1]"),
+        ('{"topic":"body","body":1E2}', "1E2"),
+        ('{"topic":"t","bo\\u0064y":[1],"x":{"body":2}}', "[1]"),  # an escaped key
+        ('{"topic":"t","x":"\\"body\\":9","body":[1]}', "[1]"),
+    ],
+)
+def test_the_top_level_body_member_is_found_wherever_body_appears(
+    tmp_path: Path, line: str, sent: str
+) -> None:
+    path = write(tmp_path, "m.jsonl", line + "\n")
     item = only(read(path))
-    assert isinstance(item, Record) and item.body == "[2,3]"
+    assert isinstance(item, Record) and item.body == sent
 
 
 @pytest.mark.parametrize(
