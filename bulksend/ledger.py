@@ -42,9 +42,9 @@ from typing import Any, BinaryIO, Final
 import orjson
 
 from bulksend.errors import InputOpenError, LedgerError
+from bulksend.identity import canonical_input, input_key
 from bulksend.record import Item
 from bulksend.result import OK, Result
-from bulksend.sources import canonical_input, input_key
 
 __all__ = [
     "INTENT",

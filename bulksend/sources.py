@@ -12,9 +12,9 @@ no decoding of valid lines (orjson takes bytes), a handful of C calls per chunk 
 several Python calls per line, and peak memory of about one chunk plus the longest line
 whatever the input's size. ``parse`` decides what each line means.
 
-A ``.json`` file whose first non-space byte is ``[`` holds one JSON array of records: it is
-streamed element by element (memory: one chunk plus the longest element), each element's
-``source`` is ``path:line:column`` of its first byte. Any other ``.json`` file is JSONL.
+A ``.json`` file whose first non-space byte is ``[`` holds one JSON array of records, read
+by ``json_array`` (memory: one chunk plus the longest element). Any other ``.json`` file is
+JSONL. Identities come from ``identity.input_keys`` over the paths given.
 
 A ``Span`` reads one byte range of a plain JSONL file and numbers its records as a read of
 the whole file would: a shard reads only its share (``bulksend.spans.split_jsonl`` cuts
@@ -23,13 +23,10 @@ a file into spans at line starts).
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import csv
 import gzip
-import hashlib
 import io
-import itertools
 import os
 import stat
 import sys
@@ -37,19 +34,18 @@ import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
-from json import JSONDecodeError
 from types import TracebackType
 from typing import BinaryIO, Final
 
 from bulksend.errors import ConfigError, InputOpenError
+from bulksend.identity import canonical_input, input_key, input_keys
+from bulksend.json_array import ArrayReader, first_byte
 from bulksend.parse import (
     CsvHeader,
     decode_raw,
     parse_jsonl,
     parse_jsonl_line,
     record_from_obj,
-    scan_json_value,
-    skip_json_space,
 )
 from bulksend.record import Invalid, Item
 
@@ -105,43 +101,6 @@ def format_for(path: str, fmt: str | None) -> str:
 def _extension(path: str) -> str:
     stem = path[:-3] if path.lower().endswith(".gz") else path
     return os.path.splitext(stem)[1].lower()
-
-
-# --- identity ------------------------------------------------------------------------------
-
-
-def canonical_input(path: str) -> str:
-    """The name of an input that does not depend on how it was typed: the real path
-    (absolute, ``.``/``..`` and symlinks resolved), so ``day1.jsonl``, ``./day1.jsonl`` and
-    ``/data/day1.jsonl`` are one input. ``-`` (stdin) and a URL (``s3://...``) stay as
-    given."""
-    if path == "-" or "://" in path:
-        return path
-    return os.path.realpath(path)
-
-
-def input_key(path: str, occurrence: int = 1) -> str:
-    """The input's part of its records' identities: 16 hex digits of the SHA-256 of
-    ``canonical_input(path)`` (and of ``occurrence`` from the second time the same input is
-    named in one run, so its records stay distinct from the first reading's).
-
-    A digest, not the path itself: identities are written in every ledger line and held in
-    memory by ``--resume``, and 64 bits tell any inputs of a run apart."""
-    name = canonical_input(path)
-    if occurrence > 1:
-        name = f"{name}\n{occurrence}"
-    return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-
-
-def input_keys(paths: Iterable[str]) -> list[str]:
-    """``input_key`` of each of a run's inputs, in order, counting repeats of an input."""
-    seen: dict[str, int] = {}
-    keys = []
-    for path in paths:
-        name = canonical_input(path)
-        seen[name] = seen.get(name, 0) + 1
-        keys.append(input_key(path, seen[name]))
-    return keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,9 +346,19 @@ class Inputs:
     def _jsonl_items(self, inp: _Input, seq: int) -> Generator[Item, None, int]:
         chunks = self._chunks(inp)
         if inp.array:
-            first, chunks = _first_byte(chunks)
+            first, chunks = first_byte(chunks)
             if first == b"[":
-                return (yield from _ArrayReader(inp, chunks, self._default_topic).items(seq))
+                reader = ArrayReader(
+                    chunks,
+                    name=inp.name,
+                    key=inp.key,
+                    topic=self._default_topic,
+                    broken=lambda: inp.broken,
+                    max_element=MAX_LINE_BYTES,
+                    keep=CHUNK_BYTES,
+                    raw_prefix=_RAW_PREFIX,
+                )
+                return (yield from reader.items(seq))
         # "path:" and "key:" joined with the line's digits, made once: the cheapest way to
         # the two strings each line needs (two f-strings format the number twice).
         name, key = f"{inp.name}:", f"{inp.key}:"
@@ -576,173 +545,3 @@ class _CsvFeed:
             )
         self.raw.append(text.rstrip("\r"))
         return text + "\n"
-
-
-# --- JSON arrays ---------------------------------------------------------------------------
-
-
-def _first_byte(chunks: Iterator[bytes]) -> tuple[bytes, Iterator[bytes]]:
-    """The first non-space byte of a stream (b"" if none), and the whole stream again."""
-    seen: list[bytes] = []
-    for chunk in chunks:
-        seen.append(chunk)
-        text = chunk.lstrip(b" \t\n\r")  # JSON's whitespace
-        if text:
-            return text[:1], itertools.chain(seen, chunks)
-    return b"", iter(seen)
-
-
-class _Broken(Exception):
-    """Internal: the array's own text is malformed at ``pos`` (``msg`` says how), in what
-    begins at ``start`` (an element, or the text after one)."""
-
-    def __init__(self, msg: str, start: int, pos: int) -> None:
-        super().__init__(msg)
-        self.msg, self.start, self.pos = msg, start, pos
-
-
-class _ArrayReader:
-    """One JSON array of records, streamed element by element.
-
-    The text is decoded incrementally (bad UTF-8 kept as surrogate escapes, so it comes
-    back byte for byte and the element is reported by ``parse`` as for a JSONL line). The
-    stdlib's C scanner finds where each element ends; the element's own bytes then go
-    through ``parse_jsonl`` as a JSONL line would, exact numbers included. The buffer holds
-    the undecided text only: about one chunk plus the longest element.
-
-    An element that is not a valid record is one Invalid; a break in the array's own
-    syntax (or the unreadable rest of a gzip file) is one Invalid for the rest of the file,
-    since no next element can be found with certainty after it.
-    """
-
-    def __init__(self, inp: _Input, chunks: Iterator[bytes], topic: str | None) -> None:
-        self.inp = inp
-        self.chunks = chunks
-        self.topic = topic
-        self.decode = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode
-        self.buf = ""
-        self.eof = False
-        self.base = 0  # file offset (characters) of buf[0]
-        self.line = 1  # the line holding offset counted_to
-        self.line_start = 0  # offset where that line starts
-        self.counted_to = 0  # offset up to which newlines are counted
-
-    def more(self) -> bool:
-        """Append the next chunk's text; False at the end of the input."""
-        if self.eof:
-            return False
-        chunk = next(self.chunks, None)
-        if chunk is None:
-            self.eof = True
-            self.buf += self.decode(b"", final=True)
-            return False
-        self.buf += self.decode(chunk)
-        return True
-
-    def where(self, at: int) -> tuple[int, int]:
-        """(line, column) of buf[at], both 1-based; column in characters."""
-        rel = self.counted_to - self.base
-        newlines = self.buf.count("\n", rel, at)
-        if newlines:
-            self.line += newlines
-            self.line_start = self.base + self.buf.rindex("\n", rel, at) + 1
-        self.counted_to = self.base + at
-        return self.line, self.base + at - self.line_start + 1
-
-    def space(self, at: int) -> int:
-        """Past the whitespace at buf[at], reading on as needed."""
-        while True:
-            at = skip_json_space(self.buf, at)
-            if at < len(self.buf) or not self.more():
-                return at
-
-    def value(self, at: int) -> int:
-        """The end of the JSON value at buf[at], reading on as needed. A value that ends
-        where the buffer does may go on (a number): read on before trusting it."""
-        while True:
-            problem: tuple[str, int] | None = None
-            try:
-                end = scan_json_value(self.buf, at)
-            except StopIteration:
-                end, problem = None, ("Expecting value", at)
-            except JSONDecodeError as exc:
-                end, problem = None, (exc.msg, exc.pos)
-            except RecursionError:
-                end, problem = None, ("Nested too deeply", at)
-            except ValueError as exc:
-                end, problem = None, (str(exc), at)
-            if end is not None and (end < len(self.buf) or self.eof):
-                return end
-            if problem is not None and self.eof:
-                raise _Broken(problem[0], at, problem[1])
-            if len(self.buf) - at > MAX_LINE_BYTES:
-                raise _Broken(f"Element longer than {MAX_LINE_BYTES >> 20} MiB", at, at)
-            self.more()
-
-    def char(self, at: int) -> str:
-        """buf[at], or "" past the end of the input."""
-        return self.buf[at] if at < len(self.buf) else ""
-
-    def trim(self, at: int) -> int:
-        """Drop the text before buf[at] once it is a chunk's worth; the new ``at``."""
-        if at < CHUNK_BYTES:
-            return at
-        self.where(at)
-        self.buf = self.buf[at:]
-        self.base += at
-        return 0
-
-    def items(self, seq: int) -> Generator[Item, None, int]:
-        key, name = self.inp.key, self.inp.name
-        at = self.space(self.space(0) + 1)  # past "["
-        try:
-            if self.char(at) == "]":
-                self.end(at + 1)
-                return seq
-            while True:
-                line, col = self.where(at)
-                source, identity = f"{name}:{line}:{col}", f"{key}:{line}:{col}"
-                end = self.value(at)
-                text = self.buf[at:end].encode("utf-8", "surrogateescape")
-                item = parse_jsonl(text, seq, source, self.topic, identity)
-                assert item is not None  # a JSON value is never blank
-                yield item
-                seq += 1
-                at = self.space(end)
-                if self.char(at) == "]":
-                    self.end(at + 1)
-                    return seq
-                if self.char(at) != ",":
-                    raise _Broken("Expecting ',' delimiter or ']'", at, at)
-                at = self.trim(self.space(at + 1))
-        except _Broken as exc:
-            yield self.broken(exc, seq)
-            return seq + 1
-
-    def end(self, at: int) -> None:
-        """After the closing ``]``: nothing but whitespace may follow."""
-        at = self.space(at)
-        if at < len(self.buf):
-            raise _Broken("Extra data", at, at)
-        if self.inp.broken is not None:
-            raise _Broken("", at, at)
-
-    def broken(self, exc: _Broken, seq: int) -> Invalid:
-        """One Invalid for the rest of the input, from ``exc.start`` on."""
-        line, col = self.where(exc.start)
-        source, identity = f"{self.inp.name}:{line}:{col}", f"{self.inp.key}:{line}:{col}"
-        raw = decode_raw(
-            self.buf[exc.start : exc.start + _RAW_PREFIX].encode("utf-8", "surrogateescape")
-        )
-        if self.inp.broken is not None:
-            return Invalid(seq, source, raw, self.inp.broken, None, identity)
-        line, col = self.where(exc.pos)
-        return Invalid(
-            seq,
-            source,
-            raw,
-            f"malformed JSON array: {exc.msg}: line {line} column {col}; "
-            "the rest of this file is skipped",
-            None,
-            identity,
-        )

@@ -24,7 +24,8 @@ from typing import BinaryIO, Final
 
 from bulksend import sources
 from bulksend.errors import InputOpenError
-from bulksend.sources import Span, format_for, input_key
+from bulksend.identity import input_key
+from bulksend.sources import Span, format_for
 
 __all__ = ["split_jsonl"]
 
