@@ -21,7 +21,8 @@ class Result:
     seq: int
     source: str
     id: str | None
-    identity: str | None = field(default=None, kw_only=True)  # Record.identity; in field order
+    #: Record.identity. Keyword-only with a default: written right after id, yet optional.
+    identity: str | None = field(default=None, kw_only=True)
     status: str
     http_status: int | None = None
     msg_id: str | None = None
