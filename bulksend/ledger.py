@@ -1,50 +1,181 @@
-"""The results ledger as a memory of what was sent: ``--resume`` support.
+"""Results ledgers read back, and the input fingerprints that keep a resume honest.
 
-* ``read_ledger(path)`` streams an existing results file and collects the identities of
-  records with an ``ok`` result (a record's identity is its ``id`` when given, else
-  ``path:line``). Only the last line can be torn (a crash inside the one write that holds
-  it); it is ignored and cut off so appended lines start clean. Memory: the identity
-  strings of the ok records (~130 bytes each for a
-  path:line identity, measured with tracemalloc).
-* Beside the ledger, ``{out}.inputs.json`` keeps a fingerprint of each input
-  (``sources.fingerprint``); a resume over an input whose content changed at the same path
-  is refused (``LedgerError``, exit 2) unless ``force``.
+A ledger (``--out``) holds one JSON line per record result, plus two kinds of line that are
+not results: ``{"status": "run", "at", "command", "settings"}`` written first by every run
+(``--resume`` runs too), and ``{"status": "intent", "seq", "identity", "topic", "key",
+"at"}`` written before a record is sent by an exactly-once run. Both readers here know them.
+
+* ``read_ledger(path)``, for ``--resume``: the identities of the records with an ``ok``
+  line (``LedgerState.done``), and the intents no result has followed yet
+  (``LedgerState.intents``). Only the last line can be torn (a crash inside the one write
+  that holds it); it is ignored and cut off so appended lines start clean. Memory: about
+  one bit per input line for the ok records (``IdentitySet``), not one string each.
+* ``read_results(paths)``, for ``bulksend report``: every result of one or more ledgers as
+  ``Result`` values, streamed; run lines' contents are kept in ``ReadState.runs``.
+* ``fingerprint``, ``check_inputs``, ``write_fingerprints``: beside the ledger,
+  ``{out}.inputs.json`` keeps a fingerprint of each regular-file input, keyed by its
+  canonical path (``sources.canonical_input``); a resume over an input whose content
+  changed is refused (``LedgerError``, exit 2) unless ``force``, and so is a resume over a
+  pipe, a FIFO, a device or stdin: they can be read only once, so nothing can show that
+  they hold what the ledger was written from.
+
+**Identity.** A result line's ``identity`` (``sources.input_key`` of its input, ``:``, its
+first physical line) is what ``--resume`` matches. A line written before identities
+existed has none: it is matched by its ``source`` (``path:line``) with the path made
+canonical, relative paths against the current directory. That is right when the resume is
+started where the first run was, as it normally is; elsewhere the old records are not
+recognised and are sent again (never skipped wrongly: a different file at the same path
+fails its fingerprint). The old reading of ``id`` as identity is gone: it merged records
+that shared an id.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Sequence
+import stat
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Final
 
 import orjson
 
-from bulksend.errors import LedgerError
+from bulksend.errors import InputOpenError, LedgerError
+from bulksend.identity import canonical_input, input_key
 from bulksend.record import Item
-from bulksend.result import OK
-from bulksend.sources import fingerprint
+from bulksend.result import OK, Result
 
-_OK_MARK = b'"status":"ok"'
+__all__ = [
+    "INTENT",
+    "RUN",
+    "IdentitySet",
+    "LedgerState",
+    "ReadState",
+    "check_inputs",
+    "fingerprint",
+    "fingerprints_path",
+    "read_ledger",
+    "read_results",
+    "write_fingerprints",
+]
+
+#: ``status`` of the lines that are not results.
+INTENT: Final = "intent"
+RUN: Final = "run"
+
+#: Lines per page of an IdentitySet's bitmap: 2**19 (64 KiB pages).
+_PAGE_SHIFT: Final = 19
+_PAGE_MASK: Final = (1 << _PAGE_SHIFT) - 1
+
+
+def _is_line(text: str) -> bool:
+    """Whether ``text`` is a line number as identities write it (no sign, no leading 0)."""
+    return text.isdigit() and text.isascii() and len(text) < 16 and (text[0] != "0" or text == "0")
+
+
+class IdentitySet:
+    """A set of record identities that costs about one bit per input line.
+
+    An identity ``KEY:LINE`` (one colon, decimal line) is a bit in a bitmap of its key,
+    kept in 64 KiB pages so a few far-apart lines cost pages, not a bitmap up to the
+    highest line. Any other string (a JSON array element's ``KEY:LINE:COLUMN``) goes to a
+    plain set. A Python set of the strings would cost ~100 bytes per identity: 10 GB for
+    the 100 million ok records of a big backfill, against ~12 MB here.
+    """
+
+    __slots__ = ("_count", "_other", "_pages")
+
+    def __init__(self) -> None:
+        self._pages: dict[str, dict[int, bytearray]] = {}
+        self._other: set[str] = set()
+        self._count = 0
+
+    def add(self, identity: str) -> None:
+        key, _, line = identity.rpartition(":")
+        if ":" in key or not key or not _is_line(line):
+            if identity not in self._other:
+                self._other.add(identity)
+                self._count += 1
+            return
+        n = int(line)
+        pages = self._pages.get(key)
+        if pages is None:
+            pages = self._pages[key] = {}
+        page = pages.get(n >> _PAGE_SHIFT)
+        if page is None:
+            page = pages[n >> _PAGE_SHIFT] = bytearray(1 << (_PAGE_SHIFT - 3))
+        at, bit = (n & _PAGE_MASK) >> 3, 1 << (n & 7)
+        if not page[at] & bit:
+            page[at] |= bit
+            self._count += 1
+
+    def __contains__(self, identity: object) -> bool:
+        # The path every record of a resumed run takes: as few calls as the checks allow.
+        if type(identity) is not str:
+            return False
+        key, _, line = identity.rpartition(":")
+        pages = self._pages.get(key)
+        if pages is None or not _is_line(line):
+            return identity in self._other
+        n = int(line)
+        page = pages.get(n >> _PAGE_SHIFT)
+        return page is not None and bool(page[(n & _PAGE_MASK) >> 3] >> (n & 7) & 1)
+
+    def __len__(self) -> int:
+        return self._count
 
 
 @dataclass(slots=True)
 class LedgerState:
-    """What an existing ledger says was already sent."""
+    """What an existing ledger says about the records already handled."""
 
-    done_identities: set[str] = field(default_factory=set)
+    #: Identities of the records with an ok line.
+    done_identities: IdentitySet = field(default_factory=IdentitySet)
+    #: identity -> the last intent line's fields, for intents no result line followed.
+    intents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Whole lines read, of every kind.
     lines: int = 0
+    #: Ok lines without an identity (written before identities), matched by source.
+    legacy: int = 0
+    #: Bytes of a torn last line (ignored, and cut off when ``repair``).
     torn_bytes: int = 0
 
     def done(self, item: Item) -> bool:
-        return item.identity in self.done_identities
+        """Whether ``item`` already has an ok line (False for an item with no identity)."""
+        return item.identity is not None and item.identity in self.done_identities
 
 
 def fingerprints_path(out: str) -> str:
     return f"{out}.inputs.json"
 
 
+class _Identities:
+    """A ledger line's identity, with the fallback for lines that have none."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, str] = {}  # a path as an old ledger wrote it -> its key
+
+    def of(self, obj: dict[str, Any]) -> tuple[str | None, bool]:
+        """(identity or None, whether it was rebuilt from ``source``)."""
+        identity = obj.get("identity")
+        if isinstance(identity, str):
+            return identity, False
+        source = obj.get("source")
+        if not isinstance(source, str):
+            return None, False
+        path, _, line = source.rpartition(":")
+        if not path or path == "-" or not (line.isascii() and line.isdigit()):
+            return None, False
+        key = self._keys.get(path)
+        if key is None:
+            key = self._keys[path] = input_key(path)
+        return f"{key}:{line}", True
+
+
 def read_ledger(path: str, *, repair: bool = True) -> LedgerState:
-    """Read a results file; ``repair`` truncates a torn last line so appends start clean."""
+    """Read a results ledger for ``--resume``; ``repair`` truncates a torn last line so
+    appends start clean. A missing file is an empty ledger."""
     state = LedgerState()
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed below; we may truncate after reading
@@ -52,6 +183,8 @@ def read_ledger(path: str, *, repair: bool = True) -> LedgerState:
         return state
     except OSError as exc:
         raise LedgerError(f"cannot read the ledger {path}: {exc.strerror or exc}") from None
+    identities = _Identities()
+    done, intents = state.done_identities, state.intents
     good_end = 0
     with fh:
         offset = 0
@@ -62,17 +195,29 @@ def read_ledger(path: str, *, repair: bool = True) -> LedgerState:
                 break
             good_end = offset
             state.lines += 1
-            if _OK_MARK not in line:
+            # Most lines need a look only when they may be ok or an intent; once an intent
+            # waits for its outcome, every line may be that outcome.
+            if not intents and b'"ok"' not in line and b'"intent"' not in line:
                 continue
             try:
                 obj = orjson.loads(line)
             except orjson.JSONDecodeError:
                 continue
-            if isinstance(obj, dict) and obj.get("status") == OK:
-                ident = obj.get("id")
-                state.done_identities.add(
-                    str(ident) if ident is not None else str(obj.get("source"))
-                )
+            if not isinstance(obj, dict):
+                continue
+            status = obj.get("status")
+            if status == RUN:
+                continue
+            identity, rebuilt = identities.of(obj)
+            if identity is None:
+                continue
+            if status == INTENT:
+                intents[identity] = obj
+                continue
+            intents.pop(identity, None)
+            if status == OK:
+                done.add(identity)
+                state.legacy += rebuilt
     if repair and state.torn_bytes:
         try:
             os.truncate(path, good_end)
@@ -83,36 +228,184 @@ def read_ledger(path: str, *, repair: bool = True) -> LedgerState:
     return state
 
 
-def check_inputs(out: str, inputs: Sequence[str], *, force: bool) -> None:
-    """Refuse (LedgerError) to resume over an input that changed since the ledger began."""
+# --- bulksend report ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ReadState:
+    """What reading ledgers found beside the Results."""
+
+    #: Result lines read.
+    lines: int = 0
+    #: ``path:line`` of each torn last line (ignored).
+    torn: list[str] = field(default_factory=list)
+    #: Each run line as written (``at``, ``command``, ``settings``), in file order.
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    #: Intent lines skipped (an exactly-once run's write-ahead lines).
+    intents: int = 0
+
+
+def read_results(paths: Sequence[str], state: ReadState | None = None) -> Iterator[Result]:
+    """Every Result of the ledgers, in file order (``-`` is stdin). ``state`` collects torn
+    last lines and run lines; intent lines are skipped. A line that is none of these is a
+    LedgerError."""
+    state = state if state is not None else ReadState()
+    for path in paths:
+        if path == "-":
+            yield from _results(sys.stdin.buffer, "-", state)
+            continue
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 - closed by the with below
+        except OSError as exc:
+            raise LedgerError(f"cannot read the ledger {path}: {exc.strerror or exc}") from None
+        with fh:
+            yield from _results(fh, path, state)
+
+
+def _results(fh: BinaryIO, path: str, state: ReadState) -> Iterator[Result]:
+    for lineno, line in enumerate(fh, 1):
+        if not line.endswith(b"\n"):
+            state.torn.append(f"{path}:{lineno}")  # only the last line can be
+            break
+        if not line.strip():
+            continue
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            obj = None
+        status = obj.get("status") if isinstance(obj, dict) else None
+        if status == RUN:
+            assert isinstance(obj, dict)
+            state.runs.append(obj)
+            continue
+        if status == INTENT:
+            state.intents += 1
+            continue
+        if not isinstance(obj, dict) or "seq" not in obj or status is None:
+            raise LedgerError(f"{path}:{lineno}: not a results line (bulksend send/load --out)")
+        state.lines += 1
+        yield Result.from_dict(obj)
+
+
+# --- input fingerprints ------------------------------------------------------------------
+
+_FINGERPRINT_SPAN: Final = 1 << 20
+_KINDS: Final = (
+    (stat.S_ISFIFO, "a pipe or FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
+
+
+def _not_regular(path: str) -> str | None:
+    """What ``path`` is when it is not a regular file (stdin for ``-``); None if it is one
+    or cannot be looked at (opening the input reports that)."""
+    if path == "-":
+        return "stdin"
     try:
-        with open(fingerprints_path(out), "rb") as fh:
-            stored: dict[str, str] = orjson.loads(fh.read()).get("inputs", {})
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
+
+
+def fingerprint(path: str) -> str:
+    """A cheap fingerprint of a regular file's content, for ``--resume`` to notice that an
+    input changed since the results ledger was written.
+
+    ``v1:<size>:<mtime_ns>:<sha256 of the first and the last MiB>`` (the whole file when
+    it is at most 2 MiB): at most 2 MiB read whatever the file's size. Size and the tail
+    catch appends and truncation, the head catches a different file, mtime catches an edit
+    in the middle. A ``touch`` or a copy without ``-p`` also counts as a change: the safe
+    side, --resume refuses rather than skipping the wrong records. The .gz file itself is
+    fingerprinted, not its content. Raises InputOpenError if ``path`` is not a regular file
+    (it is never opened then: reading a pipe here would take its records from the run) or
+    cannot be read.
+    """
+    kind = _not_regular(path)
+    if kind is not None:
+        raise InputOpenError(f"{path} is {kind}: only a regular file has a fingerprint")
+    try:
+        with open(path, "rb") as f:
+            info = os.fstat(f.fileno())
+            digest = hashlib.sha256()
+            if info.st_size <= 2 * _FINGERPRINT_SPAN:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(_FINGERPRINT_SPAN))
+                f.seek(-_FINGERPRINT_SPAN, os.SEEK_END)
+                digest.update(f.read(_FINGERPRINT_SPAN))
+    except OSError as exc:
+        raise InputOpenError(f"cannot read input {path}: {exc.strerror or exc}") from None
+    return f"v1:{info.st_size}:{info.st_mtime_ns}:{digest.hexdigest()}"
+
+
+def _stored_fingerprints(out: str) -> dict[str, str] | None:
+    """The sidecar's fingerprints by canonical path; None if there is no sidecar. A
+    sidecar from before version 2 is keyed by the paths as typed: made canonical here."""
+    path = fingerprints_path(out)
+    try:
+        with open(path, "rb") as fh:
+            doc = orjson.loads(fh.read())
     except FileNotFoundError:
-        return
-    except (OSError, orjson.JSONDecodeError, AttributeError) as exc:
-        raise LedgerError(f"cannot read {fingerprints_path(out)}: {exc}") from None
+        return None
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise LedgerError(f"cannot read {path}: {exc}") from None
+    stored = doc.get("inputs") if isinstance(doc, dict) else None
+    if not isinstance(stored, dict):
+        raise LedgerError(f"cannot read {path}: no inputs in it")
+    if doc.get("version") == 2:
+        return {k: v for k, v in stored.items() if isinstance(v, str)}
+    return {canonical_input(k): v for k, v in stored.items() if isinstance(v, str)}
+
+
+def check_inputs(out: str, inputs: Sequence[str], *, force: bool) -> None:
+    """Before a resume: refuse (LedgerError) an input that is not a regular file, and one
+    that changed since the ledger began (unless ``force``)."""
     for path in inputs:
-        if path == "-" or path not in stored:
+        kind = _not_regular(path)
+        if kind is not None:
+            raise LedgerError(
+                f"cannot --resume over {path}: it is {kind}, which can be read only once, so "
+                f"nothing shows it holds the records {out} was written from; save it to a file "
+                "and send that file"
+            )
+    stored = _stored_fingerprints(out)
+    if not stored:
+        return
+    for path in inputs:
+        before = stored.get(canonical_input(path))
+        if before is None:
             continue
         now = fingerprint(path)
-        if now != stored[path] and not force:
+        if now != before and not force:
             raise LedgerError(
-                f"input {path} changed since {out} was written (fingerprint {stored[path][:16]}… is now "
+                f"input {path} changed since {out} was written (fingerprint {before[:16]}… is now "
                 f"{now[:16]}…): resuming would skip or resend the wrong records; use --force to resume anyway"
             )
 
 
 def write_fingerprints(out: str, inputs: Sequence[str]) -> None:
-    """Record each input's fingerprint beside the ledger (kept for inputs not in this run)."""
+    """Record the fingerprint of each regular-file input beside the ledger, keyed by its
+    canonical path (kept for inputs not in this run). Pipes, FIFOs, devices and stdin are
+    left out, never opened here; nothing is written when ``out`` itself is not a regular
+    file (``/dev/stdout``, a FIFO: no sidecar beside a device)."""
+    if out == "-" or _not_regular(out) is not None:
+        return
     path = fingerprints_path(out)
     try:
-        with open(path, "rb") as fh:
-            stored: dict[str, str] = orjson.loads(fh.read()).get("inputs", {})
-    except (OSError, orjson.JSONDecodeError, AttributeError):
+        stored = _stored_fingerprints(out) or {}
+    except LedgerError:
         stored = {}
-    stored.update({p: fingerprint(p) for p in inputs if p != "-"})
+    stored.update({canonical_input(p): fingerprint(p) for p in inputs if _not_regular(p) is None})
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(orjson.dumps({"inputs": stored}, option=orjson.OPT_INDENT_2))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(orjson.dumps({"version": 2, "inputs": stored}, option=orjson.OPT_INDENT_2))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise LedgerError(f"cannot write {path}: {exc.strerror or exc}") from None

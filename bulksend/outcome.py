@@ -37,6 +37,7 @@ def interpret(record: Record, resp: Response, secrets: tuple[str, ...] = ()) -> 
         seq=record.seq,
         source=record.source,
         id=record.id,
+        identity=record.identity,
         status=FAILED,
         http_status=resp.status,
         request_id=scrub(resp.request_id, secrets) if resp.request_id else resp.request_id,

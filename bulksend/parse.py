@@ -5,18 +5,23 @@ The record rules (CSV columns map onto the same object, see ``CsvHeader``)::
 
     {"topic"?, "body", "property_list"?, "properties"?, "keys"?, "tags"?, "id"?}
 
-- ``body``: a string is sent as is; any other JSON value is sent as its compact JSON text
-  (``orjson.dumps``). Missing, null or ``""`` is invalid.
+- ``body``: a string is sent as is; any other JSON value is sent as the input's own JSON
+  text of it, whitespace outside strings dropped: numbers, strings and key order exactly as
+  written (``1E2`` stays ``1E2``, a 30-digit integer stays whole). Missing, null or ``""``
+  is invalid.
 - ``topic``: a non-empty string. Missing or null takes ``default_topic`` (``--topic``).
 - ``property_list`` ``[{"name", "value"}, ...]`` and ``properties`` ``{name: value}``: names
   and values are strings, names are not empty.
 - ``keys``: a string, or a list of strings joined with single spaces (RocketMQ's
   ``Message.setKeys(Collection)`` joins with ``MessageConst.KEY_SEPARATOR``, a space) ->
   the ``KEYS`` property. ``tags``: a string -> ``TAGS``. ``""`` and ``[]`` mean "none".
-- ``id``: a non-empty string, or a number (stored as its ``str``).
+- ``id``: a non-empty string, or a number (stored as the input's text of it, so an integer
+  past 64 bits or ``1E2`` keeps its exact digits).
 - null for any optional field means absent; unknown fields are ignored.
 - A property name given twice (say ``keys`` and a ``KEYS`` property) is invalid: which one
   the broker would keep is unspecified, so we refuse to guess.
+- A line of a ``--failed`` file for an invalid record, ``{"_raw", "_error", "_source"}``,
+  is that record again: invalid, with its original reason (not "body is missing").
 
 Errors name the field and what is wrong with it, and are always one line: names taken from
 the input are JSON-quoted. Each record gets at most one error, the first found.
@@ -24,13 +29,23 @@ the input are JSON-quoted. Each record gets at most one error, the first found.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, Final
 
 import orjson
 
 from bulksend.record import KEYS, TAGS, Invalid, Item, Record
 
-__all__ = ["CsvHeader", "decode_raw", "parse_jsonl", "parse_jsonl_line", "record_from_obj"]
+__all__ = [
+    "CsvHeader",
+    "decode_raw",
+    "parse_jsonl",
+    "parse_jsonl_line",
+    "record_from_obj",
+    "scan_json_value",
+    "skip_json_space",
+]
 
 _loads = orjson.loads
 _JSONDecodeError = orjson.JSONDecodeError
@@ -47,18 +62,27 @@ class _Reject(Exception):
 # --- JSONL -------------------------------------------------------------------------------
 
 
-def parse_jsonl_line(line: bytes, *, seq: int, source: str, default_topic: str | None) -> Item:
+def parse_jsonl_line(
+    line: bytes,
+    *,
+    seq: int,
+    source: str,
+    default_topic: str | None,
+    identity: str | None = None,
+) -> Item:
     """One JSONL line (without or with its ``\\n``/``\\r\\n``) -> a Record or an Invalid.
 
     Never raises on any input bytes. A blank line, which ``Inputs`` skips before it gets
     here, is an Invalid ("line is blank")."""
-    item = parse_jsonl(line, seq, source, default_topic)
+    item = parse_jsonl(line, seq, source, default_topic, identity)
     if item is None:
-        return Invalid(seq, source, decode_raw(line), "line is blank")
+        return Invalid(seq, source, decode_raw(line), "line is blank", None, identity)
     return item
 
 
-def parse_jsonl(line: bytes, seq: int, source: str, default_topic: str | None) -> Item | None:
+def parse_jsonl(
+    line: bytes, seq: int, source: str, default_topic: str | None, identity: str | None
+) -> Item | None:
     """The hot path behind ``parse_jsonl_line``: positional, and None for a blank line
     (ASCII-whitespace only) so the reader can skip it without using up a ``seq``.
 
@@ -69,13 +93,15 @@ def parse_jsonl(line: bytes, seq: int, source: str, default_topic: str | None) -
     except _JSONDecodeError as exc:
         if not line.strip():
             return None
-        return Invalid(seq, source, decode_raw(line), _json_error(line, exc))
+        return Invalid(seq, source, decode_raw(line), _json_error(line, exc), None, identity)
     if type(obj) is not dict:
-        return Invalid(seq, source, decode_raw(line), f"not a JSON object (got {_kind(obj)})")
+        return Invalid(
+            seq, source, decode_raw(line), f"not a JSON object (got {_kind(obj)})", None, identity
+        )
     try:
-        return _record(obj, seq, source, default_topic)
+        return _record(obj, seq, source, default_topic, identity, line)
     except _Reject as exc:
-        return Invalid(seq, source, decode_raw(line), str(exc), _id_or_none(obj))
+        return _invalid(obj, seq, source, decode_raw(line), str(exc), identity, line)
 
 
 def decode_raw(line: bytes) -> str:
@@ -97,21 +123,63 @@ def _json_error(line: bytes, exc: orjson.JSONDecodeError) -> str:
 
 
 def record_from_obj(
-    obj: dict[str, Any], *, seq: int, source: str, raw: str, default_topic: str | None
+    obj: dict[str, Any],
+    *,
+    seq: int,
+    source: str,
+    raw: str,
+    default_topic: str | None,
+    identity: str | None = None,
 ) -> Item:
     """A decoded JSON object (or a CSV row mapped onto one) -> a Record or an Invalid
-    carrying ``raw``. Never raises."""
+    carrying ``raw``. Never raises. With no input text behind ``obj``, a non-string body is
+    sent as ``orjson.dumps`` writes it (an int past 64 bits cannot be: the record is
+    invalid)."""
     try:
-        return _record(obj, seq, source, default_topic)
+        return _record(obj, seq, source, default_topic, identity, None)
     except _Reject as exc:
-        return Invalid(seq, source, raw, str(exc), _id_or_none(obj))
+        return _invalid(obj, seq, source, raw, str(exc), identity, None)
 
 
-def _record(obj: dict[str, Any], seq: int, source: str, default_topic: str | None) -> Record:
+def _invalid(
+    obj: dict[str, Any],
+    seq: int,
+    source: str,
+    raw: str,
+    error: str,
+    identity: str | None,
+    line: bytes | None,
+) -> Invalid:
+    if "body" not in obj and "_error" in obj and "_raw" in obj:
+        replayed = _replayed(obj, seq, source, identity)
+        if replayed is not None:
+            return replayed
+    return Invalid(seq, source, raw, error, _id_or_none(obj, line), identity)
+
+
+def _replayed(obj: dict[str, Any], seq: int, source: str, identity: str | None) -> Invalid | None:
+    """A ``--failed`` file's line for an invalid record: that record, with its reason."""
+    raw, error = obj["_raw"], obj["_error"]
+    if type(raw) is not str or type(error) is not str or not error:
+        return None
+    return Invalid(seq, source, raw, " ".join(error.split()), None, identity)
+
+
+def _record(
+    obj: dict[str, Any],
+    seq: int,
+    source: str,
+    default_topic: str | None,
+    identity: str | None,
+    line: bytes | None,
+) -> Record:
+    """``line``: the JSON text ``obj`` was decoded from, if any, for exact numbers."""
     get = obj.get
     body = get("body")
     if type(body) is not str:
-        body = _body_json(body, "body" in obj)
+        if body is None:
+            raise _Reject("body is null" if "body" in obj else "body is missing")
+        body = _body_json(body) if line is None else _member_text(line, "body")
     elif not body:
         raise _Reject("body is empty")
     topic = get("topic")
@@ -125,41 +193,118 @@ def _record(obj: dict[str, Any], seq: int, source: str, default_topic: str | Non
         raise _Reject("topic is empty")
     rid = get("id")
     if rid is not None:
-        rid = _id(rid)
+        rid = _id(rid, line)
     plist, pdict, keys, tags = get("property_list"), get("properties"), get("keys"), get("tags")
     if plist is None and pdict is None and keys is None and tags is None:
-        return Record(seq, source, topic, body, (), rid)
-    return Record(seq, source, topic, body, _properties(plist, pdict, keys, tags), rid)
+        return Record(seq, source, topic, body, (), rid, identity)
+    return Record(seq, source, topic, body, _properties(plist, pdict, keys, tags), rid, identity)
 
 
-def _body_json(body: Any, present: bool) -> str:
-    if body is None:
-        raise _Reject("body is null" if present else "body is missing")
+def _body_json(body: Any) -> str:
     try:
         return orjson.dumps(body).decode()
-    except orjson.JSONEncodeError as exc:  # nested deeper than orjson.dumps goes
+    except orjson.JSONEncodeError as exc:  # nested too deep, or an int past 64 bits
         raise _Reject(f"body cannot be sent as JSON: {exc}") from None
 
 
-def _id(rid: Any) -> str:
+def _id(rid: Any, line: bytes | None) -> str:
     if type(rid) is str:
         if not rid:
             raise _Reject("id is empty")
         return rid
-    if type(rid) is int or type(rid) is float:
+    # orjson reads an integer past 64 bits as a float, and both -0 and 0 as 0: take those
+    # from the text. Any other int's str is exactly its JSON text.
+    if type(rid) is int and (rid or line is None):
         return str(rid)
+    if type(rid) is int or type(rid) is float:
+        return str(rid) if line is None else _member_text(line, "id")
     raise _Reject(f"id is not a string or a number (got {_kind(rid)})")
 
 
-def _id_or_none(obj: dict[str, Any]) -> str | None:
-    """The record's id for an Invalid, so --resume can still match it; None if unusable."""
+def _id_or_none(obj: dict[str, Any], line: bytes | None) -> str | None:
+    """The record's id for an Invalid, kept in its result line; None if unusable."""
     rid = obj.get("id")
     if rid is None:
         return None
     try:
-        return _id(rid)
+        return _id(rid, line)
     except _Reject:
         return None
+
+
+# --- a member's own JSON text ------------------------------------------------------------
+
+#: The stdlib's C scanner (``_json``), which reports where each value ends: orjson gives
+#: values only. Numbers stay text (no int() of a 5,000-digit number), and it runs only for
+#: the rare non-string body or float id, so string bodies keep orjson's speed.
+_scan = json.scanner.make_scanner(  # type: ignore[attr-defined]
+    json.JSONDecoder(parse_int=str, parse_float=str, parse_constant=str)
+)
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def scan_json_value(text: str, at: int) -> int:
+    """Where the JSON value starting at ``text[at]`` ends. Raises StopIteration (no value
+    there), JSONDecodeError, or RecursionError (nested past Python's recursion limit)."""
+    end: int = _scan(text, at)[1]
+    return end
+
+
+#: A JSON string (kept whole) or a run of JSON whitespace (dropped). A raw tab, CR or LF
+#: cannot be inside a valid string, and orjson has checked the line.
+_COMPACT = re.compile(r'("(?:[^"\\]|\\.)*")|[ \t\n\r]+')
+
+
+def skip_json_space(text: str, at: int) -> int:
+    """Past the JSON whitespace at ``text[at]``."""
+    # Compact JSON has none: a look at one character costs a fifth of a regex match.
+    if at >= len(text) or text[at] not in " \t\n\r":
+        return at
+    match = _SPACE.match(text, at)
+    return at if match is None else match.end()
+
+
+def _member_text(line: bytes, name: str) -> str:
+    """The JSON text of top-level member ``name`` in the object on ``line`` (the last one
+    when repeated, which is orjson's choice too), whitespace outside strings dropped.
+    ``line`` must hold a valid JSON object that has ``name``: orjson has decoded it."""
+    text = line.decode()
+    try:
+        found = _member_at(text, name)
+    except RecursionError:
+        raise _Reject(f"{name} is nested too deeply to be read exactly") from None
+    if found is None:  # cannot happen for a line orjson decoded to a dict holding name
+        raise _Reject(f"{name} cannot be read exactly from the line")
+    value = text[found[0] : found[1]]
+    if " " in value or "\t" in value or "\n" in value or "\r" in value:
+        value = _COMPACT.sub(lambda m: m.group(1) or "", value)
+    return value
+
+
+def _member_at(text: str, name: str) -> tuple[int, int] | None:
+    """Where the value of top-level member ``name`` starts and ends in ``text``."""
+    space = skip_json_space
+    token = f'"{name}"'
+    # Shortcut, one scan instead of one per member. With no backslash in the line every
+    # '"' opens or closes a string, so the text '"name"' can only be that string whole;
+    # found once, it is the top-level key orjson saw (a key with escapes, or a second
+    # occurrence anywhere, takes the walk below).
+    if "\\" not in text and text.count(token) == 1:
+        start = space(text, space(text, text.index(token) + len(token)) + 1)  # past ":"
+        return start, scan_json_value(text, start)
+    found = None
+    at = space(text, space(text, 0) + 1)  # past "{"
+    while text[at] == '"':
+        key, at = _scan(text, at)
+        start = space(text, space(text, at) + 1)  # past ":"
+        at = scan_json_value(text, start)
+        if key == name:
+            found = (start, at)
+        at = space(text, at)
+        if text[at] != ",":
+            break
+        at = space(text, at + 1)
+    return found
 
 
 def _properties(plist: Any, pdict: Any, keys: Any, tags: Any) -> tuple[tuple[str, str], ...]:
@@ -276,14 +421,26 @@ class CsvHeader:
             self._problem = "body is missing: the CSV header has no body column"
 
     def item(
-        self, row: list[str], *, seq: int, source: str, raw: str, default_topic: str | None
+        self,
+        row: list[str],
+        *,
+        seq: int,
+        source: str,
+        raw: str,
+        default_topic: str | None,
+        identity: str | None = None,
     ) -> Item:
         """One data row -> a Record or an Invalid. Never raises."""
         if self._problem is not None:
-            return Invalid(seq, source, raw, self._problem)
+            return Invalid(seq, source, raw, self._problem, None, identity)
         if len(row) != self.width:
             return Invalid(
-                seq, source, raw, f"CSV row has {len(row)} fields, header has {self.width}"
+                seq,
+                source,
+                raw,
+                f"CSV row has {len(row)} fields, header has {self.width}",
+                None,
+                identity,
             )
         obj: dict[str, Any] = {}
         props: dict[str, str] = {}
@@ -299,4 +456,6 @@ class CsvHeader:
                 obj[name] = value
         if props:
             obj["properties"] = props
-        return record_from_obj(obj, seq=seq, source=source, raw=raw, default_topic=default_topic)
+        return record_from_obj(
+            obj, seq=seq, source=source, raw=raw, default_topic=default_topic, identity=identity
+        )

@@ -1,9 +1,15 @@
 """What flows through the pipeline: a ``Record`` to send, or an ``Invalid`` input line.
 
 Both carry ``seq`` (0-based position among the non-blank records of all inputs, valid or
-not) and ``source`` (``path:line``, 1-based physical line; ``-`` is stdin), assigned by the
+not), ``source`` (``path:line``, 1-based physical line, the path as given; ``-`` is stdin)
+and ``identity`` (the input's key, ``:``, the record's first physical line), assigned by the
 single reader in input order, so they are the same on every run over the same inputs and
-independent of which process sends the record (a later shard i of n keeps them).
+independent of which process sends the record (a shard reading a byte range keeps them).
+
+``identity`` is what ``--resume`` matches on (``bulksend.sources.input_key`` has the rules):
+unlike ``source`` it does not change when the same file is named ``day1.jsonl``,
+``./day1.jsonl`` or by its absolute path, and unlike ``id`` it never merges two records. It
+is None only for records built by hand, which nothing can match.
 """
 
 from __future__ import annotations
@@ -29,11 +35,7 @@ class Record:
     #: (name, value) pairs in the order they are sent as ``property_list``.
     properties: tuple[tuple[str, str], ...] = ()
     id: str | None = None
-
-    @property
-    def identity(self) -> str:
-        """What --resume matches on: the record's ``id`` when given, else ``path:line``."""
-        return self.id if self.id is not None else self.source
+    identity: str | None = None
 
     @property
     def keys(self) -> str | None:
@@ -70,10 +72,7 @@ class Invalid:
     raw: str
     error: str
     id: str | None = None
-
-    @property
-    def identity(self) -> str:
-        return self.id if self.id is not None else self.source
+    identity: str | None = None
 
 
 Item = Record | Invalid

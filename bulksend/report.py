@@ -19,13 +19,11 @@ again) and an ``--adaptive`` run's ``rate_changes`` (not per record).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
-from bulksend.errors import LedgerError
+from bulksend.ledger import ReadState, read_results
 from bulksend.result import OK, Result
 from bulksend.stats import Latencies, Stats
 from bulksend.summary import summary_table
@@ -99,41 +97,6 @@ class _Span:
         if self.first is None or self.last is None or self.last <= self.first:
             return 0.0
         return round((self.count - 1) / ((self.last - self.first) / 1000.0), 1)
-
-
-@dataclass(slots=True)
-class ReadState:
-    """What reading ledgers found beside the Results."""
-
-    lines: int = 0
-    torn: list[str] = field(default_factory=list)
-
-
-def read_results(paths: Sequence[str], state: ReadState | None = None) -> Iterator[Result]:
-    """Every Result of the ledgers, in file order; ``state`` collects torn last lines."""
-    state = state if state is not None else ReadState()
-    for path in paths:
-        try:
-            fh = open(path, "rb")  # noqa: SIM115 - closed by the with below
-        except OSError as exc:
-            raise LedgerError(f"cannot read the ledger {path}: {exc.strerror or exc}") from None
-        with fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.endswith(b"\n"):
-                    state.torn.append(f"{path}:{lineno}")  # only the last line can be
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    obj = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    obj = None
-                if not isinstance(obj, dict) or "seq" not in obj or "status" not in obj:
-                    raise LedgerError(
-                        f"{path}:{lineno}: not a results line (bulksend send/load --out)"
-                    )
-                state.lines += 1
-                yield Result.from_dict(obj)
 
 
 @dataclass

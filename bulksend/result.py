@@ -5,7 +5,7 @@ record whatever happened to it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -26,6 +26,8 @@ class Result:
     seq: int
     source: str
     id: str | None
+    #: Record.identity. Keyword-only with a default: written right after id, yet optional.
+    identity: str | None = field(default=None, kw_only=True)
     status: str
     http_status: int | None = None
     msg_id: str | None = None
@@ -63,4 +65,6 @@ def result_for(item: Item, status: str) -> Result:
     """A Result for ``item`` with the fields that identify it in the ledger copied over.
     The one place (with ``outcome.interpret`` for answers) that decides which fields those
     are: a new identifying field is copied here."""
-    return Result(seq=item.seq, source=item.source, id=item.id, status=status)
+    return Result(
+        seq=item.seq, source=item.source, id=item.id, identity=item.identity, status=status
+    )

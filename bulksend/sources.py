@@ -1,43 +1,63 @@
 """The input stage: paths in, one stream of ``Record``/``Invalid`` items out, each with its
-``seq`` and ``source`` (see ``bulksend.record``).
+``seq``, ``source`` and ``identity`` (see ``bulksend.record``).
 
 Every path is opened and checked when ``Inputs`` is built, so an unusable input stops the
 run (``InputOpenError``) before a single record is sent. After that, bad input is data: a
 malformed line, bad UTF-8, an over-long line or a gzip file corrupt midway each become one
-``Invalid`` and the stream goes on.
+``Invalid`` and the stream goes on. Each input is read exactly once, front to back, so a
+pipe, a FIFO or ``/dev/stdin`` gives all its records.
 
 Reading is streamed in 1 MiB binary chunks split on ``\\n`` here, not through a text file:
 no decoding of valid lines (orjson takes bytes), a handful of C calls per chunk instead of
 several Python calls per line, and peak memory of about one chunk plus the longest line
 whatever the input's size. ``parse`` decides what each line means.
+
+A ``.json`` file whose first non-space byte is ``[`` holds one JSON array of records, read
+by ``json_array`` (memory: one chunk plus the longest element). Any other ``.json`` file is
+JSONL. Identities come from ``identity.input_keys`` over the paths given.
+
+A ``Span`` reads one byte range of a plain JSONL file and numbers its records as a read of
+the whole file would: a shard reads only its share (``bulksend.spans.split_jsonl`` cuts
+a file into spans at line starts).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
-import hashlib
 import io
 import os
 import stat
 import sys
 import zlib
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from types import TracebackType
 from typing import BinaryIO, Final
 
 from bulksend.errors import ConfigError, InputOpenError
-from bulksend.parse import CsvHeader, decode_raw, parse_jsonl, parse_jsonl_line, record_from_obj
+from bulksend.identity import canonical_input, input_key, input_keys
+from bulksend.json_array import ArrayReader, first_byte
+from bulksend.parse import (
+    CsvHeader,
+    decode_raw,
+    parse_jsonl,
+    parse_jsonl_line,
+    record_from_obj,
+)
 from bulksend.record import Invalid, Item
 
 __all__ = [
     "FORMATS",
     "MAX_LINE_BYTES",
     "Inputs",
-    "fingerprint",
+    "Span",
+    "canonical_input",
     "format_for",
+    "input_key",
+    "input_keys",
     "parse_jsonl_line",
     "record_from_obj",
 ]
@@ -48,7 +68,8 @@ _EXTENSIONS: Final = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", "
 #: Bytes asked of the file per read (decompressed bytes for .gz).
 CHUNK_BYTES: Final = 1 << 20
 #: A longer line is one Invalid, so a file without newlines cannot exhaust memory. Twice
-#: DMS RocketMQ's 4 MiB message limit leaves room for JSON escaping.
+#: DMS RocketMQ's 4 MiB message limit leaves room for JSON escaping. Also the longest
+#: element of a JSON array file, in characters.
 MAX_LINE_BYTES: Final = 8 << 20
 #: Longest CSV field, in characters (the csv module's default, 128 Ki, is below a message).
 MAX_CSV_FIELD: Final = 4 << 20
@@ -68,14 +89,39 @@ def format_for(path: str, fmt: str | None) -> str:
         return fmt
     if path == "-":
         return "jsonl"
-    stem = path[:-3] if path.lower().endswith(".gz") else path
-    found = _EXTENSIONS.get(os.path.splitext(stem)[1].lower())
+    found = _EXTENSIONS.get(_extension(path))
     if found is None:
         raise InputOpenError(
             f"{path}: unknown input format (use a .jsonl, .ndjson, .json or .csv name, "
             "optionally .gz, or give --format jsonl|csv)"
         )
     return found
+
+
+def _extension(path: str) -> str:
+    stem = path[:-3] if path.lower().endswith(".gz") else path
+    return os.path.splitext(stem)[1].lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Bytes ``start``..``end`` (end exclusive; None: to the end) of a plain JSONL regular
+    file, ``start`` being a line start: one shard's share of an input.
+
+    ``first_line`` is the physical line number of the line at ``start`` and ``first_seq``
+    the seq of the span's first record, so the span's records get the same ``seq``,
+    ``source`` and ``identity`` as in a read of the whole file. ``key`` is the input's key
+    (default ``input_key(path)``: the file's first reading in a run). ``records``, when
+    known (``split_jsonl`` counts them), is how many seqs the span holds.
+    """
+
+    path: str
+    start: int = 0
+    end: int | None = None
+    first_line: int = 1
+    first_seq: int = 0
+    records: int | None = None
+    key: str | None = None
 
 
 @dataclass(eq=False)
@@ -85,11 +131,16 @@ class _Input:
     name: str  # as given on the command line; "-" for stdin
     fmt: str
     read: Callable[[int], bytes]
-    size: int | None  # on disk; None for stdin, pipes and devices
+    size: int | None  # bytes it will read from disk; None for stdin, pipes and devices
+    key: str = ""  # the identity's input part
     gz_raw: BinaryIO | None = None  # the compressed file under a GzipFile (for bytes_read)
     owned: list[io.IOBase] = field(default_factory=list)  # to close
     broken: str | None = None  # why the rest of the file could not be read
     tail: bytes = b""  # the partial line before the break, or an over-long line's start
+    line0: int = 0  # physical lines before the first one read (a Span's first_line - 1)
+    seq0: int | None = None  # the first record's seq (a Span's); None: carry on
+    bom: bool = True  # at the file's start: a UTF-8 BOM there is dropped
+    array: bool = False  # may be a JSON array (a .json name): look at the first byte
 
     def close(self) -> None:
         for f in reversed(self.owned):
@@ -97,30 +148,87 @@ class _Input:
         self.owned.clear()
 
 
-def _open(path: str, fmt: str | None, stdin: BinaryIO | None) -> _Input:
+def _open(spec: str | Span, fmt: str | None, stdin: BinaryIO | None, key: str) -> _Input:
+    if isinstance(spec, Span):
+        return _open_span(spec, fmt, key)
+    path = spec
     if path == "-":
         src = stdin if stdin is not None else sys.stdin.buffer
         # read1 returns what a pipe has now instead of waiting for a full chunk.
-        return _Input("-", format_for(path, fmt), getattr(src, "read1", src.read), None)
-    try:
-        raw = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by _Input.close
-    except OSError as exc:
-        raise InputOpenError(f"cannot open input {path}: {exc.strerror or exc}") from None
+        return _Input("-", format_for(path, fmt), getattr(src, "read1", src.read), None, key)
+    raw = _open_file(path)
     try:
         info = os.fstat(raw.fileno())
         if stat.S_ISDIR(info.st_mode):
             raise InputOpenError(f"cannot open input {path}: Is a directory")
         fmt = format_for(path, fmt)
         size = info.st_size if stat.S_ISREG(info.st_mode) else None
+        array = fmt == "jsonl" and _extension(path) == ".json"
         if not path.lower().endswith(".gz"):
-            return _Input(path, fmt, raw.read, size, owned=[raw])
+            return _Input(path, fmt, raw.read, size, key, owned=[raw], array=array)
         # Checked now, so a mislabelled file stops the run before anything is sent.
         if size and os.pread(raw.fileno(), 2, 0) != _GZIP_MAGIC:
             raise InputOpenError(f"cannot open input {path}: not a gzip file")
         gz = gzip.GzipFile(fileobj=raw, mode="rb")
         # read1 inflates one compressed block per call, so every line before a corrupt
         # spot is delivered; read would drop the whole chunk it was filling.
-        return _Input(path, fmt, gz.read1, size, gz_raw=raw, owned=[raw, gz])
+        return _Input(path, fmt, gz.read1, size, key, gz_raw=raw, owned=[raw, gz], array=array)
+    except OSError as exc:
+        raw.close()
+        raise InputOpenError(f"cannot read input {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        raw.close()
+        raise
+
+
+def _open_file(path: str) -> io.FileIO:
+    try:
+        return open(path, "rb", buffering=0)
+    except OSError as exc:
+        raise InputOpenError(f"cannot open input {path}: {exc.strerror or exc}") from None
+
+
+def _open_span(span: Span, fmt: str | None, key: str) -> _Input:
+    path = span.path
+    if format_for(path, fmt) != "jsonl" or path.lower().endswith(".gz"):
+        raise InputOpenError(
+            f"{path}: only a plain (not gzip) JSONL file can be read by byte range"
+        )
+    # Looked at before opening: opening a FIFO would wait for a writer.
+    with contextlib.suppress(OSError):  # a missing file: _open_file says so
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise InputOpenError(f"{path}: only a regular file can be read by byte range")
+    raw = _open_file(path)
+    try:
+        info = os.fstat(raw.fileno())
+        end = info.st_size if span.end is None else span.end
+        if not 0 <= span.start <= end <= info.st_size or span.first_line < 1 or span.first_seq < 0:
+            raise InputOpenError(
+                f"{path}: span {span.start}..{end} does not fit the file ({info.st_size} bytes)"
+            )
+        # An empty span at the end of a file whose last line has no newline is fine.
+        if 0 < span.start < end and os.pread(raw.fileno(), 1, span.start - 1) != b"\n":
+            raise InputOpenError(f"{path}: span start {span.start} is not at a line start")
+        raw.seek(span.start)
+        left = end - span.start
+
+        def read(n: int) -> bytes:
+            nonlocal left
+            data = raw.read(min(n, left)) if left > 0 else b""
+            left -= len(data)
+            return data
+
+        return _Input(
+            path,
+            "jsonl",
+            read,
+            end - span.start,
+            key,
+            owned=[raw],
+            line0=span.first_line - 1,
+            seq0=span.first_seq,
+            bom=span.start == 0,
+        )
     except OSError as exc:
         raw.close()
         raise InputOpenError(f"cannot read input {path}: {exc.strerror or exc}") from None
@@ -133,25 +241,28 @@ class Inputs:
     """The records of ``paths``, in order, as one stream of Items.
 
     ``paths``: files as given on the command line; ``-`` is ``stdin`` (default
-    ``sys.stdin.buffer``, never closed here), at most once. ``.gz`` files are decompressed.
+    ``sys.stdin.buffer``, never closed here), at most once; a ``Span`` is a byte range of a
+    plain JSONL file, its records numbered from the span's ``first_seq`` (a path after it
+    carries on from there). ``.gz`` files are decompressed.
     ``fmt``: ``"jsonl"`` or ``"csv"`` for every input; default: by extension, stdin jsonl.
     ``default_topic``: the topic of records that name none.
 
     All paths are opened here: InputOpenError (missing, a directory, unreadable, not gzip,
-    unknown format) or ConfigError (bad ``fmt`` or topic) is raised before anything is read.
-    Iterate once (``for item in inputs`` or ``inputs.batches(n)``); use as a context manager
-    or call ``close()``.
+    unknown format, a span that does not fit) or ConfigError (bad ``fmt`` or topic) is
+    raised before anything is read. Iterate once (``for item in inputs`` or
+    ``inputs.batches(n)``); use as a context manager or call ``close()``.
     """
 
     bytes_total: int | None
-    """Sum of the inputs' sizes on disk (compressed for .gz); None if one is not a file."""
+    """Sum of the inputs' sizes on disk (compressed for .gz; a span's length); None if one
+    is not a file."""
     bytes_read: int
     """Bytes of the inputs consumed so far, as counted by ``bytes_total``; moves a chunk
     at a time, which is cheap enough to poll for a progress bar."""
 
     def __init__(
         self,
-        paths: Sequence[str],
+        paths: Sequence[str | Span],
         *,
         fmt: str | None = None,
         default_topic: str | None = None,
@@ -161,16 +272,21 @@ class Inputs:
             raise ConfigError(f"unknown input format {fmt!r} (expected jsonl or csv)")
         if default_topic == "":
             raise ConfigError("the default topic (--topic) is empty")
-        if isinstance(paths, str):
-            raise TypeError("paths is a sequence of paths, not one str")
+        if isinstance(paths, str | Span):
+            raise TypeError("paths is a sequence of paths, not one path")
         if list(paths).count("-") > 1:
             raise InputOpenError("stdin (-) is given more than once")
         self._default_topic = default_topic
         self._inputs: list[_Input] = []
         self._started = False
+        # A span is part of its file's first reading; plain paths count their repeats.
+        keys = iter(input_keys(p for p in paths if isinstance(p, str)))
         try:
-            for path in paths:
-                self._inputs.append(_open(path, fmt, stdin))
+            for spec in paths:
+                if isinstance(spec, str):
+                    self._inputs.append(_open(spec, fmt, stdin, next(keys)))
+                else:
+                    self._inputs.append(_open(spec, fmt, stdin, spec.key or input_key(spec.path)))
         except BaseException:
             self.close()
             raise
@@ -213,6 +329,8 @@ class Inputs:
         seq = 0
         for inp in self._inputs:
             base = self.bytes_read
+            if inp.seq0 is not None:
+                seq = inp.seq0
             try:
                 if inp.fmt == "csv":
                     seq = yield from self._csv_items(inp, seq)
@@ -226,15 +344,33 @@ class Inputs:
     # --- JSONL ---------------------------------------------------------------------------
 
     def _jsonl_items(self, inp: _Input, seq: int) -> Generator[Item, None, int]:
-        name = inp.name
+        chunks = self._chunks(inp)
+        if inp.array:
+            first, chunks = first_byte(chunks)
+            if first == b"[":
+                reader = ArrayReader(
+                    chunks,
+                    name=inp.name,
+                    key=inp.key,
+                    topic=self._default_topic,
+                    broken=lambda: inp.broken,
+                    max_element=MAX_LINE_BYTES,
+                    keep=CHUNK_BYTES,
+                    raw_prefix=_RAW_PREFIX,
+                )
+                return (yield from reader.items(seq))
+        # "path:" and "key:" joined with the line's digits, made once: the cheapest way to
+        # the two strings each line needs (two f-strings format the number twice).
+        name, key = f"{inp.name}:", f"{inp.key}:"
         topic = self._default_topic
-        lineno = 0
-        for line in self._lines(inp):
+        lineno = inp.line0
+        for line in self._lines(inp, chunks):
             lineno += 1
+            digits = str(lineno)
             if line is _MARK:
-                yield self._marked(inp, seq, f"{name}:{lineno}")
+                yield self._marked(inp, seq, name + digits, key + digits)
             else:
-                item = parse_jsonl(line, seq, f"{name}:{lineno}", topic)
+                item = parse_jsonl(line, seq, name + digits, topic, key + digits)
                 if item is None:  # blank: no seq
                     continue
                 yield item
@@ -242,26 +378,29 @@ class Inputs:
         return seq
 
     @staticmethod
-    def _marked(inp: _Input, seq: int, source: str) -> Invalid:
+    def _marked(inp: _Input, seq: int, source: str, identity: str) -> Invalid:
         raw = decode_raw(inp.tail)
         if inp.broken is not None:
-            return Invalid(seq, source, raw, inp.broken)
-        return Invalid(seq, source, raw, f"line is longer than {MAX_LINE_BYTES >> 20} MiB")
+            return Invalid(seq, source, raw, inp.broken, None, identity)
+        return Invalid(
+            seq, source, raw, f"line is longer than {MAX_LINE_BYTES >> 20} MiB", None, identity
+        )
 
     # --- reading -------------------------------------------------------------------------
 
     def _chunks(self, inp: _Input) -> Iterator[bytes]:
-        """The input's bytes, BOM dropped; sets ``inp.broken`` if reading fails midway."""
+        """The input's bytes, a leading BOM dropped; sets ``inp.broken`` if reading fails
+        midway."""
         read, gz_raw, base = inp.read, inp.gz_raw, self.bytes_read
         done = 0  # bytes read from a plain file or stdin
         try:
             chunk = read(CHUNK_BYTES)
             eof = not chunk  # then never read again: a terminal would wait for a 2nd ^D
             # A pipe may hand out fewer bytes than a BOM: gather enough to look.
-            while not eof and len(chunk) < len(_BOM):
+            while inp.bom and not eof and len(chunk) < len(_BOM):
                 more = read(CHUNK_BYTES)
                 chunk, eof = chunk + more, not more
-            if chunk.startswith(_BOM):
+            if inp.bom and chunk.startswith(_BOM):
                 done, chunk = len(_BOM), chunk[len(_BOM) :]
             while not eof or chunk:
                 if chunk:
@@ -276,21 +415,23 @@ class Inputs:
             what = "gzip data is corrupt" if gz_raw is not None else "read failed"
             inp.broken = f"{what} ({exc}); the rest of this file is skipped"
 
-    def _lines(self, inp: _Input) -> Iterator[bytes]:
+    def _lines(self, inp: _Input, chunks: Iterable[bytes] | None = None) -> Iterator[bytes]:
         """The input's physical lines without their ``\\n``, ``\\r`` kept. An over-long line,
         and the unreadable rest of a broken file (always last), come as ``_MARK`` with
         ``inp.tail``/``inp.broken`` set."""
         parts: list[bytes] = []  # the unfinished line, in pieces
         pending = 0  # len of the pieces
         overlong = False  # inside an over-long line: drop bytes up to its end
-        for chunk in self._chunks(inp):
+        for chunk in self._chunks(inp) if chunks is None else chunks:
             lines = chunk.split(b"\n")
             if len(lines) == 1:
                 if not overlong:
                     parts.append(chunk)
                     pending += len(chunk)
                     if pending > MAX_LINE_BYTES:
-                        inp.tail, parts, pending, overlong = parts[0][:_RAW_PREFIX], [], 0, True
+                        # The line's start, however the reads cut it.
+                        inp.tail = b"".join(parts)[:_RAW_PREFIX]
+                        parts, pending, overlong = [], 0, True
                 continue
             last = lines.pop()
             if overlong:
@@ -330,25 +471,33 @@ class Inputs:
                 row, error = None, None
             except csv.Error as exc:
                 row, error = [], feed.problem or f"malformed CSV: {exc}"
+            first = feed.first
             if inp.broken is not None:  # the broken tail swallows the unfinished row
                 raw = "\n".join([*feed.raw, decode_raw(inp.tail)])
-                yield Invalid(seq, f"{inp.name}:{feed.first}", raw, inp.broken)
+                yield Invalid(
+                    seq, f"{inp.name}:{first}", raw, inp.broken, None, f"{inp.key}:{first}"
+                )
                 return seq + 1
             if row is None:
                 return seq
             if error is None and not feed.nonblank:
                 continue
-            source, raw = f"{inp.name}:{feed.first}", "\n".join(feed.raw)
+            source, identity = f"{inp.name}:{first}", f"{inp.key}:{first}"
+            raw = "\n".join(feed.raw)
             if error is not None:
-                yield Invalid(
-                    seq, source, raw, f"CSV header row: {error}" if header is None else error
-                )
+                message = f"CSV header row: {error}" if header is None else error
+                yield Invalid(seq, source, raw, message, None, identity)
             elif header is None:
                 header = CsvHeader(row)
                 continue
             else:
                 yield header.item(
-                    row, seq=seq, source=source, raw=raw, default_topic=self._default_topic
+                    row,
+                    seq=seq,
+                    source=source,
+                    raw=raw,
+                    default_topic=self._default_topic,
+                    identity=identity,
                 )
             seq += 1
 
@@ -396,37 +545,3 @@ class _CsvFeed:
             )
         self.raw.append(text.rstrip("\r"))
         return text + "\n"
-
-
-# --- change detection ---------------------------------------------------------------------
-
-_FINGERPRINT_SPAN: Final = 1 << 20
-
-
-def fingerprint(path: str) -> str:
-    """A cheap fingerprint of an input file's content, for ``--resume`` to notice that an
-    input changed since the results ledger was written.
-
-    ``v1:<size>:<mtime_ns>:<sha256 of the first and the last MiB>`` (the whole file when
-    it is at most 2 MiB): at most 2 MiB read whatever the file's size. Size and the tail
-    catch appends and truncation, the head catches a different file, mtime catches an edit
-    in the middle. A ``touch`` or a copy without ``-p`` also counts as a change: the safe
-    side, --resume refuses rather than skipping the wrong records. The .gz file itself is
-    fingerprinted, not its content. Raises InputOpenError if ``path`` is ``-`` or cannot
-    be read.
-    """
-    if path == "-":
-        raise InputOpenError("stdin (-) has no fingerprint: --resume needs input files")
-    try:
-        with open(path, "rb") as f:
-            info = os.fstat(f.fileno())
-            digest = hashlib.sha256()
-            if info.st_size <= 2 * _FINGERPRINT_SPAN:
-                digest.update(f.read())
-            else:
-                digest.update(f.read(_FINGERPRINT_SPAN))
-                f.seek(-_FINGERPRINT_SPAN, os.SEEK_END)
-                digest.update(f.read(_FINGERPRINT_SPAN))
-    except OSError as exc:
-        raise InputOpenError(f"cannot read input {path}: {exc.strerror or exc}") from None
-    return f"v1:{info.st_size}:{info.st_mtime_ns}:{digest.hexdigest()}"

@@ -7,7 +7,8 @@ literal text and placeholders (``{seq}``, ``{ts}``, ``{uuid}``; every other brac
 so a JSON template needs no escaping), topics go round robin.
 
 Every record's ``source`` is ``"load"``: no input line is behind it, and ``bulksend report``
-tells a load ledger from a send ledger by it (a send's source is always ``path:line``).
+tells a load ledger from a send ledger by it (a send's source is always ``path:line``). Its
+``identity`` is ``load:SEQ``, unique in the run (seq is the schedule slot).
 """
 
 from __future__ import annotations
@@ -104,4 +105,6 @@ class Synthetic:
             if seq >= limit():
                 return
             props = ((KEYS, f"k{seq % keys}"),) if keys else ()
-            yield Record(seq, SOURCE, topics[seq % ntopics], self.body(seq), props)
+            yield Record(
+                seq, SOURCE, topics[seq % ntopics], self.body(seq), props, None, f"{SOURCE}:{seq}"
+            )

@@ -1,8 +1,12 @@
-"""No input bytes make the parser raise, and every non-blank line is exactly one item."""
+"""No input bytes make the parser raise, and every non-blank line (every element of a JSON
+array file) is exactly one item."""
 
 from __future__ import annotations
 
 import io
+import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -121,3 +125,37 @@ def test_every_non_blank_unquoted_csv_line_is_one_item(rows: list[list[str]], en
     assert [i.source for i in items] == [f"-:{n}" for n in nonblank]
     for item in items:
         check_item(item)
+
+
+@FUZZ
+@given(st.lists(records | json_values, max_size=8), st.sampled_from([None, 1, 2]))
+def test_json_array_gives_one_item_per_element(elements: list[Any], indent: int | None) -> None:
+    text = json.dumps(elements, indent=indent, ensure_ascii=False)
+    items = _read_named("a.json", text.encode())
+    assert [i.seq for i in items] == list(range(len(elements)))
+    for element, item in zip(elements, items, strict=True):
+        check_item(item)
+        if isinstance(item, Record) and isinstance(element, dict):
+            body = element["body"]
+            assert item.body == (
+                body
+                if isinstance(body, str)
+                else json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+            )
+
+
+@FUZZ
+@given(lines, st.binary(max_size=60))
+def test_json_array_reader_never_raises(line: bytes, junk: bytes) -> None:
+    items = _read_named("a.json", b"[" + line + junk)
+    assert [i.seq for i in items] == list(range(len(items)))
+    for item in items:
+        check_item(item)
+
+
+def _read_named(name: str, data: bytes) -> list[Item]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        with Inputs([str(path)], default_topic="t") as inputs:
+            return list(inputs)

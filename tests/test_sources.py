@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from bulksend.errors import ConfigError, InputOpenError
 from bulksend.parse import CsvHeader, parse_jsonl_line, record_from_obj
 from bulksend.record import Invalid, Item, Record
-from bulksend.sources import MAX_LINE_BYTES, Inputs, fingerprint, format_for
+from bulksend.sources import MAX_LINE_BYTES, Inputs, format_for, input_key
 
 
 def read(*paths: str | Path, **kw: object) -> list[Item]:
@@ -26,6 +27,19 @@ def write(tmp_path: Path, name: str, data: bytes | str) -> Path:
     path = tmp_path / name
     path.write_bytes(data.encode() if isinstance(data, str) else data)
     return path
+
+
+def rec(
+    seq: int,
+    source: str,
+    topic: str,
+    body: str,
+    properties: tuple[tuple[str, str], ...] = (),
+    id: str | None = None,
+) -> Record:
+    """The Record the reader makes: its identity is its input's key and its line."""
+    path, _, line = source.rpartition(":")
+    return Record(seq, source, topic, body, properties, id, f"{input_key(path)}:{line}")
 
 
 def only(items: list[Item]) -> Item:
@@ -43,7 +57,7 @@ def test_jsonl_fields(tmp_path: Path) -> None:
         '{"topic":"t","body":"hello","keys":["k1","k2"],"tags":"tg","id":7,'
         '"property_list":[{"name":"a","value":"1"}],"properties":{"b":"2"},"other":[1]}\n',
     )
-    assert only(read(path)) == Record(
+    assert only(read(path)) == rec(
         seq=0,
         source=f"{path}:1",
         topic="t",
@@ -100,7 +114,8 @@ def test_id_string_or_number_stored_as_str(tmp_path: Path) -> None:
     )
     items = read(path, default_topic="t")
     assert [i.id for i in items] == ["x-1", "12", None]
-    assert [i.identity for i in items] == ["x-1", "12", f"{path}:3"]
+    key = input_key(str(path))
+    assert [i.identity for i in items] == [f"{key}:1", f"{key}:2", f"{key}:3"]
 
 
 # --- JSONL: one Invalid per bad line, right place, clear message -----------------------------
@@ -283,9 +298,9 @@ def test_seq_runs_across_inputs_and_source_uses_the_path_as_given(
 
 def test_stdin_defaults_to_jsonl_and_fmt_forces_csv() -> None:
     items = read("-", stdin=io.BytesIO(b"body,topic\nhi,t\n"), fmt="csv")
-    assert only(items) == Record(0, "-:2", "t", "hi")
+    assert only(items) == rec(0, "-:2", "t", "hi")
     items = read("-", stdin=io.BytesIO(b'{"body":"hi","topic":"t"}\n'))
-    assert only(items) == Record(0, "-:1", "t", "hi")
+    assert only(items) == rec(0, "-:1", "t", "hi")
 
 
 def test_gzip_read_transparently_format_from_inner_extension(tmp_path: Path) -> None:
@@ -318,7 +333,7 @@ def test_gzip_corrupt_midway_is_one_invalid_then_next_input(tmp_path: Path) -> N
     good = items[:-2]
     assert [i.source for i in good] == [f"{broken}:{n}" for n in range(1, len(good) + 1)]
     assert bad[0].source == f"{broken}:{len(good) + 1}"
-    assert items[-1] == Record(len(items) - 1, f"{after}:1", "t", "next")
+    assert items[-1] == rec(len(items) - 1, f"{after}:1", "t", "next")
 
 
 def test_bytes_total_is_none_with_stdin(tmp_path: Path) -> None:
@@ -398,10 +413,10 @@ def test_csv_columns_props_and_empty_cells(tmp_path: Path) -> None:
         ",plain,,,,,,\n",
     )
     first, second = read(path, default_topic="dflt")
-    assert first == Record(
+    assert first == rec(
         0, f"{path}:2", "t", "hello", (("color", "red"), ("KEYS", "k1 k2"), ("TAGS", "tg")), "42"
     )
-    assert second == Record(1, f"{path}:3", "dflt", "plain")
+    assert second == rec(1, f"{path}:3", "dflt", "plain")
 
 
 def test_csv_quoted_multiline_record_source_is_its_first_line(tmp_path: Path) -> None:
@@ -411,8 +426,8 @@ def test_csv_quoted_multiline_record_source_is_its_first_line(tmp_path: Path) ->
         'topic,body\r\nt,"line one\r\n\r\nline ""three"", with comma"\r\nt,next\r\n',
     )
     first, second = read(path)
-    assert first == Record(0, f"{path}:2", "t", 'line one\r\n\r\nline "three", with comma')
-    assert second == Record(1, f"{path}:5", "t", "next")
+    assert first == rec(0, f"{path}:2", "t", 'line one\r\n\r\nline "three", with comma')
+    assert second == rec(1, f"{path}:5", "t", "next")
 
 
 BAD_CSV = [
@@ -508,28 +523,208 @@ def test_csv_header_maps_rows() -> None:
     )
 
 
-def test_deeply_nested_body_is_invalid_not_a_crash(tmp_path: Path) -> None:
-    path = write(tmp_path, "in.jsonl", '{"topic":"t","body":' + "[" * 300 + "]" * 300 + "}\n")
-    bad = only(read(path))
-    assert isinstance(bad, Invalid)
-    assert bad.error.startswith("body cannot be sent as JSON")
+def test_deeply_nested_body_is_sent_exactly_or_invalid_not_a_crash(tmp_path: Path) -> None:
+    deep = "[" * 300 + "]" * 300
+    deeper = "[" * 1000 + "]" * 1000  # orjson reads it; Python's scanner cannot follow it
+    path = write(
+        tmp_path, "in.jsonl", f'{{"topic":"t","body":{deep}}}\n{{"topic":"t","body":{deeper}}}\n'
+    )
+    sent, bad = read(path)
+    assert isinstance(sent, Record) and sent.body == deep
+    assert isinstance(bad, Invalid) and bad.error == "body is nested too deeply to be read exactly"
 
 
-# --- fingerprint -----------------------------------------------------------------------------
+# --- exact bodies and ids ---------------------------------------------------------------------
 
 
-def test_fingerprint_changes_with_content_and_is_stable(tmp_path: Path) -> None:
-    path = write(tmp_path, "in.jsonl", b"x" * (3 << 20))
-    first = fingerprint(str(path))
-    assert first == fingerprint(str(path))
-    assert first.startswith(f"v1:{3 << 20}:")
-    stat = path.stat()
-    with path.open("r+b") as f:
-        f.seek(-1, os.SEEK_END)
-        f.write(b"y")
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: the tail tells
-    assert fingerprint(str(path)) != first
-    with pytest.raises(InputOpenError):
-        fingerprint(str(tmp_path / "missing"))
-    with pytest.raises(InputOpenError):
-        fingerprint("-")
+@pytest.mark.parametrize(
+    ("body", "sent"),
+    [
+        ("123456789012345678901234567890", "123456789012345678901234567890"),
+        ("1E2", "1E2"),
+        ("-0", "-0"),
+        ("1.0000000000000000000001", "1.0000000000000000000001"),
+        (
+            '{ "z" : 1e-7 , "a" : [ 18446744073709551616 , "x  y" ] }',
+            '{"z":1e-7,"a":[18446744073709551616,"x  y"]}',
+        ),
+        ('{"s":"\\u00e9\\n","k":{"b":1,"a":2}}', '{"s":"\\u00e9\\n","k":{"b":1,"a":2}}'),
+        ('[ "a\\"]" , 2 ]', '["a\\"]",2]'),
+    ],
+)
+def test_non_string_body_is_the_inputs_own_json_text(tmp_path: Path, body: str, sent: str) -> None:
+    path = write(tmp_path, "m.jsonl", f'{{"topic":"t", "body" :  {body}  ,"id":1}}\n')
+    item = only(read(path))
+    assert isinstance(item, Record)
+    assert item.body == sent
+
+
+@pytest.mark.parametrize(
+    ("line", "sent"),
+    [
+        ('{"topic":"t","body":1,"body":[2, 3]}', "[2,3]"),  # the last, as orjson reads it
+        ('{"topic":"t","x":{"body":2},"body":[1]}', "[1]"),
+        ('{"topic":"body","body":1E2}', "1E2"),
+        ('{"topic":"t","bo\\u0064y":[1],"x":{"body":2}}', "[1]"),  # an escaped key
+        ('{"topic":"t","x":"\\"body\\":9","body":[1]}', "[1]"),
+    ],
+)
+def test_the_top_level_body_member_is_found_wherever_body_appears(
+    tmp_path: Path, line: str, sent: str
+) -> None:
+    path = write(tmp_path, "m.jsonl", line + "\n")
+    item = only(read(path))
+    assert isinstance(item, Record) and item.body == sent
+
+
+@pytest.mark.parametrize(
+    ("rid", "kept"),
+    [
+        ("123456789012345678901234567890", "123456789012345678901234567890"),
+        ("18446744073709551616", "18446744073709551616"),
+        ("-9223372036854775809", "-9223372036854775809"),
+        ("1E2", "1E2"),
+        ("2.50", "2.50"),
+        ("-0", "-0"),
+        ("42", "42"),
+    ],
+)
+def test_numeric_id_keeps_its_exact_text(tmp_path: Path, rid: str, kept: str) -> None:
+    path = write(
+        tmp_path, "m.jsonl", f'{{"topic":"t","body":"b","id":{rid}}}\n{{"topic":"t","id":{rid}}}\n'
+    )
+    good, bad = read(path)
+    assert good.id == kept and bad.id == kept  # an invalid record keeps its id too
+
+
+def test_library_objects_big_int_body_is_invalid_not_a_float() -> None:
+    item = record_from_obj({"body": {"n": 2**70}}, seq=0, source="s:1", raw="r", default_topic="t")
+    assert isinstance(item, Invalid) and item.error.startswith("body cannot be sent as JSON")
+
+
+# --- replaying a --failed file ------------------------------------------------------------------
+
+
+def test_replayed_invalid_record_keeps_its_original_reason(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "failed.jsonl",
+        '{"_raw":"{\\"topic\\":\\"t\\"","_error":"malformed JSON: unexpected end of data at column 12","_source":"in.jsonl:7"}\n'
+        '{"_raw":"x","_error":"","_source":"in.jsonl:8"}\n'
+        '{"topic":"t","body":"again","_error":"DMS.00503001: busy","_source":"in.jsonl:9"}\n',
+    )
+    first, second, third = read(path)
+    assert isinstance(first, Invalid)
+    assert (first.error, first.raw) == (
+        "malformed JSON: unexpected end of data at column 12",
+        '{"topic":"t"',
+    )
+    assert first.source == f"{path}:1"
+    assert isinstance(second, Invalid) and second.error == "body is missing"  # no reason kept
+    assert isinstance(third, Record) and third.body == "again"
+
+
+# --- JSON arrays ----------------------------------------------------------------------------------
+
+
+def test_json_array_file_is_read_as_records(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "a.json",
+        '\ufeff  [\n  {"topic": "t", "body": "one"},\n  {"topic": "t", "body": {"n": 1E2}},'
+        ' {"topic": "t"},\n  [1],\n  {"topic": "t", "body": "f\u00fcnf", "id": 123456789012345678901234567890}\n]\n',
+    )
+    items = read(path)
+    assert [(i.seq, i.source) for i in items] == [
+        (0, f"{path}:2:3"),
+        (1, f"{path}:3:3"),
+        (2, f"{path}:3:39"),
+        (3, f"{path}:4:3"),
+        (4, f"{path}:5:3"),
+    ]
+    one, two, three, four, five = items
+    assert isinstance(one, Record) and one.body == "one"
+    assert isinstance(two, Record) and two.body == '{"n":1E2}'
+    assert isinstance(three, Invalid) and three.error == "body is missing"
+    assert three.raw == '{"topic": "t"}'
+    assert isinstance(four, Invalid) and four.error == "not a JSON object (got an array)"
+    assert (
+        isinstance(five, Record)
+        and five.body == "fünf"
+        and five.id == "123456789012345678901234567890"
+    )
+    key = input_key(str(path))
+    assert [i.identity for i in items] == [f"{key}:{i.source.split(':', 1)[1]}" for i in items]
+    assert len({i.identity for i in items}) == 5
+
+
+def test_one_line_json_array_gives_each_element_its_own_column(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "a.json", json_dumps([{"topic": "t", "body": f"m{i}"} for i in range(3)])
+    )
+    items = read(path)
+    assert [i.source for i in items] == [f"{path}:1:2", f"{path}:1:32", f"{path}:1:62"]
+    assert len({i.identity for i in items}) == 3
+
+
+def test_json_named_jsonl_is_still_jsonl_and_empty_array_is_empty(tmp_path: Path) -> None:
+    lines = write(tmp_path, "l.json", '\n{"topic":"t","body":"a"}\n{"topic":"t","body":"b"}\n')
+    assert [i.source for i in read(lines)] == [f"{lines}:2", f"{lines}:3"]
+    assert read(write(tmp_path, "e.json", " [ ] \n")) == []
+    assert read(write(tmp_path, "blank.json", " \n\n")) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "message"),
+    [
+        ('[{"topic":"t","body":"a"},]', "1:27", "Expecting value: line 1 column 27"),
+        (
+            '[{"topic":"t","body":"a"} {"body":"b"}]',
+            "1:27",
+            "Expecting ',' delimiter or ']': line 1 column 27",
+        ),
+        (
+            '[{"topic":"t","body":"a"},\n{"topic":"t","bo',
+            "2:1",
+            "Unterminated string starting at: line 2 column 14",
+        ),
+        (
+            '[{"topic":"t","body":"a"},\n{"topic":"t",}',
+            "2:1",
+            "Expecting property name enclosed in double quotes: line 2 column 14",
+        ),
+        ('[{"topic":"t","body":"a"}] x', "1:28", "Extra data: line 1 column 28"),
+        ('[{"topic":"t","body":"a"}', "1:26", "Expecting ',' delimiter or ']': line 1 column 26"),
+    ],
+)
+def test_broken_json_array_is_one_invalid_for_the_rest(
+    tmp_path: Path, text: str, where: str, message: str
+) -> None:
+    path = write(tmp_path, "a.json", text)
+    first, rest = read(path)
+    assert isinstance(first, Record) and first.body == "a"
+    assert isinstance(rest, Invalid)
+    assert rest.source == f"{path}:{where}"
+    assert rest.error == f"malformed JSON array: {message}; the rest of this file is skipped"
+
+
+def test_big_json_array_streams_across_chunks_gzip_and_bad_utf8(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bulksend.sources.CHUNK_BYTES", 64)  # elements straddle every read
+    records = [{"topic": "t", "body": f"message {i} " + "é" * (i % 7), "id": i} for i in range(300)]
+    text = "[\n" + ",\n".join(json_dumps(r) for r in records) + "\n]"
+    data = text.encode().replace(b"message 150 ", b"message \xff ")
+    path = tmp_path / "big.json.gz"
+    path.write_bytes(gzip.compress(data))
+    items = read(path)
+    assert [i.source for i in items] == [f"{path}:{n}:1" for n in range(2, 302)]
+    bad = items[150]
+    assert isinstance(bad, Invalid) and bad.error.startswith("invalid UTF-8 at byte")
+    assert [i.body for i in items if isinstance(i, Record)] == [
+        r["body"] for n, r in enumerate(records) if n != 150
+    ]
+
+
+def json_dumps(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False)

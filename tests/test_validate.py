@@ -1,5 +1,5 @@
 """``bulksend validate`` as a user runs it: a subprocess, exit codes 0/1/2, problems as
-``path:line: message``, never a traceback."""
+``path:line: message`` (repeated kinds grouped under a count), never a traceback."""
 
 from __future__ import annotations
 
@@ -55,6 +55,47 @@ def test_problems_are_listed_as_path_line_message_and_exit_1(tmp_path: Path) -> 
         "5 problems in 7 records",
     ]
     assert done.stderr == ""
+
+
+def test_repeated_problems_are_grouped_with_their_first_places(tmp_path: Path) -> None:
+    lines = [b'{"body":"no topic %d"}' % i for i in range(4000)]
+    lines[10] = b'{"topic":"t","body":"ok"}'
+    lines[20] = b'{"topic":"t","body":"a",}'
+    lines[30] = b'{"topic":"t","body":"ab",}'
+    lines[40] = b'{"topic":"t","body":"abc",}'
+    lines[50] = b'{"topic":"t"}'
+    lines[60] = b'{"topic":"t","body":"a","properties":{"k1":1}}'
+    (tmp_path / "day1.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    done = validate("day1.jsonl", cwd=tmp_path)
+    assert done.returncode == 1
+    missing = "topic is missing and no default topic (--topic) is given"
+    assert done.stdout.splitlines() == [
+        f"3,994 records: {missing}",
+        *(f"  day1.jsonl:{n}: {missing}" for n in (1, 2, 3)),
+        "  ... and 3,991 more",
+        "3 records: malformed JSON: trailing comma is not allowed at column N",
+        "  day1.jsonl:21: malformed JSON: trailing comma is not allowed at column 24",
+        "  day1.jsonl:31: malformed JSON: trailing comma is not allowed at column 25",
+        "  day1.jsonl:41: malformed JSON: trailing comma is not allowed at column 26",
+        "day1.jsonl:51: body is missing",
+        'day1.jsonl:61: properties["k1"] is not a string (got a number)',
+        "3999 problems in 4000 records",
+    ]
+    every = validate("day1.jsonl", "--all", cwd=tmp_path)
+    assert every.returncode == 1
+    assert len(every.stdout.splitlines()) == 4000
+    assert every.stdout.splitlines()[:2] == [f"day1.jsonl:1: {missing}", f"day1.jsonl:2: {missing}"]
+
+
+def test_json_array_file_is_validated_element_by_element(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text('[{"topic":"t","body":"a"},\n {"topic":"t"}, {"body":"b"}]')
+    done = validate("a.json", cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == [
+        "a.json:2:2: body is missing",
+        "a.json:2:17: topic is missing and no default topic (--topic) is given",
+        "2 problems in 3 records",
+    ]
 
 
 def test_one_problem_one_record() -> None:
@@ -118,7 +159,7 @@ def test_corrupt_gzip_is_a_problem_not_a_crash(tmp_path: Path) -> None:
 def test_binary_garbage_is_problems_not_a_crash(tmp_path: Path) -> None:
     (tmp_path / "junk.jsonl").write_bytes(os.urandom(20000))
     (tmp_path / "junk.csv").write_bytes(b"topic,body\n" + os.urandom(20000))
-    done = validate("junk.jsonl", "junk.csv", cwd=tmp_path)
+    done = validate("junk.jsonl", "junk.csv", "--all", cwd=tmp_path)
     assert done.returncode == 1
     *problems, count = done.stdout.splitlines()
     assert all(line.startswith(("junk.jsonl:", "junk.csv:")) for line in problems)
@@ -152,7 +193,11 @@ def test_million_lines_stream_in_bounded_memory(tmp_path: Path) -> None:
     assert "Traceback" not in stderr, stderr
     lines = out_path.read_text().splitlines()
     assert code == 1
-    assert lines[-1] == "100 problems in 1000000 records"
-    assert lines[0] == f"{path}:10000: body is null"
+    assert lines == [
+        "100 records: body is null",
+        *(f"  {path}:{n}: body is null" for n in (10000, 20000, 30000)),
+        "  ... and 97 more",
+        "100 problems in 1000000 records",
+    ]
     assert peak_mb < 100, f"peak RSS {peak_mb:.0f} MB"
     print(f"1M lines: peak RSS {peak_mb:.1f} MB, validate took {elapsed:.1f} s")
