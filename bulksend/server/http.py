@@ -9,10 +9,17 @@ whole server (validation, store, metrics) makes 18,000-21,000 accepted messages 
 (``benchmarks/bench_serve.sh``).
 
 What it does: keep-alive, pipelining (answers leave in request order, each no earlier
-than its ``due`` time), ``Expect: 100-continue``, 413 for oversized bodies, 400 for bytes
-that are not HTTP, backpressure (a connection stops being read while its peer does not
-read answers or while 64 answers wait), and a graceful shutdown: stop accepting, close
-idle connections, let busy ones finish their answers, then close them.
+than its ``due`` time), ``Expect: 100-continue``, 413 for oversized bodies, 431 for an
+oversized request line or headers (the caps of Huawei's API gateway: 32 KiB a line,
+128 KiB in all), 400 for bytes that are not HTTP, backpressure (a connection stops being
+read while its peer does not read answers or while 64 answers wait), and a graceful
+shutdown: stop accepting, close idle connections, let busy ones finish their answers,
+then close them.
+
+Bounded work per request: llhttp hands a header that spans reads over in pieces, and
+httptools joins the pieces by concatenation, so an endless head costs time quadratic in
+its size (a 128 MB one held every client for seconds). A head is therefore also cut off
+by how many bytes arrive while it is unfinished, whatever the parser has seen of it.
 
 Subtleness ahead! A connection's answers form a FIFO of slots; a slot is filled when its
 answer is ready and due, and only the head is ever written, so a late answer holds back
@@ -29,17 +36,30 @@ import sys
 import traceback
 from collections import deque
 from collections.abc import Awaitable
+from functools import partial
 from http import HTTPStatus
 from typing import cast
 
 import httptools
 
-from bulksend.server.app import Action, Answer, App, Request
+from bulksend.server.app import Action, Answer, App, Deferred, Request
+from bulksend.server.store import Commit
 
 #: Bodies over this are refused (413) even without --max-body: they would only eat memory.
 HARD_MAX_BODY = 64 * 1024 * 1024
 #: Answers a connection may have waiting before we stop reading its requests.
 MAX_QUEUED = 64
+#: Request-head caps (431 past them), as Huawei's API gateway has them: the request line,
+#: one header line (name and value), all the header lines.
+MAX_REQUEST_LINE = 32 * 1024
+MAX_HEADER = 32 * 1024
+MAX_HEADERS = 128 * 1024
+#: Bytes that may arrive while a head is unfinished, past the read it began in, before it
+#: is refused whatever the parser has reported of it (see the module docstring).
+MAX_HEAD_STREAM = MAX_REQUEST_LINE + MAX_HEADERS
+#: After a 431 the peer may still be sending its head: we half-close, read and discard for
+#: up to this long (so that it can read the 431 rather than meet a reset), then cut.
+LINGER_S = 2.0
 
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 _METHODS = {b"GET": "GET", b"POST": "POST"}
@@ -85,6 +105,13 @@ class Connection(asyncio.Protocol):
         self._size = 0
         self._too_large = False
         self._in_message = False
+        # its head: unfinished; bytes of header lines; bytes fed past its first read (-1:
+        # still in that read); over a cap
+        self._in_head = False
+        self._head_size = 0
+        self._head_fed = -1
+        self._head_refused = False
+        self._lingering = False
         # answers not yet written, oldest first
         self._queue: deque[_Slot] = deque()
         self._dead = False  # dropped, hung, broken or closed: ignore further requests
@@ -120,6 +147,8 @@ class Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+            if self._in_head:
+                self._count_head(len(data))
         except httptools.HttpParserUpgrade as exc:
             # Subtleness ahead! llhttp ends an Upgrade request (e.g. curl --http2's h2c) at
             # its headers and hands back the rest as the new protocol's bytes. We decline
@@ -133,6 +162,22 @@ class Connection(asyncio.Protocol):
             self._dead = True
             self._in_message = False
             self._push(self._app.malformed(), keep_alive=False)
+        if self._head_refused and self._dead and not self._lingering:
+            self._refuse_head()
+
+    def _count_head(self, fed: int) -> None:
+        if self._head_fed < 0:
+            self._head_fed = 0  # the read the head began in is parsed in one linear pass
+        else:
+            self._head_fed += fed
+            if self._head_fed > MAX_HEAD_STREAM:
+                self._head_refused = self._dead = True
+
+    def _refuse_head(self) -> None:
+        """431 for a head over the caps, then a lingering close."""
+        self._in_message = self._in_head = False
+        self._lingering = True
+        self._push(self._app.head_too_large(), keep_alive=False)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -151,20 +196,35 @@ class Connection(asyncio.Protocol):
         self._size = 0
         self._too_large = False
         self._in_message = True
+        self._in_head = True
+        self._head_size = 0
+        self._head_fed = -1
 
     def on_url(self, url: bytes) -> None:
-        self._url += url  # may come in pieces
+        if len(self._url) + len(url) > MAX_REQUEST_LINE:
+            self._head_refused = self._dead = True
+        elif not self._dead:
+            self._url += url  # may come in pieces; at most 32 KiB in all
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value)
+        self._head_size += size
+        if size > MAX_HEADER or self._head_size > MAX_HEADERS:
+            self._head_refused = self._dead = True
+        if self._dead:
+            return
         # Raw bytes: decoding every header costs ~0.7 µs each; only auth needs text.
         key = name.lower()
         headers = self._headers
         if key in headers:
-            headers[key] += b"," + value
+            headers[key] += b"," + value  # at most 128 KiB in all
         else:
             headers[key] = value
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._dead:
+            return
         # Only a client that waits for 100 Continue needs a word before the body; for the
         # others an oversized body is caught in on_body.
         if self._headers.get(b"expect", b"").lower() == b"100-continue":
@@ -226,6 +286,12 @@ class Connection(asyncio.Protocol):
                 self._write(answer, not keep_alive or self._closing)
             else:
                 self._push(answer, keep_alive)
+        elif type(answer) is Deferred:
+            # Its message is being committed: the answer waits in its slot until then.
+            slot = _Slot(keep_alive)
+            self._queue.append(slot)
+            self._update_reading()
+            answer.commit.add_done_callback(partial(self._settle, slot, answer))
         else:
             slot = _Slot(keep_alive)
             self._queue.append(slot)
@@ -247,6 +313,13 @@ class Connection(asyncio.Protocol):
         self._dead = True
         self._dispatch(request._replace(body=b"".join(self._body)), keep_alive=False)
 
+    def _settle(self, slot: _Slot, deferred: Deferred, _commit: Commit) -> None:
+        answer = self._app.settle(deferred)
+        if answer.due is not None and answer.due > self._loop.time():
+            self._loop.call_at(answer.due, self.fill, slot, answer)
+        else:
+            self.fill(slot, answer)
+
     def _path(self) -> tuple[str, str]:
         url = self._url.decode("utf-8", "replace")
         path, _, query = url.partition("?")
@@ -263,9 +336,18 @@ class Connection(asyncio.Protocol):
             self._close()
 
     def _close(self) -> None:
+        transport = self._transport
+        if self._closed or transport is None:
+            self._dead = self._closed = True
+            return
         self._dead = self._closed = True
-        if self._transport is not None:
-            self._transport.close()
+        if self._lingering and transport.can_write_eof():
+            # Half-close: the peer reads our answer and EOF while we discard what it still
+            # sends; a close with unread input would reset the connection, answer and all.
+            transport.write_eof()
+            self._loop.call_later(LINGER_S, self.abort)
+        else:
+            transport.close()
 
     def _push(self, answer: Answer, keep_alive: bool) -> None:
         """Queue an answer; write it (and those behind it) when it is due and at the head."""
@@ -306,7 +388,11 @@ class Connection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        pause = self._dead or self._write_paused or len(self._queue) >= MAX_QUEUED
+        pause = (
+            (self._dead and not self._lingering)
+            or self._write_paused
+            or len(self._queue) >= MAX_QUEUED
+        )
         if pause != self._read_paused:
             self._read_paused = pause
             if pause:

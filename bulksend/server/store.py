@@ -5,20 +5,30 @@ over the topic's queues, ordered broker by broker (``broker-0`` queues 0..Q-1, t
 ``broker-1`` ...), and gets the next ``queue_offset`` of that queue (0, 1, 2 ...). Topics
 are per instance, as on DMS where each instance is its own cluster.
 
-The store lives in memory; with a ``Journal`` (SQLite) it also survives restarts:
-``Store.open`` reloads offsets and arrival numbers so both continue where they stopped,
-and ListMessages reads the journal instead of memory.
+The store lives in memory; with a ``Journal`` (SQLite) it also survives restarts: a
+restored store continues the offsets and arrival numbers of what was stored, and
+ListMessages reads the journal instead of memory.
 
 ``append`` is on the hot path of every SendMessage: a few dict and list operations, no
-I/O (the journal only queues the row).
+I/O. With a journal it also returns the ``Commit`` the message waits for: the server
+answers only once that resolves (see ``journal``).
+
+In memory, ListMessages does bounded work: a ``msg_id`` is found by its arrival number,
+a ``key`` through an index of KEYS, a time range by bisection (store times never go
+back); only what is left is scanned.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import heapq
 import os
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
+from operator import attrgetter
 from typing import NamedTuple, Protocol
 
 from bulksend.record import KEYS
@@ -46,22 +56,37 @@ class StoredMessage(NamedTuple):
 
     @property
     def keys(self) -> tuple[str, ...]:
-        """The message's keys: its KEYS property split on spaces, as RocketMQ does."""
+        """The message's keys: its KEYS property split on spaces, as RocketMQ does (each
+        key once)."""
         for name, value in self.properties:
             if name == KEYS:
-                return tuple(value.split())
+                return tuple(dict.fromkeys(value.split()))
         return ()
 
 
 #: ListMessages' page size when the request gives none, and the most it may ask for.
 DEFAULT_LIMIT = 10
 MAX_LIMIT = 10_000
+#: The most keys one ListMessages request may ask for (space-separated in ``key``).
+MAX_KEYS = 100
+
+#: The Future of one batch commit: resolves to None once stored, else to the error.
+Commit = asyncio.Future[BaseException | None]
+
+
+def seq_of_msg_id(msg_id: str) -> int:
+    """The arrival number in a msg_id (its last 16 hex digits), -1 if it has none."""
+    try:
+        return int(msg_id[-16:], 16) if len(msg_id) == 32 else -1
+    except ValueError:
+        return -1
 
 
 @dataclass(frozen=True, slots=True)
 class MessageQuery:
     """ListMessages' filters; every given one must match. Times are ms since the epoch,
-    inclusive, compared with ``store_timestamp``; ``keys`` matches a message holding any."""
+    inclusive, compared with ``store_timestamp``; ``keys`` matches a message holding any
+    (``matches`` leaves keys to the store's index)."""
 
     instance_id: str | None = None
     topic: str | None = None
@@ -84,9 +109,7 @@ class MessageQuery:
             return False
         if self.start_time is not None and m.store_timestamp < self.start_time:
             return False
-        if self.end_time is not None and m.store_timestamp > self.end_time:
-            return False
-        return not self.keys or any(k in self.keys for k in m.keys)
+        return self.end_time is None or m.store_timestamp <= self.end_time
 
 
 _new_tuple = tuple.__new__
@@ -116,11 +139,12 @@ class Journal(Protocol):
     #: Set once a write failed; the store then refuses new messages.
     failed: BaseException | None
 
-    def add(self, message: StoredMessage) -> None:
-        """Queue one message for the next batched commit; no I/O here."""
+    def add(self, message: StoredMessage) -> Commit:
+        """Put one message in the next batched commit (no I/O here); that commit."""
+        ...
 
     async def query(self, query: MessageQuery) -> tuple[list[StoredMessage], int]:
-        """Like ``Store.query``, over everything committed and queued."""
+        """Like ``Store.query``, over everything committed."""
         ...
 
     async def flush(self) -> None:
@@ -132,6 +156,9 @@ class Journal(Protocol):
 
 class StoreError(Exception):
     """The journal could not write; the server answers 500 from then on."""
+
+
+_store_time = attrgetter("store_timestamp")
 
 
 class _Topic:
@@ -159,7 +186,11 @@ class Store:
         self._slots = queues * brokers
         self._journal = journal
         # With a journal, ListMessages reads it; memory keeps nothing.
-        self._recent: deque[StoredMessage] = deque(maxlen=0 if journal else keep)
+        self._keep = 0 if journal else keep
+        self._recent: deque[StoredMessage] = deque()
+        # key -> the kept messages holding it, oldest first (so eviction pops the front).
+        self._by_key: dict[str, deque[StoredMessage]] = {}
+        self._last_ms = 0
         self._topics: dict[tuple[str, str], _Topic] = {}
         # (broker, queue_id) of each round-robin slot, computed once.
         self._places = [divmod(slot, queues) for slot in range(self._slots)]
@@ -202,11 +233,15 @@ class Store:
         properties: tuple[tuple[str, str], ...],
         born_host: str,
         now_ms: int,
-    ) -> StoredMessage:
-        """Place and keep one message; raises StoreError once the journal has failed."""
+    ) -> tuple[StoredMessage, Commit | None]:
+        """Place and keep one message; the Commit it waits for (None: in memory, kept
+        already). Raises StoreError once the journal has failed."""
         journal = self._journal
         if journal is not None and journal.failed is not None:
             raise StoreError(str(journal.failed))
+        if now_ms < self._last_ms:
+            now_ms = self._last_ms  # never back in time: ListMessages bisects on it
+        self._last_ms = now_ms
         topic = self._topics.get((instance_id, topic_name)) or self._topic(instance_id, topic_name)
         turn = topic.turn
         topic.turn = turn + 1
@@ -223,10 +258,31 @@ class Store:
             broker, queue_id, offset, now_ms, now_ms, born_host,
         ))  # fmt: skip
         if journal is not None:
-            journal.add(message)
-        else:
-            self._recent.append(message)
-        return message
+            return message, journal.add(message)
+        self._keep_message(message)
+        return message, None
+
+    def _keep_message(self, message: StoredMessage) -> None:
+        recent, keep = self._recent, self._keep
+        if keep is not None and len(recent) >= keep:
+            if not keep:
+                return
+            old = recent.popleft()
+            if old.properties:
+                for key in old.keys:
+                    held = self._by_key[key]
+                    held.popleft()
+                    if not held:
+                        del self._by_key[key]
+        recent.append(message)
+        if message.properties:
+            by_key = self._by_key
+            for key in message.keys:
+                kept = by_key.get(key)
+                if kept is None:
+                    by_key[key] = deque((message,))
+                else:
+                    kept.append(message)
 
     def offsets(self) -> Iterable[tuple[str, str, int, int, int]]:
         """(instance_id, topic, broker, queue_id, next_offset) of every queue in use."""
@@ -245,8 +301,33 @@ class Store:
         """One page of the matching messages in arrival order, and how many match in all."""
         if self._journal is not None:
             return await self._journal.query(query)
-        matching = [m for m in self._recent if query.matches(m)]
+        matching = [m for m in self._candidates(query) if query.matches(m)]
         return matching[query.offset : query.offset + query.limit], len(matching)
+
+    def _candidates(self, q: MessageQuery) -> Iterable[StoredMessage]:
+        """The kept messages that may match, in arrival order: bounded by the msg_id, the
+        keys' index or the time range, whichever the query gives first."""
+        recent = self._recent
+        if not recent:
+            return ()
+        if q.msg_id is not None:
+            at = seq_of_msg_id(q.msg_id) - recent[0].seq  # kept messages have no gaps
+            return (recent[at],) if 0 <= at < len(recent) else ()
+        if q.keys:
+            held = [self._by_key[k] for k in dict.fromkeys(q.keys) if k in self._by_key]
+            if len(held) == 1:
+                return held[0]
+            merged = heapq.merge(*held, key=attrgetter("seq"))
+            return dict.fromkeys(merged)  # a message holding two of the keys once
+        lo = (
+            0 if q.start_time is None else bisect.bisect_left(recent, q.start_time, key=_store_time)
+        )
+        hi = (
+            len(recent)
+            if q.end_time is None
+            else bisect.bisect_right(recent, q.end_time, key=_store_time)
+        )
+        return islice(recent, lo, hi)
 
     async def messages(self, query: MessageQuery | None = None) -> list[StoredMessage]:
         """Every matching message (for tests: no page limit), in arrival order."""
