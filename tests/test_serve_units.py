@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -304,15 +305,31 @@ async def test_sqlite_journal_restores_offsets(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_group_commit_answers_after_the_commit(tmp_path: Path) -> None:
+async def test_group_commit_resolves_once_stored(tmp_path: Path) -> None:
     journal, restored = await SqliteJournal.open(str(tmp_path / "g.db"))
     store = Store(journal=journal, restored=restored)
+    # Hold the writer thread in its commit until we have looked.
+    release = threading.Event()
+    write = journal._write
+
+    def slow_write(batch: list[StoredMessage]) -> None:
+        assert release.wait(20)
+        write(batch)
+
+    journal._write = slow_write  # type: ignore[method-assign]
     commits = [store.append(*keyed(n, "k", 1000))[1] for n in range(3)]
     assert commits[0] is commits[1] is commits[2]  # one loop turn, one batch
-    assert commits[0] is not None and not commits[0].done()  # nothing is stored yet
-    assert (await store.query(MessageQuery(keys=("k",))))[1] == 0
+    assert commits[0] is not None
+    await asyncio.sleep(0)  # one loop turn: the batch has gone to the writer
+    second = store.append(*keyed(3, "k", 1000))[1]
+    assert second is not None and second is not commits[0]  # fills while the first commits
+    assert not commits[0].done()
+    assert (await store.query(MessageQuery(keys=("k",))))[1] == 0  # nothing stored yet
+    release.set()
     assert await commits[0] is None
-    assert (await store.query(MessageQuery(keys=("k",))))[1] == 3
+    assert (await store.query(MessageQuery(keys=("k",))))[1] >= 3
+    assert await second is None
+    assert (await store.query(MessageQuery(keys=("k",))))[1] == 4
     await store.close()
 
 
