@@ -102,6 +102,33 @@ def test_sdk_send_then_list_by_msg_id_and_key(url: str) -> None:
     assert list_sdk(url, topic="sdk-topic", key="order").total == 0  # whole keys only
 
 
+def test_sdk_list_messages_by_key_and_time_range(url: str) -> None:
+    """The official SDK's ListMessagesRequest, as an exactly-once reconciler sends it: a key
+    and a time window (ms, as strings); the window is required without msg_id."""
+    from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
+    from huaweicloudsdkrocketmq.v2 import ListMessagesRequest
+
+    sent = send_sdk(url, "sdk-window", "b", keys="order-77 batch-3")
+    (stored,) = list_sdk(url, msg_id=sent.msg_id).messages  # msg_id alone: no window needed
+    at = int(stored.store_timestamp)
+    around = {"start_time": str(at - 1000), "end_time": str(at + 1000)}
+    found = list_sdk(url, topic="sdk-window", key="order-77", **around)
+    assert (found.total, [m.msg_id for m in found.messages]) == (1, [sent.msg_id])
+    assert list_sdk(url, key="batch-3", **around).total == 1  # any key of KEYS, any topic
+    assert list_sdk(url, key="order-77", start_time=str(at + 1), end_time=str(at + 9)).total == 0
+    assert list_sdk(url, key="order-77", start_time="0", end_time=str(at - 1)).total == 0
+    assert list_sdk(url, key="order-7", **around).total == 0  # whole keys only
+    for partial in ({}, {"start_time": str(at)}, {"end_time": str(at)}):
+        request = ListMessagesRequest(
+            engine="rocketmq", instance_id=INSTANCE_ID, key="order-77", **partial
+        )
+        with pytest.raises(ClientRequestException) as info:
+            sdk_client(url).list_messages(request)
+        assert info.value.status_code == 400
+        assert info.value.error_code == "DMS.00400800"
+        assert "start_time and end_time are required" in info.value.error_msg
+
+
 def test_sdk_queue_offsets_increase_per_queue(url: str) -> None:
     sent = [send_sdk(url, "offsets", f"m{i}") for i in range(12)]
     per_queue: dict[tuple[str, int], list[int]] = {}

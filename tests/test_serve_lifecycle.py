@@ -244,6 +244,9 @@ async def test_port_in_use_is_config_error() -> None:
         (["--stall", "1s:2s"], "FOR < EVERY"),
         (["--tls-cert", "/nonexistent.pem"], "--tls-key"),
         (["--queues", "0"], "--queues"),
+        (["--lose-answer-rate", "2"], "--lose-answer-rate"),
+        (["--lose-answer-hang", "-1"], "--lose-answer-hang"),
+        (["--lose-answer-hang", "nan"], "--lose-answer-hang"),
     ],
 )
 def test_bad_flags_exit_2(flags: list[str], message: str) -> None:
