@@ -129,15 +129,20 @@ def test_instance_of(path: str, instance: str | None) -> None:
 
 
 def test_parse_send() -> None:
-    assert parse_send(b'{"topic":"t","body":"b"}') == ("t", "b", ())
-    assert parse_send(b'{"topic":"t","body":"b","property_list":null,"x":1}') == ("t", "b", ())
+    keys = [{"name": "KEYS", "value": "a b"}]
+    assert parse_send(b'{"topic":"t","body":"b"}') == (
+        "t", "b", (), {"topic": "t", "body": "b", "property_list": []},
+    )  # fmt: skip
+    assert parse_send(b'{"topic":"t","body":"b","property_list":null,"x":1}') == (
+        "t", "b", (), {"topic": "t", "body": "b", "property_list": []},
+    )  # fmt: skip
     assert parse_send(
         b'{"topic":"t","body":"b","property_list":[{"name":"KEYS","value":"a b"}]}'
-    ) == (
-        "t",
-        "b",
-        (("KEYS", "a b"),),
-    )
+    ) == ("t", "b", (("KEYS", "a b"),), {"topic": "t", "body": "b", "property_list": keys})
+    # The answer echoes topic, body and property_list, nothing else the request held.
+    assert parse_send(
+        b'{"x":1,"topic":"t","body":"b","property_list":[{"name":"KEYS","value":"a b","y":2}]}'
+    ) == ("t", "b", (("KEYS", "a b"),), {"topic": "t", "body": "b", "property_list": keys})
     with pytest.raises(Invalid, match="over max value"):
         parse_send(b'{"topic":"t","body":"' + b"x" * (4 * 1024 * 1024 + 1) + b'"}')
 
@@ -159,13 +164,18 @@ def test_parse_send_only_ever_raises_invalid(value: Any) -> None:
     ):
         codes: set[str] = set()
         try:
-            topic, body, props = parse_send(json.dumps(doc).encode())
+            topic, body, props, echo = parse_send(json.dumps(doc).encode())
         except Invalid as exc:
             codes.add(exc.code)
         else:
             assert topic
             assert body
             assert all(n and isinstance(v, str) for n, v in props)
+            assert echo == {
+                "topic": topic,
+                "body": body,
+                "property_list": [{"name": n, "value": v} for n, v in props],
+            }
         assert codes <= {"DMS.00400001", "DMS.00400002"}
 
 

@@ -35,7 +35,6 @@ import zlib
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from enum import IntEnum
-from itertools import count
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote
 
@@ -102,9 +101,12 @@ Handler = Callable[[Request], "Answer | Deferred | Awaitable[Answer]"]
 
 _JSON = b"Content-Type: application/json;charset=UTF-8\r\n"
 _TEXT = b"Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+_REPLY = Action.REPLY
+_HEX2 = [b"%02x" % n for n in range(256)]
+_new_tuple = tuple.__new__
+_time_ns = time.time_ns
 _DROP = Answer(0, b"", b"", b"", None, Action.DROP)
 _HANG = Answer(0, b"", b"", b"", None, Action.HANG)
-_SEND_OK = (SEND, 200)
 _NO_SUCH_API = "The API does not exist or has not been published in the environment"
 #: DMS's code for an invalid request parameter (its RocketMQ error-code table).
 _BAD_PARAM = "DMS.00400800"
@@ -140,8 +142,17 @@ class Invalid(Exception):
         self.code = code
 
 
-def parse_send(body: bytes) -> tuple[str, str, tuple[tuple[str, str], ...]]:
-    """(topic, body, properties) of a SendMessage body, or raise Invalid."""
+#: What parse_send gives: topic, body, properties, and the answer's first fields (a dict
+#: to which the server adds msg_id, queue_id, queue_offset and broker_name).
+Parsed = tuple[str, str, tuple[tuple[str, str], ...], dict[str, Any]]
+
+
+def parse_send(body: bytes) -> Parsed:
+    """(topic, body, properties, answer fields) of a SendMessage body, or raise Invalid.
+
+    The answer echoes topic, body and property_list. When the request holds exactly those
+    (the usual case), its parsed object is reused for the answer rather than rebuilt.
+    """
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -160,9 +171,13 @@ def parse_send(body: bytes) -> tuple[str, str, tuple[tuple[str, str], ...]]:
         and (len(text) <= MAX_MESSAGE_BYTES // 4 or len(text.encode()) <= MAX_MESSAGE_BYTES)
     ):
         if listed is None:
-            return topic, text, ()
+            if len(data) != 2:
+                data = {"topic": topic, "body": text}
+            data["property_list"] = []
+            return topic, text, (), data
         if type(listed) is list:
             props = []
+            plain = len(data) == 3
             for item in listed:
                 if type(item) is not dict:
                     break
@@ -170,8 +185,15 @@ def parse_send(body: bytes) -> tuple[str, str, tuple[tuple[str, str], ...]]:
                 if type(name) is not str or type(value) is not str or not name:
                     break
                 props.append((name, value))
+                plain = plain and len(item) == 2
             else:
-                return topic, text, tuple(props)
+                if not plain:
+                    data = {
+                        "topic": topic,
+                        "body": text,
+                        "property_list": [{"name": n, "value": v} for n, v in props],
+                    }
+                return topic, text, tuple(props), data
     if type(topic) is not str or not topic:
         raise Invalid("DMS.00400002", "topic is required and must be a non-empty string")
     if type(text) is not str:
@@ -251,7 +273,8 @@ class App:
         self.auth = Authenticator(ak=options.ak, sk=options.sk, token=options.token)
         self.faults = Faults(options, now()) if options.misbehaves else None
         self._rid_prefix = os.urandom(8).hex().encode()
-        self._rids = count()
+        self._rids = 0
+        self._rid_head = b""
         # path -> instance_id of messages paths seen; senders repeat one path.
         self._routes: dict[str, str] = {}
         self._brokers = [f"broker-{b}" for b in range(options.brokers)]
@@ -259,10 +282,16 @@ class App:
     # --- answers -----------------------------------------------------------------------
 
     def _rid(self) -> bytes:
-        return b"%s%016x" % (self._rid_prefix, next(self._rids))
+        """A new X-Request-Id: the prefix and a serial number in 16 hex digits (the first
+        14 formatted once every 256 requests, as Store.append does for msg_ids)."""
+        n = self._rids
+        self._rids = n + 1
+        if not n & 0xFF:
+            self._rid_head = b"%s%014x" % (self._rid_prefix, n >> 8)
+        return self._rid_head + _HEX2[n & 0xFF]
 
     def _json(self, route: str, status: int, rid: bytes, body: bytes, extra: bytes = b"") -> Answer:
-        self.metrics.requests[(route, status)] += 1
+        self.metrics.answered[(route, status)] += 1
         return Answer(status, rid, _JSON + extra if extra else _JSON, body)
 
     def _error(
@@ -302,7 +331,7 @@ class App:
             if req.method == "GET":
                 return self._list(req, instance_id)
         elif req.path == "/metrics" and req.method == "GET":
-            self.metrics.requests[(METRICS, 200)] += 1
+            self.metrics.answered[(METRICS, 200)] += 1
             return Answer(200, self._rid(), _TEXT, self.metrics.render(self.store))
         return self._error(OTHER, 404, "APIGW.0101", _NO_SUCH_API, self._rid())
 
@@ -347,8 +376,8 @@ class App:
         error = deferred.commit.result()
         answer = deferred.answer
         if error is None:
-            if answer.action == Action.REPLY:
-                self.metrics.requests[(SEND, answer.status)] += 1
+            if answer.action == _REPLY:
+                self.metrics.send_ok += 1
             return answer
         return self._error(SEND, 500, "DMS.00500000", f"internal error: {error}", answer.rid)
 
@@ -384,27 +413,28 @@ class App:
     ) -> Answer | Deferred:
         """Validate, store, answer: at once in memory, after the commit with a journal."""
         try:
-            topic, body, props = parse_send(req.body)
+            topic, body, props, out = parse_send(req.body)
         except Invalid as exc:
             return self._delay(self._error(SEND, 400, exc.code, str(exc), rid))
         try:
             m, commit = self.store.append(
-                instance_id, topic, body, props, req.peer, time.time_ns() // 1_000_000
+                instance_id, topic, body, props, req.peer, _time_ns() // 1_000_000
             )
         except StoreError as exc:
             return self._delay(
                 self._error(SEND, 500, "DMS.00500000", f"internal error: {exc}", rid)
             )
-        out: dict[str, Any] = {
-            "topic": topic,
-            "body": body,
-            "property_list": [{"name": n, "value": v} for n, v in props],
-            "msg_id": m.msg_id,
-            "queue_id": m.queue_id,
-            "queue_offset": m.queue_offset,
-            "broker_name": self._brokers[m.broker],
-        }
-        mangle = faults.mangle() if faults is not None else Mangle.NONE
+        out["msg_id"] = m.msg_id
+        out["queue_id"] = m.queue_id
+        out["queue_offset"] = m.queue_offset
+        out["broker_name"] = self._brokers[m.broker]
+        if faults is None:  # the hot path
+            answer: Answer = _new_tuple(Answer, (200, rid, _JSON, orjson.dumps(out), None, _REPLY))
+            if commit is None:
+                self.metrics.send_ok += 1
+                return answer
+            return Deferred(commit, answer)
+        mangle = faults.mangle()
         if mangle == Mangle.NO_MSG_ID:
             self.metrics.faults["no_msgid"] += 1
             del out["msg_id"]
@@ -412,12 +442,10 @@ class App:
         if mangle == Mangle.GARBAGE:
             self.metrics.faults["garbage"] += 1
             payload = payload[: len(payload) // 2]  # an unfinished JSON object: never valid
-        answer = Answer(200, rid, _JSON, payload)
-        if faults is not None:
-            answer = self._lose_or_delay(answer, faults)
+        answer = self._lose_or_delay(Answer(200, rid, _JSON, payload), faults)
         if commit is None:
-            if answer.action == Action.REPLY:
-                self.metrics.requests[_SEND_OK] += 1
+            if answer.action == _REPLY:
+                self.metrics.send_ok += 1
             return answer
         return Deferred(commit, answer)
 
