@@ -18,9 +18,10 @@ clock do not. Baselines measured in the same run, the configurations taking turn
 * ``--baseline-src DIR``: the same modes served from another source tree (e.g. a checkout
   of main), for before/after figures.
 
-``--profile``: py-spy samples the first in-memory run and a summary says where the time
+``--profile``: py-spy samples the first run of each mode and a summary says where the time
 goes, by stage (py-spy attributes time spent in C, the send system call included, to the
-Python line that called it). Needs ``pip install py-spy``.
+Python line that called it; the SQLite writer thread is sampled too). Needs
+``pip install py-spy``. ``--profile-out DIR`` keeps the raw samples.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def measure(
     spy = None
     if profile is not None:
         spy = subprocess.Popen(
-            [py_spy(), "record", "-r", "200", "-d", f"{args.seconds:g}",
+            [py_spy(), "record", "--gil", "-r", "200", "-d", f"{args.seconds:g}",
              "-p", str(pid), "-f", "raw", "-o", str(profile), "--nonblocking"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -185,7 +186,7 @@ def measure(
     return ok / cpu
 
 
-def profile_summary(raw: Path) -> str:
+def profile_summary(raw: Path, mode: str) -> str:
     """Where the server's sampled time went, by stage, and the top functions."""
     by_stage: Counter[str] = Counter()
     by_function: Counter[str] = Counter()
@@ -200,7 +201,7 @@ def profile_summary(raw: Path) -> str:
         by_stage[stage] += n
     if not total:
         return "py-spy recorded no samples"
-    lines = [f"where the time goes (py-spy, {total} samples, in memory, unsigned):"]
+    lines = [f"where the time goes, {mode} (py-spy, {total} samples, all threads):"]
     lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in by_stage.most_common()]
     lines.append("top functions (self time):")
     lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in by_function.most_common(12)]
@@ -214,8 +215,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--baseline-src", type=Path, help="also serve from this source tree")
-    p.add_argument("--profile", action="store_true", help="py-spy the first in-memory run")
-    p.add_argument("--profile-out", type=Path, help="keep py-spy's raw samples here")
+    p.add_argument("--profile", action="store_true", help="py-spy the first run of each mode")
+    p.add_argument("--profile-out", type=Path, help="keep py-spy's raw samples in this dir")
     args = p.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
@@ -226,9 +227,10 @@ def main() -> None:
     if args.baseline_src is not None:
         trees.append((f"{args.baseline_src}", args.baseline_src.resolve()))
     figures: dict[tuple[str, str], list[float]] = {}
-    profile = None
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as d:
         tmp = Path(d)
+        profiles = args.profile_out or tmp
+        profiles.mkdir(parents=True, exist_ok=True)
         script = tmp / "post.lua"
         for run in range(args.repeat):
             with nginx(core=0) as url:
@@ -241,16 +243,16 @@ def main() -> None:
                 for name, src in trees:
                     with serve(mode, src, tmp) as (pid, url):
                         script.write_text(lua(mode == "signed", url.split("//", 1)[1]))
-                        want = args.profile and run == 0 and mode == "memory" and src == ROOT
-                        profile = (args.profile_out or tmp / "profile.txt") if want else profile
+                        want = args.profile and run == 0 and src == ROOT
+                        profile = profiles / f"py-spy-{mode}.txt" if want else None
                         figures.setdefault((name, mode), []).append(
-                            measure(pid, url + PATH, script, args, profile if want else None)
+                            measure(pid, url + PATH, script, args, profile)
                         )
             print(f"run {run + 1}/{args.repeat} done", file=sys.stderr)
         report(figures, trees, modes, args)
-        if profile is not None and profile.exists():
+        for mode in modes if args.profile else ():
             print()
-            print(profile_summary(profile))
+            print(profile_summary(profiles / f"py-spy-{mode}.txt", mode))
 
 
 def nginx_pid(url: str) -> int:

@@ -309,6 +309,7 @@ async def test_sqlite_journal_restores_offsets(tmp_path: Path) -> None:
     store = Store(queues=3, journal=journal, restored=restored)
     nxt, _ = store.append("i", "t", "b", (), "h:1", 0)
     assert (nxt.seq, nxt.queue_id, nxt.queue_offset) == (4, 1, 1)
+    assert nxt.store_timestamp == 1003  # a clock gone back: store times still never do
     await store.flush()
     assert (await store.query(MessageQuery(start_time=1001, end_time=1002)))[1] == 2
     assert (await store.query(MessageQuery(keys=("k",))))[1] == 0  # whole keys only

@@ -433,7 +433,7 @@ class App:
             if commit is None:
                 self.metrics.send_ok += 1
                 return answer
-            return Deferred(commit, answer)
+            return _new_tuple(Deferred, (commit, answer))
         mangle = faults.mangle()
         if mangle == Mangle.NO_MSG_ID:
             self.metrics.faults["no_msgid"] += 1
@@ -447,7 +447,7 @@ class App:
             if answer.action == _REPLY:
                 self.metrics.send_ok += 1
             return answer
-        return Deferred(commit, answer)
+        return _new_tuple(Deferred, (commit, answer))
 
     def _lose_or_delay(self, answer: Answer, faults: Faults) -> Answer:
         """--lose-answer-rate: the stored message's answer dropped with the connection, or

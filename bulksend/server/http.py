@@ -36,7 +36,6 @@ import sys
 import traceback
 from collections import deque
 from collections.abc import Awaitable
-from functools import partial
 from http import HTTPStatus
 from typing import cast
 
@@ -296,9 +295,11 @@ class Connection(asyncio.Protocol):
         elif type(answer) is Deferred:
             # Its message is being committed: the answer waits in its slot until then.
             slot = _Slot(keep_alive)
-            self._queue.append(slot)
-            self._update_reading()
-            answer.commit.add_done_callback(partial(self._settle, slot, answer))
+            queue = self._queue
+            queue.append(slot)
+            if len(queue) >= MAX_QUEUED:
+                self._update_reading()
+            self._server.after_commit(answer, self, slot)
         else:
             slot = _Slot(keep_alive)
             self._queue.append(slot)
@@ -320,7 +321,8 @@ class Connection(asyncio.Protocol):
         self._dead = True
         self._dispatch(request._replace(body=b"".join(self._body)), keep_alive=False)
 
-    def _settle(self, slot: _Slot, deferred: Deferred, _commit: Commit) -> None:
+    def settle(self, slot: _Slot, deferred: Deferred) -> None:
+        """Write a deferred answer (or what replaces it) now that its commit has ended."""
         answer = self._app.settle(deferred)
         if answer.due is not None and answer.due > self._loop.time():
             self._loop.call_at(answer.due, self.fill, slot, answer)
@@ -440,6 +442,10 @@ class HttpServer:
         self._server: asyncio.Server | None = None
         # Answers still being computed (ListMessages on SQLite); awaited at shutdown.
         self._tasks: set[asyncio.Task[None]] = set()
+        # Deferred answers by the commit they wait for; the last commit's list at hand.
+        self._waiting: dict[Commit, list[tuple[Connection, _Slot, Deferred]]] = {}
+        self._last_commit: Commit | None = None
+        self._last_waiting: list[tuple[Connection, _Slot, Deferred]] = []
         self._idle = asyncio.Event()
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
@@ -453,6 +459,26 @@ class HttpServer:
         self.connections.discard(conn)
         if self.closing and not self.connections:
             self._idle.set()
+
+    def after_commit(self, deferred: Deferred, conn: Connection, slot: _Slot) -> None:
+        """Settle ``slot`` once the deferred answer's commit ends. One callback a commit,
+        not one a message: a batch's answers then go out in one pass."""
+        commit = deferred.commit
+        if commit is self._last_commit:
+            waiting = self._last_waiting
+        else:
+            waiting = self._waiting.get(commit)  # type: ignore[assignment]
+            if waiting is None:
+                waiting = self._waiting[commit] = []
+                commit.add_done_callback(self._committed)
+            self._last_commit, self._last_waiting = commit, waiting
+        waiting.append((conn, slot, deferred))
+
+    def _committed(self, commit: Commit) -> None:
+        if commit is self._last_commit:
+            self._last_commit = None
+        for conn, slot, deferred in self._waiting.pop(commit, ()):
+            conn.settle(slot, deferred)
 
     def spawn(self, answer: Awaitable[Answer], conn: Connection, slot: _Slot) -> None:
         # Not a task group: the protocol's callbacks are not coroutines. The set keeps each
