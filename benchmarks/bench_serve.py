@@ -19,8 +19,9 @@ clock do not. Baselines measured in the same run, the configurations taking turn
   of main), for before/after figures.
 
 ``--profile``: py-spy samples the first run of each mode and a summary says where the time
-goes, by stage (py-spy attributes time spent in C, the send system call included, to the
-Python line that called it; the SQLite writer thread is sampled too). Needs
+goes, by stage, as shares of the time a thread held the GIL (py-spy attributes time spent
+in C with the GIL, the send system call included, to the Python line that called it; the
+SQLite writer thread is sampled too; uvloop's recv and epoll run without the GIL). Needs
 ``pip install py-spy``. ``--profile-out DIR`` keeps the raw samples.
 """
 
@@ -64,7 +65,8 @@ STAGES = (
     ("answer JSON + headers (App, render)", lambda f: "App." in f[-1] or "render" in f[-1]),
     ("commit wake-ups (futures, callbacks)", lambda f: "Connection._settle" in f[-1]),
     ("HTTP parsing (llhttp + callbacks)", lambda f: "Connection." in f[-1]),
-    ("event loop, recv, epoll (uvloop)", lambda f: "Runner.run" in f[-1] or "run (uvloop" in f[-1]),
+    ("event loop with the GIL (uvloop)", lambda f: "Runner.run" in f[-1] or "run (uvloop" in f[-1]),
+    ("handing batches to the writer thread", lambda f: "ThreadPoolExecutor" in f[-1]),
 )
 
 
@@ -163,31 +165,41 @@ def serve(mode: str, src: Path, tmp: Path) -> Iterator[tuple[int, str]]:
         proc.wait(timeout=60)
 
 
+#: py-spy's sampling rate (Hz) and, per profiled mode, the share of the wall clock the
+#: server was on a CPU during the sampled run (below 100%: something else had its core).
+RATE = 200
+CPU_SHARE: dict[Path, float] = {}
+
+
 def measure(
     pid: int, url: str, script: Path, args: argparse.Namespace, profile: Path | None = None
 ) -> float:
-    """Accepted messages per server CPU-second over one wrk run (after a 2 s warm-up)."""
+    """Accepted messages per server CPU-second over one wrk run (after a 2 s warm-up).
+    With ``profile``, py-spy samples whichever thread holds the GIL meanwhile."""
     wrk(url, script, 2, args.connections)
     spy = None
     if profile is not None:
         spy = subprocess.Popen(
-            [py_spy(), "record", "--gil", "-r", "200", "-d", f"{args.seconds:g}",
+            [py_spy(), "record", "--gil", "-r", str(RATE), "-d", f"{args.seconds:g}",
              "-p", str(pid), "-f", "raw", "-o", str(profile), "--nonblocking"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
-    cpu0 = cpu_seconds(pid)
+    cpu0, wall0 = cpu_seconds(pid), time.monotonic()
     ok, bad = wrk(url, script, args.seconds, args.connections)
-    cpu = cpu_seconds(pid) - cpu0
-    if spy is not None:
+    cpu, wall = cpu_seconds(pid) - cpu0, time.monotonic() - wall0
+    if spy is not None and profile is not None:
         spy.wait(timeout=60)
+        CPU_SHARE[profile] = cpu / wall
     if bad:
         print(f"  ({bad} answers were not 2xx)", file=sys.stderr)
     return ok / cpu
 
 
 def profile_summary(raw: Path, mode: str) -> str:
-    """Where the server's sampled time went, by stage, and the top functions."""
+    """Where the server's time went, by stage, and the top functions. Shares of the time
+    some thread held the GIL: C code that runs without it (uvloop's recv and epoll, SQLite
+    writing) is not among them."""
     by_stage: Counter[str] = Counter()
     by_function: Counter[str] = Counter()
     total = 0
@@ -201,7 +213,10 @@ def profile_summary(raw: Path, mode: str) -> str:
         by_stage[stage] += n
     if not total:
         return "py-spy recorded no samples"
-    lines = [f"where the time goes, {mode} (py-spy, {total} samples, all threads):"]
+    lines = [
+        f"where the time goes, {mode} (py-spy --gil: {total} samples of the thread holding "
+        f"the GIL; the server used {CPU_SHARE.get(raw, 0):.0%} of its core):"
+    ]
     lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in by_stage.most_common()]
     lines.append("top functions (self time):")
     lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in by_function.most_common(12)]

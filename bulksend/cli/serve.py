@@ -253,7 +253,7 @@ async def serve(options: ServerOptions) -> int:
 def run(args: argparse.Namespace) -> int:
     # A server process keeps up to --keep messages (a million) in memory: every full
     # collection of the cyclic garbage collector walks them, and with CPython's default
-    # thresholds one came every ~40,000 requests (80 ms each at 300,000 messages, ~1 µs a
+    # thresholds one came every ~40,000 requests (50 ms each at 300,000 messages, ~1 µs a
     # request in all). Cycles are rare here and die young: full collections once in a
     # hundred times as many requests. Only in this process: in-process servers
     # (run_server, --embedded) leave their host's collector alone.
