@@ -5,8 +5,8 @@ wrk on the other, 32 connections, uvloop), a handler that only parses the JSON a
 answers made 7,000 req/s on ``aiohttp.web`` and 7,800 req/s on the low-level
 ``aiohttp.web_server.Server``: below the 10,000 msg/s the server must exceed so that it
 never limits a benchmark. The same handler on this protocol made 39,000 req/s, and the
-whole server (validation, store, metrics) makes 18,000-21,000 accepted messages per CPU-second
-(``benchmarks/bench_serve.sh``).
+whole server (validation, store, metrics) makes ~31,000 accepted messages per CPU-second,
+45 % of what nginx makes on the same core (``benchmarks/bench_serve.py``).
 
 What it does: keep-alive, pipelining (answers leave in request order, each no earlier
 than its ``due`` time), ``Expect: 100-continue``, 413 for oversized bodies, 431 for an
