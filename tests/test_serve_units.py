@@ -278,6 +278,9 @@ async def test_list_queries_memory_and_sqlite_agree(tmp_path: Path) -> None:
         assert ([m.body for m in page], total) == (["b3"], 1)
         for other in ("0" * 32, ids[first + 3][:-1], "x", ids[first + 3].lower()):
             assert (await store.query(MessageQuery(msg_id=other)))[1] == 0
+        for keys, found in ((("a",), 1), (("b",), 0), (("zz", "c"), 1)):
+            query = MessageQuery(msg_id=ids[first + 3], keys=keys)
+            assert (await store.query(query))[1] == found
     await stores[1].close()
 
 

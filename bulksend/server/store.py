@@ -345,6 +345,9 @@ class Store:
             return await self._journal.query(query)
         as_message = StoredMessage._make
         matching = [m for m in map(as_message, self._candidates(query)) if query.matches(m)]
+        if query.keys and query.msg_id is not None:  # found by msg_id: check its keys too
+            wanted = set(query.keys)
+            matching = [m for m in matching if not wanted.isdisjoint(m.keys)]
         return matching[query.offset : query.offset + query.limit], len(matching)
 
     def _candidates(self, q: MessageQuery) -> Iterable[_Row]:
