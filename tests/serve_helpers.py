@@ -14,6 +14,7 @@ otherwise), is stopped with SIGTERM on leaving, and killed if it does not exit i
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -23,6 +24,8 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import IO, Any
 from urllib.parse import urlsplit
+
+import aiohttp
 
 from bulksend import signing
 from bulksend.server import RunningServer, ServerOptions, run_server
@@ -72,13 +75,32 @@ def stop(proc: subprocess.Popen[str], timeout: float = 20.0) -> int:
 
 
 def spawn_server(
-    *flags: str, env: Mapping[str, str] | None = None, stderr: IO[Any] | int | None = None
+    *flags: str,
+    env: Mapping[str, str] | None = None,
+    stderr: IO[Any] | int | None = None,
+    max_file_bytes: int | None = None,
 ) -> subprocess.Popen[str]:
-    """Start ``python -m bulksend serve --host 127.0.0.1 --port 0 *flags`` (not waiting)."""
+    """Start ``python -m bulksend serve --host 127.0.0.1 --port 0 *flags`` (not waiting).
+
+    ``max_file_bytes`` caps the size of any file the server writes (RLIMIT_FSIZE): past it
+    a write fails with EFBIG, as on a full disk (Python ignores the SIGXFSZ that comes too).
+    """
     full_env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV}
     full_env.update(env or {})
     cmd = [sys.executable, "-m", "bulksend", "serve", "--host", "127.0.0.1", "--port", "0", *flags]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=full_env, text=True)
+
+    def limit_files() -> None:
+        if max_file_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        env=full_env,
+        text=True,
+        preexec_fn=limit_files if max_file_bytes is not None else None,
+    )
 
 
 @contextmanager
@@ -107,6 +129,32 @@ async def start_server_inprocess(**options: Any) -> AsyncIterator[RunningServer]
     """``run_server`` on 127.0.0.1 and a free port, with ServerOptions fields as keywords."""
     async with run_server(ServerOptions(**{"host": "127.0.0.1", "port": 0, **options})) as server:
         yield server
+
+
+#: ListMessages' time range that covers every message (ms since the epoch): without
+#: ``msg_id`` the API requires ``start_time`` and ``end_time``.
+ALL_TIME = {"start_time": "0", "end_time": str(2**53)}
+
+
+async def list_messages(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    instance_id: str = INSTANCE_ID,
+    **query: str,
+) -> list[dict[str, Any]]:
+    """Every message ListMessages gives for ``query`` (all pages, oldest first). Without
+    ``msg_id`` the whole time range is asked for unless ``start_time``/``end_time`` are given."""
+    params = {**({} if "msg_id" in query else ALL_TIME), **query}
+    out: list[dict[str, Any]] = []
+    while True:
+        page_params = {**params, "limit": "10000", "offset": str(len(out))}
+        async with session.get(url + messages_path(instance_id), params=page_params) as r:
+            assert r.status == 200, await r.text()
+            page = await r.json()
+        out.extend(page["messages"])
+        if not page["messages"] or len(out) >= page["total"]:
+            return out
 
 
 def sign_headers(

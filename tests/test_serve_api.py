@@ -14,7 +14,13 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from tests.serve_helpers import INSTANCE_ID, messages_path, sdk_client, start_server_subprocess
+from tests.serve_helpers import (
+    ALL_TIME,
+    INSTANCE_ID,
+    messages_path,
+    sdk_client,
+    start_server_subprocess,
+)
 
 MSG_ID = re.compile(r"^[0-9A-F]{32}$")
 TIMEOUT = aiohttp.ClientTimeout(total=15)
@@ -51,8 +57,11 @@ def send_sdk(
 
 
 def list_sdk(url: str, **query: Any) -> Any:
+    """ListMessages through the SDK; over all time unless a msg_id or time is given."""
     from huaweicloudsdkrocketmq.v2 import ListMessagesRequest
 
+    if not {"msg_id", "start_time", "end_time"} & set(query):
+        query = {**ALL_TIME, **query}
     return sdk_client(url).list_messages(
         ListMessagesRequest(engine="rocketmq", instance_id=INSTANCE_ID, **query)
     )
@@ -91,6 +100,33 @@ def test_sdk_send_then_list_by_msg_id_and_key(url: str) -> None:
             sent.msg_id
         ]
     assert list_sdk(url, topic="sdk-topic", key="order").total == 0  # whole keys only
+
+
+def test_sdk_list_messages_by_key_and_time_range(url: str) -> None:
+    """The official SDK's ListMessagesRequest, as an exactly-once reconciler sends it: a key
+    and a time window (ms, as strings); the window is required without msg_id."""
+    from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
+    from huaweicloudsdkrocketmq.v2 import ListMessagesRequest
+
+    sent = send_sdk(url, "sdk-window", "b", keys="order-77 batch-3")
+    (stored,) = list_sdk(url, msg_id=sent.msg_id).messages  # msg_id alone: no window needed
+    at = int(stored.store_timestamp)
+    around = {"start_time": str(at - 1000), "end_time": str(at + 1000)}
+    found = list_sdk(url, topic="sdk-window", key="order-77", **around)
+    assert (found.total, [m.msg_id for m in found.messages]) == (1, [sent.msg_id])
+    assert list_sdk(url, key="batch-3", **around).total == 1  # any key of KEYS, any topic
+    assert list_sdk(url, key="order-77", start_time=str(at + 1), end_time=str(at + 9)).total == 0
+    assert list_sdk(url, key="order-77", start_time="0", end_time=str(at - 1)).total == 0
+    assert list_sdk(url, key="order-7", **around).total == 0  # whole keys only
+    for partial in ({}, {"start_time": str(at)}, {"end_time": str(at)}):
+        request = ListMessagesRequest(
+            engine="rocketmq", instance_id=INSTANCE_ID, key="order-77", **partial
+        )
+        with pytest.raises(ClientRequestException) as info:
+            sdk_client(url).list_messages(request)
+        assert info.value.status_code == 400
+        assert info.value.error_code == "DMS.00400800"
+        assert "start_time and end_time are required" in info.value.error_msg
 
 
 def test_sdk_queue_offsets_increase_per_queue(url: str) -> None:
@@ -193,7 +229,7 @@ async def test_other_accepted_routes(url: str, path: str) -> None:
         status, body, _ = await post(s, url, {"topic": "routes", "body": "b"}, path)
         assert status == 200
         assert MSG_ID.match(body["msg_id"])
-        async with s.get(url + path, params={"topic": "routes", "msg_id": body["msg_id"]}) as r:
+        async with s.get(url + path, params={"msg_id": body["msg_id"]}) as r:
             assert r.status == 200
             assert (await r.json())["total"] == 1
 
@@ -205,7 +241,8 @@ async def test_list_filters_and_pages(url: str) -> None:
         ]
 
         async def listed(**params: Any) -> tuple[list[str], int]:
-            async with s.get(url + messages_path(), params={"topic": "pages", **params}) as r:
+            query = {"topic": "pages", **ALL_TIME, **params}
+            async with s.get(url + messages_path(), params=query) as r:
                 assert r.status == 200, await r.text()
                 data = await r.json()
                 return [m["msg_id"] for m in data["messages"]], data["total"]
@@ -219,18 +256,25 @@ async def test_list_filters_and_pages(url: str) -> None:
         assert await listed(end_time=1) == ([], 0)
         assert await listed(start_time=1) == (ids, 7)
         assert await listed(msg_id=ids[4]) == ([ids[4]], 1)
-        async with s.get(url + messages_path(instance_id="other"), params={"topic": "pages"}) as r:
+        other = messages_path(instance_id="other")
+        async with s.get(url + other, params={"topic": "pages", **ALL_TIME}) as r:
             assert (await r.json())["total"] == 0  # topics are per instance
         for bad in (
-            {"limit": "x"},
-            {"limit": "0"},
-            {"offset": "-1"},
-            {"queue": "q"},
-            {"start_time": "yesterday"},
+            {"limit": "x", **ALL_TIME},
+            {"limit": "0", **ALL_TIME},
+            {"offset": "-1", **ALL_TIME},
+            {"queue": "q", **ALL_TIME},
+            {"start_time": "yesterday", "end_time": "1"},
+            {"topic": "pages"},  # without msg_id, the time range is required
+            {"topic": "pages", "key": "k", "start_time": "0"},
+            {"end_time": "1"},
+            {"key": " ".join(f"k{n}" for n in range(101)), **ALL_TIME},  # at most 100 keys
         ):
             async with s.get(url + messages_path(), params=bad) as r:
                 assert r.status == 400
-                assert (await r.json())["error_code"] == "DMS.00400003"
+                error = await r.json()
+                assert error["error_code"] == "DMS.00400800"
+                assert error["request_id"] == r.headers["X-Request-Id"]
 
 
 async def test_metrics_count_requests_messages_and_offsets() -> None:

@@ -4,10 +4,12 @@ too), X-Auth-Token, unsigned mode, and that no secret reaches its output."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -72,7 +74,13 @@ def test_sdk_signed_send_and_list(signed: tuple[str, Path]) -> None:
     # A signed GET: the query string is part of what the SDK signs.
     found = sdk_client(url).list_messages(
         ListMessagesRequest(
-            engine="rocketmq", instance_id=INSTANCE_ID, topic="auth-sdk", key="sdk-key", limit=5
+            engine="rocketmq",
+            instance_id=INSTANCE_ID,
+            topic="auth-sdk",
+            key="sdk-key",
+            limit=5,
+            start_time=str(int(time.time() * 1000) - 600_000),
+            end_time=str(int(time.time() * 1000) + 600_000),
         )
     )
     assert [m.msg_id for m in found.messages] == [sent.msg_id]
@@ -134,18 +142,46 @@ async def test_x_sdk_date_window(signed: tuple[str, Path], skew_s: float, expect
 async def test_signed_list_with_query(signed: tuple[str, Path]) -> None:
     url, _ = signed
     path = messages_path()
-    query = [("topic", "auth"), ("key", "k1"), ("limit", "50")]
+    query = [("topic", "auth"), ("key", "k1"), ("limit", "50"), ("start_time", "0")]
+    query.append(("end_time", str(2**53)))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         async with s.get(
             url + path, params=query, headers=sign_headers(url, "GET", path, query=query)
         ) as r:
             assert r.status == 200, await r.text()
         # The same headers with another query: the signature no longer matches.
-        other = [("topic", "auth"), ("key", "k2"), ("limit", "50")]
+        other = [*query[:1], ("key", "k2"), *query[2:]]
         async with s.get(
             url + path, params=other, headers=sign_headers(url, "GET", path, query=query)
         ) as r:
             assert r.status == 401
+
+
+@pytest.mark.parametrize("signature", ["é" * 64, "\u00ff" + "0" * 63, "0" * 63 + "\u0100", "签名"])
+def test_non_ascii_signature_is_401_not_500(signed: tuple[str, Path], signature: str) -> None:
+    """Raw bytes on a socket: clients refuse to send such a header, an attacker does not."""
+    url, err = signed
+    headers = sign_headers(url, "POST", messages_path(), BODY)
+    good = headers["Authorization"].rsplit("Signature=", 1)[0]
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items() if k != "Authorization")
+    raw = (
+        f"POST {messages_path()} HTTP/1.1\r\n{head}Content-Length: {len(BODY)}\r\n".encode()
+        + f"Authorization: {good}Signature={signature}\r\n\r\n".encode()
+        + BODY
+    )
+    u = urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+        sock.sendall(raw)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 401 Unauthorized"
+    error = json.loads(rest.partition(b"\r\n\r\n")[2])
+    assert error["error_code"] == "APIGW.0301"
+    assert "Traceback" not in err.read_text()
 
 
 async def test_metrics_need_no_signature(signed: tuple[str, Path]) -> None:

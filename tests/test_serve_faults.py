@@ -8,14 +8,17 @@ import asyncio
 import json
 import socket
 import time
+import urllib.parse
+import urllib.request
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
 
-from tests.serve_helpers import messages_path, start_server_subprocess
+from tests.serve_helpers import ALL_TIME, messages_path, start_server_subprocess
 
 TIMEOUT = aiohttp.ClientTimeout(total=20)
 BODY = b'{"topic":"faults","body":"hello"}'
@@ -183,7 +186,7 @@ async def test_latency_delays_answers() -> None:
             assert time.monotonic() - start >= 0.3
             assert {r[0] for r in results} == {200}
             # ListMessages is not delayed: misbehaviour is for SendMessage only.
-            async with s.get(url + messages_path(), params={"topic": "faults"}) as r:
+            async with s.get(url + messages_path(), params={"topic": "faults", **ALL_TIME}) as r:
                 assert r.status == 200
             assert await metric(s, url, "bulksend_serve_messages_accepted_total") == 6
 
@@ -232,3 +235,73 @@ def test_max_body_413() -> None:
                 answer += chunk
             assert answer.startswith(b"HTTP/1.1 413")
             assert b"Connection: close" in answer
+
+
+def list_stored(url: str, **query: str) -> list[dict[str, Any]]:
+    """What ListMessages lists of topic "faults" (all time)."""
+    params = urllib.parse.urlencode({"topic": "faults", "limit": "1000", **ALL_TIME, **query})
+    with urllib.request.urlopen(f"{url}{messages_path()}?{params}", timeout=20) as r:
+        return list(json.loads(r.read())["messages"])
+
+
+@pytest.mark.parametrize("store", [False, True])
+def test_lose_answer_stores_then_drops_the_connection(tmp_path: Path, store: bool) -> None:
+    flags = ["--lose-answer-rate", "1", "--seed", "1"]
+    if store:
+        flags += ["--store", str(tmp_path / "s.db")]
+    with start_server_subprocess(*flags) as (_, url):
+        with connect(url, 10) as sock:
+            sock.sendall(raw_request())
+            assert sock.recv(1024) == b""  # closed, not a byte of answer
+        (stored,) = list_stored(url)  # ... but stored (and committed, with --store)
+        assert stored["body"] == "hello"
+        with urllib.request.urlopen(url + "/metrics", timeout=20) as r:
+            lines = r.read().decode().splitlines()
+        assert 'bulksend_serve_faults_total{kind="lose_answer"} 1' in lines
+        assert "bulksend_serve_messages_accepted_total 1" in lines
+        assert not [line for line in lines if 'route="send"' in line]  # no answer was sent
+
+
+async def test_lose_answer_hang_sends_the_answer_late() -> None:
+    flags = ("--lose-answer-rate", "1", "--lose-answer-hang", "2", "--seed", "1")
+    with start_server_subprocess(*flags) as (_, url):
+        # A client whose timeout is shorter than the hold gives up ...
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as s:
+            with pytest.raises(asyncio.TimeoutError):
+                await post(s, url)
+        (first,) = list_stored(url)  # ... although its message is stored.
+        # A patient one gets the answer, no earlier than 2 s, with the stored msg_id.
+        with connect(url, 30) as sock:
+            start = time.monotonic()
+            sock.sendall(raw_request(b'{"topic":"faults","body":"late"}'))
+            answer = b""
+            while not answer.endswith(b"}"):
+                chunk = sock.recv(65536)
+                assert chunk
+                answer += chunk
+            assert time.monotonic() - start >= 2.0
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        second = next(m for m in list_stored(url) if m["body"] == "late")
+        assert json.loads(body)["msg_id"] == second["msg_id"] != first["msg_id"]
+
+
+async def test_lose_answer_rate_about_right_and_every_message_stored() -> None:
+    with start_server_subprocess("--lose-answer-rate", "0.3", "--seed", "3") as (_, url):
+        connector = aiohttp.TCPConnector(force_close=True, limit=16)
+        async with aiohttp.ClientSession(timeout=TIMEOUT, connector=connector) as s:
+
+            async def one(i: int) -> str:
+                body = json.dumps({"topic": "faults", "body": f"m{i}"}).encode()
+                try:
+                    return str((await post(s, url, body))[0])
+                except aiohttp.ServerDisconnectedError:
+                    return "lost"
+
+            outcomes = await asyncio.gather(*(one(i) for i in range(200)))
+            assert set(outcomes) <= {"200", "lost"}
+            assert 0.2 * 200 <= outcomes.count("lost") <= 0.4 * 200
+            assert await metric(s, url, 'bulksend_serve_faults_total{kind="lose_answer"}') == (
+                outcomes.count("lost")
+            )
+        assert sorted(m["body"] for m in list_stored(url)) == sorted(f"m{i}" for i in range(200))

@@ -19,6 +19,7 @@ import pytest
 from bulksend.errors import ConfigError
 from bulksend.server import MessageQuery, ServerOptions, run_server
 from tests.serve_helpers import (
+    ALL_TIME,
     INSTANCE_ID,
     messages_path,
     read_url,
@@ -107,7 +108,8 @@ async def test_store_survives_restart_and_offsets_continue(tmp_path: Path) -> No
             first = [(await post(s, url, body=f"a{i}"))[1] for i in range(5)]
         with start_server_subprocess("--store", db, "--queues", "2") as (_, url):
             second = [(await post(s, url, body=f"b{i}"))[1] for i in range(5)]
-            async with s.get(url + messages_path(), params={"topic": "life", "limit": "100"}) as r:
+            query = {"topic": "life", "limit": "100", **ALL_TIME}
+            async with s.get(url + messages_path(), params=query) as r:
                 listed = await r.json()
             async with s.get(url + "/metrics") as r:
                 metrics = (await r.text()).splitlines()
@@ -134,19 +136,37 @@ async def test_store_survives_restart_and_offsets_continue(tmp_path: Path) -> No
     assert "bulksend_serve_messages_stored 10" in metrics
 
 
-async def test_store_commits_everything_on_sigterm(tmp_path: Path) -> None:
+async def test_sigterm_commits_and_answers_messages_waiting_for_their_commit(
+    tmp_path: Path,
+) -> None:
     db = tmp_path / "m.db"
-    with start_server_subprocess("--store", str(db), "--commit-interval", "5000") as (_, url):
-        connector = aiohttp.TCPConnector(limit=20)
-        async with aiohttp.ClientSession(timeout=TIMEOUT, connector=connector) as s:
-            results = await asyncio.gather(*(post(s, url, body=str(i)) for i in range(200)))
+    # The first commit goes at once, the next one 3 s after it: 50 messages wait for it.
+    proc = spawn_server("--store", str(db), "--commit-interval", "3000")
+    try:
+        url = read_url(proc, 30)
+        connector = aiohttp.TCPConnector(limit=50)
+        async with (
+            aiohttp.ClientSession(timeout=TIMEOUT, connector=connector) as s,
+            aiohttp.ClientSession(timeout=TIMEOUT) as probe,
+        ):
+            assert (await post(s, url, body="first"))[0] == 200
+            waiting = asyncio.ensure_future(
+                asyncio.gather(*(post(s, url, body=str(i)) for i in range(50)))
+            )
+            await wait_accepted(probe, url, 51)
+            assert not waiting.done()  # accepted, not yet stored: not yet answered
+            proc.send_signal(signal.SIGTERM)
+            results = await asyncio.wait_for(waiting, 20)
             assert {r[0] for r in results} == {200}
+            assert await wait_exit(proc) == 0
+    finally:
+        stop(proc)
     import sqlite3
 
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT msg_id) FROM messages").fetchone() == (
-            200,
-            200,
+            51,
+            51,
         )
 
 
@@ -224,6 +244,9 @@ async def test_port_in_use_is_config_error() -> None:
         (["--stall", "1s:2s"], "FOR < EVERY"),
         (["--tls-cert", "/nonexistent.pem"], "--tls-key"),
         (["--queues", "0"], "--queues"),
+        (["--lose-answer-rate", "2"], "--lose-answer-rate"),
+        (["--lose-answer-hang", "-1"], "--lose-answer-hang"),
+        (["--lose-answer-hang", "nan"], "--lose-answer-hang"),
     ],
 )
 def test_bad_flags_exit_2(flags: list[str], message: str) -> None:
@@ -239,25 +262,21 @@ def test_bad_flags_exit_2(flags: list[str], message: str) -> None:
 
 
 async def test_store_failure_answers_500(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    options = ServerOptions(
-        host="127.0.0.1", port=0, store_path=str(tmp_path / "f.db"), commit_interval_s=0.001
-    )
+    options = ServerOptions(host="127.0.0.1", port=0, store_path=str(tmp_path / "f.db"))
     async with run_server(options) as server, aiohttp.ClientSession(timeout=TIMEOUT) as s:
         assert (await post(s, server.url))[0] == 200
-        await server.store.flush()
         # Break the journal underneath: drop its table (the file stays open).
         import sqlite3
 
         with sqlite3.connect(tmp_path / "f.db") as conn:
             conn.execute("DROP TABLE messages")
-        assert (await post(s, server.url))[0] == 200  # accepted, its commit fails
-        deadline = time.monotonic() + 10
-        status, body = 200, {}
-        while status == 200 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        for _ in range(3):  # its commit fails; then the store refuses every message
             status, body = await post(s, server.url)
-        assert status == 500
-        assert body["error_code"] == "DMS.00500000"
-        async with s.get(server.url + messages_path()) as r:
+            assert status == 500
+            assert body["error_code"] == "DMS.00500000"
+        async with s.get(server.url + messages_path(), params=ALL_TIME) as r:
             assert r.status == 500
+            assert (await r.json())["error_code"] == "DMS.00500000"
+        assert server.metrics.requests[("send", 500)] == 3
+        assert server.metrics.requests[("send", 200)] == 1
     assert "write failed" in capfd.readouterr().err

@@ -1,7 +1,9 @@
 """What the server answers: routing, auth, validation, SendMessage, ListMessages, metrics.
 
-Transport-free: ``App.handle`` takes a parsed ``Request`` and returns an ``Answer`` (or an
-awaitable of one, for ListMessages), which ``http.py`` writes when ``due``. Every answer
+Transport-free: ``App.handle`` takes a parsed ``Request`` and returns an ``Answer``, a
+``Deferred`` one (SendMessage on a ``--store``: released by ``App.settle`` once the commit
+holding the message ends, so a 200 always means stored), or an awaitable of one
+(ListMessages on a ``--store``); ``http.py`` writes each when ``due``. Every answer
 carries X-Request-Id, and errors are shaped as Huawei's gateway and DMS shape them::
 
     {"error_code": "DMS.00400002", "error_msg": "...", "request_id": "..."}
@@ -12,11 +14,13 @@ HTTP   error_code       when
 400    APIGW.0100       the request is not HTTP/1.1 we can parse
 400    DMS.00400001     the body is not a JSON object
 400    DMS.00400002     topic / body / property_list missing or of the wrong type
-400    DMS.00400003     a ListMessages query parameter is not a valid number
+400    DMS.00400800     a ListMessages query parameter is invalid or missing (the time
+                        range without msg_id), more than 100 keys
 401    APIGW.0301       missing or wrong signature or token, unknown AK, stale date
 404    APIGW.0101       no such API (path, method or engine)
 413    APIGW.0201       request body over --max-body
 429    APIG.0308        over --rate-limit (with Retry-After)
+431    APIGW.0201       request line over 32 KiB, a header over 32 KiB, all over 128 KiB
 500    DMS.00500000     the store failed
 503    DMS.00503001     --error-rate
 =====  ===============  ==========================================================
@@ -31,7 +35,6 @@ import zlib
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from enum import IntEnum
-from itertools import count
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote
 
@@ -41,7 +44,15 @@ from bulksend.server.auth import Authenticator
 from bulksend.server.faults import Fault, Faults, Mangle, retry_after_seconds
 from bulksend.server.metrics import LIST, METRICS, OTHER, SEND, Metrics
 from bulksend.server.options import ENGINES, ServerOptions
-from bulksend.server.store import MAX_LIMIT, MessageQuery, Store, StoredMessage, StoreError
+from bulksend.server.store import (
+    MAX_KEYS,
+    MAX_LIMIT,
+    Commit,
+    MessageQuery,
+    Store,
+    StoredMessage,
+    StoreError,
+)
 
 #: RocketMQ refuses message bodies over 4 MiB (DefaultMQProducer.maxMessageSize).
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -78,14 +89,27 @@ class Answer(NamedTuple):
     action: Action = Action.REPLY
 
 
-Handler = Callable[[Request], "Answer | Awaitable[Answer]"]
+class Deferred(NamedTuple):
+    """A SendMessage answer that may leave only once ``commit`` (the batch commit holding
+    its message) has ended: ``App.settle`` gives the answer to write then."""
+
+    commit: Commit
+    answer: Answer
+
+
+Handler = Callable[[Request], "Answer | Deferred | Awaitable[Answer]"]
 
 _JSON = b"Content-Type: application/json;charset=UTF-8\r\n"
 _TEXT = b"Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+_REPLY = Action.REPLY
+_HEX2 = [b"%02x" % n for n in range(256)]
+_new_tuple = tuple.__new__
+_time_ns = time.time_ns
 _DROP = Answer(0, b"", b"", b"", None, Action.DROP)
 _HANG = Answer(0, b"", b"", b"", None, Action.HANG)
-_SEND_OK = (SEND, 200)
 _NO_SUCH_API = "The API does not exist or has not been published in the environment"
+#: DMS's code for an invalid request parameter (its RocketMQ error-code table).
+_BAD_PARAM = "DMS.00400800"
 
 
 def instance_of(path: str) -> str | None:
@@ -118,8 +142,17 @@ class Invalid(Exception):
         self.code = code
 
 
-def parse_send(body: bytes) -> tuple[str, str, tuple[tuple[str, str], ...]]:
-    """(topic, body, properties) of a SendMessage body, or raise Invalid."""
+#: What parse_send gives: topic, body, properties, and the answer's first fields (a dict
+#: to which the server adds msg_id, queue_id, queue_offset and broker_name).
+Parsed = tuple[str, str, tuple[tuple[str, str], ...], dict[str, Any]]
+
+
+def parse_send(body: bytes) -> Parsed:
+    """(topic, body, properties, answer fields) of a SendMessage body, or raise Invalid.
+
+    The answer echoes topic, body and property_list. When the request holds exactly those
+    (the usual case), its parsed object is reused for the answer rather than rebuilt.
+    """
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -138,9 +171,13 @@ def parse_send(body: bytes) -> tuple[str, str, tuple[tuple[str, str], ...]]:
         and (len(text) <= MAX_MESSAGE_BYTES // 4 or len(text.encode()) <= MAX_MESSAGE_BYTES)
     ):
         if listed is None:
-            return topic, text, ()
+            if len(data) != 2:
+                data = {"topic": topic, "body": text}
+            data["property_list"] = []
+            return topic, text, (), data
         if type(listed) is list:
             props = []
+            plain = len(data) == 3
             for item in listed:
                 if type(item) is not dict:
                     break
@@ -148,8 +185,15 @@ def parse_send(body: bytes) -> tuple[str, str, tuple[tuple[str, str], ...]]:
                 if type(name) is not str or type(value) is not str or not name:
                     break
                 props.append((name, value))
+                plain = plain and len(item) == 2
             else:
-                return topic, text, tuple(props)
+                if not plain:
+                    data = {
+                        "topic": topic,
+                        "body": text,
+                        "property_list": [{"name": n, "value": v} for n, v in props],
+                    }
+                return topic, text, tuple(props), data
     if type(topic) is not str or not topic:
         raise Invalid("DMS.00400002", "topic is required and must be a non-empty string")
     if type(text) is not str:
@@ -173,24 +217,37 @@ def _int(params: dict[str, str], name: str, default: int | None, low: int, high:
     try:
         value = int(raw)
     except ValueError:
-        raise Invalid("DMS.00400003", f"{name} must be an integer") from None
+        raise Invalid(_BAD_PARAM, f"{name} must be an integer") from None
     if not low <= value <= high:
-        raise Invalid("DMS.00400003", f"{name} must be in [{low}, {high}]")
+        raise Invalid(_BAD_PARAM, f"{name} must be in [{low}, {high}]")
     return value
 
 
 def parse_list_query(query: str, instance_id: str) -> MessageQuery:
-    """ListMessages' query string as a MessageQuery, or raise Invalid."""
+    """ListMessages' query string as a MessageQuery, or raise Invalid.
+
+    As the real API: without ``msg_id``, ``start_time`` and ``end_time`` are required.
+    ``key`` may hold up to MAX_KEYS keys separated by spaces (a message holding any of
+    them matches); the real API takes one.
+    """
     params = dict(parse_qsl(query, keep_blank_values=True))
     big = 2**62
+    msg_id = params.get("msg_id") or None
+    start_time = _int(params, "start_time", None, 0, big)
+    end_time = _int(params, "end_time", None, 0, big)
+    if msg_id is None and (start_time is None or end_time is None):
+        raise Invalid(_BAD_PARAM, "start_time and end_time are required without msg_id")
+    keys = params.get("key", "").split(maxsplit=MAX_KEYS)
+    if len(keys) > MAX_KEYS:
+        raise Invalid(_BAD_PARAM, f"key holds more than {MAX_KEYS} keys")
     return MessageQuery(
         instance_id=instance_id,
         topic=params.get("topic") or None,
         queue=_int(params, "queue", None, 0, big),
-        keys=tuple(params.get("key", "").split()),
-        msg_id=params.get("msg_id") or None,
-        start_time=_int(params, "start_time", None, 0, big),
-        end_time=_int(params, "end_time", None, 0, big),
+        keys=tuple(keys),
+        msg_id=msg_id,
+        start_time=start_time,
+        end_time=end_time,
         offset=_int(params, "offset", 0, 0, big) or 0,
         limit=_int(params, "limit", 10, 1, MAX_LIMIT) or 10,
     )
@@ -216,7 +273,8 @@ class App:
         self.auth = Authenticator(ak=options.ak, sk=options.sk, token=options.token)
         self.faults = Faults(options, now()) if options.misbehaves else None
         self._rid_prefix = os.urandom(8).hex().encode()
-        self._rids = count()
+        self._rids = 0
+        self._rid_head = b""
         # path -> instance_id of messages paths seen; senders repeat one path.
         self._routes: dict[str, str] = {}
         self._brokers = [f"broker-{b}" for b in range(options.brokers)]
@@ -224,10 +282,16 @@ class App:
     # --- answers -----------------------------------------------------------------------
 
     def _rid(self) -> bytes:
-        return b"%s%016x" % (self._rid_prefix, next(self._rids))
+        """A new X-Request-Id: the prefix and a serial number in 16 hex digits (the first
+        14 formatted once every 256 requests, as Store.append does for msg_ids)."""
+        n = self._rids
+        self._rids = n + 1
+        if not n & 0xFF:
+            self._rid_head = b"%s%014x" % (self._rid_prefix, n >> 8)
+        return self._rid_head + _HEX2[n & 0xFF]
 
     def _json(self, route: str, status: int, rid: bytes, body: bytes, extra: bytes = b"") -> Answer:
-        self.metrics.requests[(route, status)] += 1
+        self.metrics.answered[(route, status)] += 1
         return Answer(status, rid, _JSON + extra if extra else _JSON, body)
 
     def _error(
@@ -249,9 +313,13 @@ class App:
         route = SEND if instance_of(path) else OTHER
         return self._error(route, 413, "APIGW.0201", "Request entity too large", self._rid())
 
+    def head_too_large(self) -> Answer:
+        """For a request line or headers over the caps (431; the connection then closes)."""
+        return self._error(OTHER, 431, "APIGW.0201", "Request headers too large", self._rid())
+
     # --- routing -----------------------------------------------------------------------
 
-    def handle(self, req: Request) -> Answer | Awaitable[Answer]:
+    def handle(self, req: Request) -> Answer | Deferred | Awaitable[Answer]:
         instance_id = self._routes.get(req.path)
         if instance_id is None:
             instance_id = instance_of(req.path)
@@ -263,7 +331,7 @@ class App:
             if req.method == "GET":
                 return self._list(req, instance_id)
         elif req.path == "/metrics" and req.method == "GET":
-            self.metrics.requests[(METRICS, 200)] += 1
+            self.metrics.answered[(METRICS, 200)] += 1
             return Answer(200, self._rid(), _TEXT, self.metrics.render(self.store))
         return self._error(OTHER, 404, "APIGW.0101", _NO_SUCH_API, self._rid())
 
@@ -278,7 +346,7 @@ class App:
 
     # --- SendMessage ---------------------------------------------------------------------
 
-    def _send(self, req: Request, instance_id: str) -> Answer:
+    def _send(self, req: Request, instance_id: str) -> Answer | Deferred:
         rid = self._rid()
         if self.auth.required:
             refused = self._refused(SEND, req, rid)
@@ -290,17 +358,28 @@ class App:
         refusal = self._misbehave(rid, faults)
         if refusal is not None:
             return self._delay(refusal)
-        return self._delay(self._accept(req, instance_id, rid, faults))
+        return self._accept(req, instance_id, rid, faults)
 
-    def _delay(self, answer: Answer) -> Answer:
-        """The answer with its due time: after --latency, jitter and --stall."""
+    def _delay(self, answer: Answer, hold_s: float = 0.0) -> Answer:
+        """The answer with its due time: after --latency, jitter, --stall and ``hold_s``."""
         faults = self.faults
-        if faults is None or not faults.delays or answer.action != Action.REPLY:
+        if faults is None or answer.action != Action.REPLY or not (faults.delays or hold_s):
             return answer
         due, stalled = faults.due(self._now())
         if stalled:
             self.metrics.faults["stalled"] += 1
-        return answer._replace(due=due)
+        return answer._replace(due=due + hold_s)
+
+    def settle(self, deferred: Deferred) -> Answer:
+        """The answer to write once a deferred answer's commit has ended: as built when
+        the message is stored, else 500 (the message is not stored: never a 200)."""
+        error = deferred.commit.result()
+        answer = deferred.answer
+        if error is None:
+            if answer.action == _REPLY:
+                self.metrics.send_ok += 1
+            return answer
+        return self._error(SEND, 500, "DMS.00500000", f"internal error: {error}", answer.rid)
 
     def _misbehave(self, rid: bytes, faults: Faults) -> Answer | None:
         """The refusal the faults choose for this request before it is stored, if any."""
@@ -329,27 +408,33 @@ class App:
             )
         return None
 
-    def _accept(self, req: Request, instance_id: str, rid: bytes, faults: Faults | None) -> Answer:
+    def _accept(
+        self, req: Request, instance_id: str, rid: bytes, faults: Faults | None
+    ) -> Answer | Deferred:
+        """Validate, store, answer: at once in memory, after the commit with a journal."""
         try:
-            topic, body, props = parse_send(req.body)
+            topic, body, props, out = parse_send(req.body)
         except Invalid as exc:
-            return self._error(SEND, 400, exc.code, str(exc), rid)
+            return self._delay(self._error(SEND, 400, exc.code, str(exc), rid))
         try:
-            m = self.store.append(
-                instance_id, topic, body, props, req.peer, time.time_ns() // 1_000_000
+            m, commit = self.store.append(
+                instance_id, topic, body, props, req.peer, _time_ns() // 1_000_000
             )
         except StoreError as exc:
-            return self._error(SEND, 500, "DMS.00500000", f"internal error: {exc}", rid)
-        out: dict[str, Any] = {
-            "topic": topic,
-            "body": body,
-            "property_list": [{"name": n, "value": v} for n, v in props],
-            "msg_id": m.msg_id,
-            "queue_id": m.queue_id,
-            "queue_offset": m.queue_offset,
-            "broker_name": self._brokers[m.broker],
-        }
-        mangle = faults.mangle() if faults is not None else Mangle.NONE
+            return self._delay(
+                self._error(SEND, 500, "DMS.00500000", f"internal error: {exc}", rid)
+            )
+        out["msg_id"] = m.msg_id
+        out["queue_id"] = m.queue_id
+        out["queue_offset"] = m.queue_offset
+        out["broker_name"] = self._brokers[m.broker]
+        if faults is None:  # the hot path
+            answer: Answer = _new_tuple(Answer, (200, rid, _JSON, orjson.dumps(out), None, _REPLY))
+            if commit is None:
+                self.metrics.send_ok += 1
+                return answer
+            return _new_tuple(Deferred, (commit, answer))
+        mangle = faults.mangle()
         if mangle == Mangle.NO_MSG_ID:
             self.metrics.faults["no_msgid"] += 1
             del out["msg_id"]
@@ -357,8 +442,21 @@ class App:
         if mangle == Mangle.GARBAGE:
             self.metrics.faults["garbage"] += 1
             payload = payload[: len(payload) // 2]  # an unfinished JSON object: never valid
-        self.metrics.requests[_SEND_OK] += 1
-        return Answer(200, rid, _JSON, payload)
+        answer = self._lose_or_delay(Answer(200, rid, _JSON, payload), faults)
+        if commit is None:
+            if answer.action == _REPLY:
+                self.metrics.send_ok += 1
+            return answer
+        return _new_tuple(Deferred, (commit, answer))
+
+    def _lose_or_delay(self, answer: Answer, faults: Faults) -> Answer:
+        """--lose-answer-rate: the stored message's answer dropped with the connection, or
+        (--lose-answer-hang S) held S seconds more; else the usual delays."""
+        if not faults.lose():
+            return self._delay(answer)
+        self.metrics.faults["lose_answer"] += 1
+        hang_s = self.options.lose_answer_hang_s
+        return self._delay(answer, hang_s) if hang_s else _DROP
 
     # --- ListMessages --------------------------------------------------------------------
 

@@ -7,6 +7,9 @@
 * Both: a request carrying X-Auth-Token is judged by the token, any other by signature.
 * Neither: everything is accepted (the CLI says so on stderr).
 
+An Authorization header that is not ASCII cannot hold a valid signature: it is refused
+(401) before it reaches the verifier, whose constant-time comparison takes ASCII only.
+
 Reasons returned never contain a secret.
 """
 
@@ -49,6 +52,9 @@ class Authenticator:
             if not hmac.compare_digest(offered.encode(), self._token):
                 return "invalid X-Auth-Token"
             return None
+        authorization = headers.get(b"authorization")
+        if authorization is not None and not authorization.isascii():
+            return "verify aksk signature fail: the Authorization header is not ASCII"
         try:
             signing.verify(
                 method,

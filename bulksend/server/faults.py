@@ -7,9 +7,10 @@ same choices.
 
 Per SendMessage request, in this order (each draw only when its flag is on):
 rate limit (429, nothing stored) -> drop -> hang -> error (503) -> [validate, store] ->
-garbage -> no msg_id -> latency jitter. Drop, hang and error happen before the message
-is stored ("the request never reached the broker"); garbage and no-msg_id after ("stored,
-but the answer is unusable"), which is how a sender meets at-least-once duplicates.
+garbage -> no msg_id -> lose answer -> latency jitter. Drop, hang and error happen before
+the message is stored ("the request never reached the broker"); garbage, no-msg_id and a
+lost answer after ("stored, but the answer is unusable, never comes, or comes too late"),
+which is how a sender meets at-least-once duplicates.
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ class Faults:
         if o.no_msgid_rate and rng.random() < o.no_msgid_rate:
             return Mangle.NO_MSG_ID
         return Mangle.NONE
+
+    def lose(self) -> bool:
+        """Whether this stored message's answer is lost (--lose-answer-rate)."""
+        rate = self._o.lose_answer_rate
+        return bool(rate) and self._rng.random() < rate
 
     def due(self, now: float) -> tuple[float, bool]:
         """When an answer ready at ``now`` may go out (after latency, jitter and stalls),

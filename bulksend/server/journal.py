@@ -1,23 +1,40 @@
-"""The SQLite journal behind ``--store FILE``: accepted messages survive restarts.
+"""The SQLite journal behind ``--store FILE``: a message is answered only once it is stored.
 
-Kept off the hot path: ``add`` only appends to a list. A commit happens at most every
-``commit_interval_s`` (20 ms by default), on one dedicated writer thread that owns the
-connection, so batches grow by themselves when the disk is slow and the event loop never
-waits for SQLite. WAL with ``synchronous=NORMAL``: a commit survives the process dying,
-not necessarily the machine losing power.
+Group commit, as databases do it: ``add`` appends a message to the open batch and returns
+that batch's ``Commit`` (one asyncio Future for the whole batch). One writer thread owns
+the write connection; it commits one batch at a time, in one transaction, and while it
+writes, the next batch fills. When a commit ends, its Future resolves (None, or the error)
+and the server releases that batch's answers; the next batch goes to the writer at once.
+So a message waits for at most two commits, and under load batches grow by themselves
+(64 connections: ~30 messages a commit) and the per-commit cost is shared.
 
-Subtleness ahead! An answer goes out before its message is committed, so a SIGKILL can lose
-up to one commit interval of acknowledged messages. SIGINT/SIGTERM and leaving
-``run_server`` commit everything first. ListMessages (and ``Store.query``) flushes before
-it reads, so it sees every message accepted before it was asked.
+WAL with ``synchronous=NORMAL``: a commit is in the WAL file before its answers leave, so
+it survives the process dying (kill -9), not necessarily the machine losing power.
 
-No index but the primary key: inserts stay cheap, and ListMessages scans (~0.1 s per
-million rows), which is fine for a test server.
+Subtleness ahead! A failed commit (disk full, I/O error) stores none of its batch: every
+message in it, and in the batch filling behind it, is answered 500, and the journal
+refuses every message after (``failed``), so no offset is ever handed out that a restart
+could hand out again: offsets and arrival numbers are restored from what is stored.
+
+ListMessages reads on a connection and thread of its own, so a long read never holds up a
+commit (WAL lets readers and the writer run at once); it sees every committed message,
+hence every acknowledged one. No index but the primary key (an index on the store time
+and a table of keys made each insert 2.8 times as costly, measured: 10.5 µs a message
+against 3.7): a msg_id is found by its arrival number, and a time range, which every
+query without msg_id has, becomes a range of arrival numbers by bisection, store times
+never decreasing; only the rows in that range are scanned, for ``key`` too.
+
+One server per file: an exclusive ``flock`` on the file itself, taken before SQLite opens
+it and held until the journal is closed (SQLite's own locks are POSIX locks; Linux keeps
+the two apart). A second server fails to open the store, naming the pid that holds it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import os
 import sqlite3
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +42,15 @@ from typing import Any
 
 import orjson
 
-from bulksend.server.store import MessageQuery, QueueState, Restored, StoredMessage, StoreError
+from bulksend.server.store import (
+    Commit,
+    MessageQuery,
+    QueueState,
+    Restored,
+    StoredMessage,
+    StoreError,
+    seq_of_msg_id,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -39,7 +64,7 @@ CREATE TABLE IF NOT EXISTS messages (
     body           TEXT NOT NULL,
     properties     TEXT NOT NULL,         -- JSON [[name, value], ...]
     keys           TEXT,                  -- ' k1 k2 ' (padded for whole-word instr), or NULL
-    store_ts       INTEGER NOT NULL,      -- ms since the epoch
+    store_ts       INTEGER NOT NULL,      -- ms since the epoch, never decreasing with seq
     born_ts        INTEGER NOT NULL,
     born_host      TEXT NOT NULL
 )
@@ -53,6 +78,8 @@ _INSERT = (
     " body, properties, keys, store_ts, born_ts, born_host)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+#: The first row at or after an arrival number (a primary-key lookup).
+_STORE_TS_FROM = "SELECT store_ts FROM messages WHERE seq >= ? ORDER BY seq LIMIT 1"
 
 
 def _row(m: StoredMessage) -> tuple[Any, ...]:
@@ -73,10 +100,29 @@ def _message(row: tuple[Any, ...]) -> StoredMessage:
     )  # fmt: skip
 
 
-def _where(q: MessageQuery) -> tuple[str, list[Any]]:
+def _first_seq_at(conn: sqlite3.Connection, store_ts: int, lo: int, hi: int) -> int:
+    """The first arrival number in [lo, hi] whose store time is >= store_ts (hi: none is),
+    by bisection over the primary key: store times never decrease with arrival numbers."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        row = conn.execute(_STORE_TS_FROM, (mid,)).fetchone()
+        if row is None or row[0] >= store_ts:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _where(q: MessageQuery, seqs: tuple[int, int] | None) -> tuple[str, list[Any]]:
+    """The WHERE clause of a query; ``seqs`` bounds the arrival numbers [first, end)."""
     clauses: list[str] = []
     params: list[Any] = []
+    seq = seq_of_msg_id(q.msg_id) if q.msg_id is not None else None
+    first, end = seqs if seqs is not None else (None, None)
     for column, value in (
+        ("seq = ?", seq),  # the primary key finds a msg_id's row: its arrival number
+        ("seq >= ?", first),  # and a time range's rows
+        ("seq < ?", end),
         ("instance_id = ?", q.instance_id),
         ("topic = ?", q.topic),
         ("queue_id = ?", q.queue),
@@ -93,46 +139,90 @@ def _where(q: MessageQuery) -> tuple[str, list[Any]]:
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
-class SqliteJournal:
-    """Accepted messages in a SQLite file, written in batches by one thread."""
+def _lock(path: str) -> int:
+    """An exclusive flock on ``path`` (created if missing); its fd. StoreInUse when another
+    process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _flock_holder(fd)
+        os.close(fd)
+        who = f"pid {holder}" if holder else "another process"
+        raise StoreInUse(f"{path} is in use by another server ({who})") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
-    def __init__(self, path: str, commit_interval_s: float) -> None:
+
+def _flock_holder(fd: int) -> int | None:
+    """The pid holding a FLOCK on fd's file, from /proc/locks (Linux), or None."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as locks:
+            for line in locks:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF" ("->" marks a waiter)
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == inode:
+                    return int(fields[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class StoreInUse(StoreError):
+    """Another process (another ``bulksend serve``) has the store file open."""
+
+
+class SqliteJournal:
+    """Accepted messages in a SQLite file, committed in batches by one writer thread."""
+
+    def __init__(self, path: str, lock_fd: int, commit_interval_s: float) -> None:
         self.path = path
+        #: Set once a commit failed; the store then refuses new messages.
         self.failed: BaseException | None = None
-        self._interval = commit_interval_s
+        self._lock_fd = lock_fd
         self._loop = asyncio.get_running_loop()
-        # One thread owns the connection; its FIFO queue orders writes before reads.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulksend-store")
-        self._conn: sqlite3.Connection | None = None
+        # One thread owns each connection: writes in order on one, reads on the other.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulksend-store")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulksend-list")
+        self._wconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+        # The batch filling (messages and the Commit they wait for) and the one being written.
         self._pending: list[StoredMessage] = []
-        self._scheduled = False
+        self._pending_commit: Commit | None = None
+        self._kicked = False
         self._writing: asyncio.Future[None] | None = None
+        self._interval = commit_interval_s
+        self._last_start = -commit_interval_s
 
     @classmethod
     async def open(
-        cls, path: str, *, commit_interval_s: float = 0.02
+        cls, path: str, *, commit_interval_s: float = 0.0
     ) -> tuple[SqliteJournal, Restored]:
-        """Open (or create) the file; return the journal and the state to restore."""
-        journal = cls(path, commit_interval_s)
+        """Lock and open (or create) the file; the journal and the state to restore.
+        ``commit_interval_s``: the least time from one commit's start to the next one's
+        (0: commit whenever the writer is free). Raises StoreInUse when another server
+        holds the file, sqlite3.Error or OSError when it is unusable."""
+        journal = cls(path, _lock(path), commit_interval_s)
         try:
-            restored = await journal._run(journal._open)
+            restored: Restored = await journal._loop.run_in_executor(journal._writer, journal._open)
         except BaseException:
-            journal._executor.shutdown(wait=False)
+            await journal._shutdown()
             raise
         return journal, restored
-
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await self._loop.run_in_executor(self._executor, fn, *args)
 
     # --- on the writer thread ----------------------------------------------------------
 
     def _open(self) -> Restored:
         conn = sqlite3.connect(self.path, check_same_thread=False)
+        self._wconn = conn
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute(_SCHEMA)
-        conn.commit()
-        self._conn = conn
+        with conn:
+            conn.execute(_SCHEMA)
         queues = [
             QueueState(*row)
             for row in conn.execute(
@@ -141,79 +231,134 @@ class SqliteJournal:
             )
         ]
         (next_seq,) = conn.execute("SELECT COALESCE(MAX(seq) + 1, 0) FROM messages").fetchone()
-        return Restored(int(next_seq), queues)
+        (last,) = conn.execute("SELECT COALESCE(MAX(store_ts), 0) FROM messages").fetchone()
+        return Restored(int(next_seq), queues, int(last))
 
     def _write(self, batch: list[StoredMessage]) -> None:
-        assert self._conn is not None
-        with self._conn:  # one transaction, committed on leaving
-            self._conn.executemany(_INSERT, [_row(m) for m in batch])
+        assert self._wconn is not None
+        with self._wconn:  # one transaction: all of the batch or none of it
+            self._wconn.executemany(_INSERT, [_row(m) for m in batch])
 
     def _select(self, q: MessageQuery) -> tuple[list[StoredMessage], int]:
-        assert self._conn is not None
-        where, params = _where(q)
-        (total,) = self._conn.execute(f"SELECT COUNT(*) FROM messages{where}", params).fetchone()
-        rows = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM messages{where} ORDER BY seq LIMIT ? OFFSET ?",
-            [*params, q.limit, q.offset],
-        ).fetchall()
+        if self._rconn is None:
+            self._rconn = sqlite3.connect(self.path, check_same_thread=False)
+        conn = self._rconn
+        conn.execute("BEGIN")  # one snapshot for the bounds, the count and the page
+        try:
+            seqs = None
+            if q.msg_id is None and (q.start_time is not None or q.end_time is not None):
+                # No index on the store time: its range becomes one of arrival numbers.
+                lo, hi = conn.execute("SELECT MIN(seq), MAX(seq) + 1 FROM messages").fetchone()
+                if lo is not None:
+                    first = (
+                        lo if q.start_time is None else _first_seq_at(conn, q.start_time, lo, hi)
+                    )
+                    end = (
+                        hi if q.end_time is None else _first_seq_at(conn, q.end_time + 1, first, hi)
+                    )
+                    seqs = (first, end)
+            where, params = _where(q, seqs)
+            (total,) = conn.execute(f"SELECT COUNT(*) FROM messages{where}", params).fetchone()
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM messages{where} ORDER BY seq LIMIT ? OFFSET ?",
+                [*params, q.limit, q.offset],
+            ).fetchall()
+        finally:
+            conn.execute("COMMIT")
         return [_message(r) for r in rows], int(total)
-
-    def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
 
     # --- on the event loop -------------------------------------------------------------
 
-    def add(self, message: StoredMessage) -> None:
+    def add(self, message: StoredMessage) -> Commit:
+        """Put a message in the open batch; the Commit it waits for. No I/O here."""
+        commit = self._pending_commit
+        if commit is None:
+            commit = self._pending_commit = self._loop.create_future()
+            if self._writing is None and not self._kicked:
+                self._schedule()
         self._pending.append(message)
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_later(self._interval, self._kick)
+        return commit
+
+    def _schedule(self) -> None:
+        """Kick the open batch at the end of this loop turn (every request read in it joins
+        the batch), or once ``commit_interval_s`` has passed since the last commit began."""
+        self._kicked = True
+        at = self._last_start + self._interval
+        if at > self._loop.time():
+            self._loop.call_at(at, self._kick)
+        else:
+            self._loop.call_soon(self._kick)
 
     def _kick(self) -> None:
-        self._scheduled = False
-        # One write at a time: while one runs, the next batch keeps growing.
-        if self._writing is not None or not self._pending:
+        self._kicked = False
+        commit = self._pending_commit
+        if self._writing is not None or commit is None:
             return
-        batch, self._pending = self._pending, []
-        self._writing = self._loop.run_in_executor(self._executor, self._write, batch)
-        self._writing.add_done_callback(self._written)
+        batch, self._pending, self._pending_commit = self._pending, [], None
+        if self.failed is not None:
+            commit.set_result(self.failed)
+            return
+        self._last_start = self._loop.time()
+        self._writing = self._loop.run_in_executor(self._writer, self._write, batch)
+        self._writing.add_done_callback(lambda done: self._written(done, commit))
 
-    def _written(self, fut: asyncio.Future[None]) -> None:
+    def _written(self, done: asyncio.Future[None], commit: Commit) -> None:
         self._writing = None
-        exc = None if fut.cancelled() else fut.exception()
+        exc = StoreError("cancelled") if done.cancelled() else done.exception()
         if exc is not None and self.failed is None:
             self.failed = exc
             print(f"bulksend serve: store {self.path}: write failed: {exc}", file=sys.stderr)
-        if self._pending and not self._scheduled:
-            self._scheduled = True
-            self._loop.call_later(self._interval, self._kick)
+        commit.set_result(self.failed)
+        if self._pending_commit is not None and not self._kicked:
+            self._schedule()  # the batch that filled meanwhile (failed too, if this one did)
 
     async def flush(self) -> None:
-        while self._writing is not None or self._pending:
-            if self._writing is None:
-                self._kick()
-            if self._writing is not None:
-                # wait() neither raises the write's error nor cancels it if we are cancelled.
-                await asyncio.wait({self._writing})
-            if self.failed is not None:
-                break
+        """Wait until everything added so far is committed; StoreError if it was not."""
+        while self._pending_commit is not None or self._writing is not None:
+            commit = self._pending_commit
+            if commit is None and self._writing is not None:
+                await asyncio.wait({self._writing})  # neither raises nor cancels the write
+                continue
+            if commit is not None:
+                await asyncio.wait({commit})
         if self.failed is not None:
             raise StoreError(f"store {self.path}: {self.failed}")
 
     async def query(self, query: MessageQuery) -> tuple[list[StoredMessage], int]:
-        await self.flush()
-        result: tuple[list[StoredMessage], int] = await self._run(self._select, query)
+        """Like ``Store.query``, over every committed message; StoreError if unreadable."""
+        try:
+            result: tuple[list[StoredMessage], int] = await self._loop.run_in_executor(
+                self._reader, self._select, query
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"store {self.path}: {exc}") from None
         return result
 
     async def close(self) -> None:
         """Commit what remains and close. A failed journal closes quietly: its error was
-        printed when it happened, and every send since was answered 500."""
+        printed when it happened, and every message since was answered 500."""
         try:
             await self.flush()
         except StoreError:
             pass
         finally:
-            await self._run(self._close)
-            self._executor.shutdown(wait=True)
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        def close_reader() -> None:
+            if self._rconn is not None:
+                self._rconn.close()
+
+        def close_writer() -> None:
+            if self._wconn is not None:
+                with contextlib.suppress(sqlite3.Error):  # e.g. a checkpoint on a full disk
+                    self._wconn.close()
+
+        try:
+            await self._loop.run_in_executor(self._reader, close_reader)
+            await self._loop.run_in_executor(self._writer, close_writer)
+        finally:
+            self._reader.shutdown(wait=True)
+            self._writer.shutdown(wait=True)
+            # Last: closing any fd of the file drops SQLite's POSIX locks on it.
+            os.close(self._lock_fd)

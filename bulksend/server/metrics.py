@@ -15,10 +15,20 @@ SEND, LIST, METRICS, OTHER = "send", "list", "metrics", "other"
 
 class Metrics:
     def __init__(self) -> None:
-        #: Answers sent, by (route, HTTP status).
-        self.requests: Counter[tuple[str, int]] = Counter()
+        #: Answers sent but SendMessage's 200s, by (route, HTTP status).
+        self.answered: Counter[tuple[str, int]] = Counter()
+        #: SendMessage's 200s: an int, the one count on the hot path (~3x cheaper).
+        self.send_ok = 0
         #: SendMessage requests given a deliberate fault, by kind (drop, hang, ...).
         self.faults: Counter[str] = Counter()
+
+    @property
+    def requests(self) -> Counter[tuple[str, int]]:
+        """Answers sent, by (route, HTTP status) (a copy)."""
+        out = Counter(self.answered)
+        if self.send_ok:
+            out[(SEND, 200)] += self.send_ok
+        return out
 
     def render(self, store: Store) -> bytes:
         out: list[str] = []

@@ -55,8 +55,9 @@ class ServerOptions:
     #: In-memory store only: how many of the newest messages ListMessages can still see
     #: (offsets and counts go on past it). None keeps every message.
     keep: int | None = 1_000_000
-    #: SQLite store only: how long accepted messages may wait for their batched commit (s).
-    commit_interval_s: float = 0.02
+    #: SQLite store only: the least time from one batch commit's start to the next one's
+    #: (s). 0 commits whenever the writer is free; more makes bigger batches, later answers.
+    commit_interval_s: float = 0.0
     #: SDK-HMAC-SHA256 credentials to verify; None with ``token`` None accepts unsigned.
     ak: str | None = None
     sk: str | None = field(default=None, repr=False)
@@ -82,6 +83,10 @@ class ServerOptions:
     garbage_rate: float = 0.0
     #: Answer 200 JSON without msg_id (message stored).
     no_msgid_rate: float = 0.0
+    #: Store the message (committed), then lose its answer: close the connection without
+    #: it, or, with ``lose_answer_hang_s`` > 0, send it that many seconds late.
+    lose_answer_rate: float = 0.0
+    lose_answer_hang_s: float = 0.0
     #: Request bodies over this many bytes get 413; None: only the built-in 64 MiB ceiling.
     max_body: int | None = None
     #: Send Retry-After as an HTTP date rather than delta-seconds.
@@ -102,7 +107,14 @@ class ServerOptions:
             raise ConfigError("set both HUAWEICLOUD_SDK_AK and HUAWEICLOUD_SDK_SK, or neither")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")
-        for name in ("error_rate", "drop_rate", "hang_rate", "garbage_rate", "no_msgid_rate"):
+        for name in (
+            "error_rate",
+            "drop_rate",
+            "hang_rate",
+            "garbage_rate",
+            "no_msgid_rate",
+            "lose_answer_rate",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
@@ -114,8 +126,10 @@ class ServerOptions:
             raise ConfigError("--latency and --latency-jitter must not be negative")
         if self.max_body is not None and self.max_body < 0:
             raise ConfigError("--max-body must not be negative")
-        if self.commit_interval_s < 0 or self.shutdown_grace_s < 0:
-            raise ConfigError("intervals must not be negative")
+        if self.commit_interval_s < 0 or self.shutdown_grace_s < 0 or self.lose_answer_hang_s < 0:
+            raise ConfigError(
+                "--commit-interval, --shutdown-grace and --lose-answer-hang must not be negative"
+            )
 
     @property
     def signed(self) -> bool:
@@ -135,4 +149,5 @@ class ServerOptions:
             or self.hang_rate
             or self.garbage_rate
             or self.no_msgid_rate
+            or self.lose_answer_rate
         )

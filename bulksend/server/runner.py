@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from bulksend.errors import ConfigError
 from bulksend.server.app import App
 from bulksend.server.http import HttpServer
-from bulksend.server.journal import SqliteJournal
+from bulksend.server.journal import SqliteJournal, StoreInUse
 from bulksend.server.metrics import Metrics
 from bulksend.server.options import ServerOptions
 from bulksend.server.store import Store
@@ -82,6 +82,8 @@ async def _open_store(options: ServerOptions) -> Store:
         journal, restored = await SqliteJournal.open(
             options.store_path, commit_interval_s=options.commit_interval_s
         )
+    except StoreInUse as exc:
+        raise ConfigError(f"--store {exc}") from None
     except Exception as exc:  # sqlite3.Error, OSError: an unusable --store file
         raise ConfigError(f"cannot open --store {options.store_path}: {exc}") from None
     return Store(queues=options.queues, brokers=options.brokers, journal=journal, restored=restored)
