@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from tests.cli_helpers import bulksend, no_traceback, read_jsonl, target, write_jsonl
-from tests.serve_helpers import messages_path, start_server_subprocess
+from tests.serve_helpers import ALL_TIME, messages_path, start_server_subprocess
 
 FAST = ["--backoff-base", "0.01", "--backoff-max", "0.2", "--max-retries", "10", "--quiet"]
 
@@ -47,7 +47,7 @@ def accepted(url: str) -> int:
 
 
 def listed(url: str, **query: str) -> list[dict[str, Any]]:
-    qs = urllib.parse.urlencode({"limit": "1000", **query})
+    qs = urllib.parse.urlencode({"limit": "1000", **ALL_TIME, **query})
     with urllib.request.urlopen(f"{url}{messages_path()}?{qs}", timeout=10) as resp:
         return list(json.loads(resp.read())["messages"])
 

@@ -106,7 +106,14 @@ def bulksend_list(url: str, auth: dict[str, str]) -> list[dict[str, object]]:
     from tests.serve_helpers import INSTANCE_ID, sdk_client
 
     resp = sdk_client(url).list_messages(
-        ListMessagesRequest(engine="rocketmq", instance_id=INSTANCE_ID, topic="orders", limit=5)
+        ListMessagesRequest(
+            engine="rocketmq",
+            instance_id=INSTANCE_ID,
+            topic="orders",
+            limit=5,
+            start_time="0",
+            end_time=str(2**53),
+        )
     )
     return [m.to_dict() for m in resp.messages]
 
