@@ -56,7 +56,10 @@ def write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> Path:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    """The JSON lines of a file; of a ledger, its results (each run's first line, its
+    settings with ``"status": "run"``, is left out)."""
+    lines = (orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip())
+    return [obj for obj in lines if obj.get("status") != "run"]
 
 
 def no_traceback(proc: subprocess.CompletedProcess[str]) -> bool:

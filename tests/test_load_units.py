@@ -12,9 +12,9 @@ import pytest
 from bulksend.errors import ConfigError
 from bulksend.load import LoadJob, LoadOutcome, _Live
 from bulksend.record import KEYS
-from bulksend.report import LATE_MS, LoadStats
 from bulksend.result import FAILED, OK, Result
 from bulksend.stages import RampPacer, Stages
+from bulksend.stats import LATE_MS, LoadStats
 from bulksend.synthetic import SOURCE, MessageSpec, Synthetic, filler
 from bulksend.thresholds import Threshold
 from bulksend.timeseries import LatencyBins, Timeseries
