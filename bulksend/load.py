@@ -292,9 +292,18 @@ class _LoadHooks(Hooks):
     def finish(self, snapshot: dict[str, Any], end: End) -> None:
         if self.live is not None:
             self.live.flush()
-        self.outcome.verdicts = check(self.job.thresholds, figures_of(snapshot))
-        if self.job.thresholds:
-            snapshot["thresholds"] = verdicts_json(self.outcome.verdicts)
+        outcome = self.outcome
+        outcome.verdicts = check(self.job.thresholds, figures_of(snapshot))
+        if not self.job.thresholds:
+            return
+        kept = verdicts_json(outcome.verdicts)
+        # A threshold that stopped the run (--abort-on-fail, exit 99) failed, whatever the
+        # whole run's figure: kept so, with the second and the value that failed it.
+        for verdict in outcome.aborted_by:
+            kept[verdict.threshold.text].update(
+                ok=False, failed_at=outcome.aborted_at, failed_value=verdict.actual
+            )
+        snapshot["thresholds"] = kept
 
     async def epilogue(self, snapshot: dict[str, Any], end: End) -> list[str]:
         lines = []
