@@ -191,8 +191,6 @@ class End:
     error: BulksendError | None = None
     #: --resume: which records the ledger already held as ok (None: none).
     done: Callable[[Item], bool] | None = None
-    #: Records the dispatcher handed to workers.
-    dispatched: int = 0
 
 
 Ticker = Callable[[], Coroutine[Any, Any, None]]
@@ -315,7 +313,6 @@ async def _pump(
         end.interrupted = interrupts.interrupted
         end.cut_off = interrupts.cut_off
         end.stopped_early = interrupts.draining or sender.stopping or end.error is not None
-        end.dispatched = sender.counters.dispatched
         stats.rate_changes = sender.rate_changes
 
 

@@ -23,7 +23,15 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.cli_helpers import bulksend, no_traceback, read_jsonl, target, write_jsonl
+from tests.cli_helpers import (
+    accepted,
+    bulksend,
+    no_traceback,
+    read_jsonl,
+    target,
+    wait_for_lines,
+    write_jsonl,
+)
 from tests.serve_helpers import AK, SK, messages_path, start_server_subprocess
 
 pytestmark = pytest.mark.timeout(120)
@@ -32,14 +40,6 @@ QUIET = ["--quiet"]
 
 def msgs(n: int, topic: str = "orders") -> list[dict[str, Any]]:
     return [{"topic": topic, "body": f"m{i}", "id": f"r{i}"} for i in range(n)]
-
-
-def accepted(url: str) -> int:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("bulksend_serve_messages_accepted_total "):
-                return int(float(line.split()[1]))
-    raise AssertionError("no accepted-messages metric")
 
 
 def stored(url: str, topic: str) -> int:
@@ -78,15 +78,6 @@ def spawn(*args: str, **popen: Any) -> subprocess.Popen[bytes]:
     )
     _spawned.append(proc)
     return proc
-
-
-def wait_for_lines(path: Path, n: int, deadline_s: float = 60) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if path.exists() and path.read_bytes().count(b"\n") >= n:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"{path} never reached {n} lines")
 
 
 # --- one run per ledger ------------------------------------------------------------------

@@ -20,7 +20,15 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.cli_helpers import bulksend, no_traceback, read_jsonl, target, write_jsonl
+from tests.cli_helpers import (
+    accepted,
+    bulksend,
+    no_traceback,
+    read_jsonl,
+    target,
+    wait_for_lines,
+    write_jsonl,
+)
 from tests.serve_helpers import messages_path, start_server_subprocess
 
 FAST = ["--backoff-base", "0.01", "--backoff-max", "0.2", "--max-retries", "10", "--quiet"]
@@ -36,14 +44,6 @@ def msgs(n: int, keys: int | None = None) -> list[dict[str, Any]]:
         }
         for i in range(n)
     ]
-
-
-def accepted(url: str) -> int:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("bulksend_serve_messages_accepted_total "):
-                return int(float(line.split()[1]))
-    raise AssertionError("no accepted-messages metric")
 
 
 def listed(url: str, **query: str) -> list[dict[str, Any]]:
@@ -75,16 +75,6 @@ def _no_sender_left_behind() -> Iterator[None]:
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=30)
-
-
-def wait_for_lines(path: Path, n: int, deadline_s: float) -> None:
-    """Wait (bounded) until the ledger holds at least n lines, so a kill lands mid-run."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if path.exists() and path.read_bytes().count(b"\n") >= n:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"{path} never reached {n} lines")
 
 
 def ledger_lines(path: Path) -> tuple[list[dict[str, Any]], bytes]:

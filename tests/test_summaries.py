@@ -8,10 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shlex
-import signal
-import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +17,7 @@ import orjson
 import pytest
 
 from bulksend.summary import printable, summary_table
-from tests.cli_helpers import bulksend, read_jsonl, target, write_jsonl
+from tests.cli_helpers import bulksend, interrupt, read_jsonl, target, write_jsonl
 from tests.serve_helpers import start_server_subprocess
 
 pytestmark = pytest.mark.timeout(120)
@@ -28,28 +25,6 @@ pytestmark = pytest.mark.timeout(120)
 
 def msgs(n: int) -> list[dict[str, object]]:
     return [{"topic": "orders", "body": f"m{i}", "id": f"r{i}"} for i in range(n)]
-
-
-def wait_for_lines(path: Path, n: int, deadline_s: float = 60) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if path.exists() and path.read_bytes().count(b"\n") >= n:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"{path} never reached {n} lines")
-
-
-def interrupt(cmd: list[str], out: Path, lines: int) -> tuple[int, str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_lines(out, lines)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, err
 
 
 def test_an_interrupted_send_says_what_is_left_and_how_to_resume(tmp_path: Path) -> None:
@@ -82,19 +57,8 @@ def test_an_interrupted_send_from_stdin_cannot_be_resumed_and_says_so(tmp_path: 
                "--concurrency", "4", "--progress-interval", "60"]  # fmt: skip
         data = write_jsonl(tmp_path / "in.jsonl", msgs(2000))
         with data.open("rb") as stdin:
-            proc = subprocess.Popen(
-                cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-            )
-        try:
-            wait_for_lines(out, 20)
-            proc.send_signal(signal.SIGINT)
-            _, raw = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    err = raw.decode()
-    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+            code, err = interrupt(cmd, out, 20, stdin=stdin)
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
     assert "the rest of stdin was not sent" in err
     assert "to continue" not in err  # no resume command to offer
 
