@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as dt
 import html
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -32,9 +31,9 @@ from typing import Any
 import orjson
 
 from bulksend.charts import chart_specs
-from bulksend.errors import SinkError
-from bulksend.report import LATE_MS
 from bulksend.result import FAILED, INVALID, OK, Result
+from bulksend.sinks import DocumentWriter
+from bulksend.stats import LATE_MS
 from bulksend.timeseries import LatencyBins, Timeseries
 
 #: Chart points at most (720 points of each chart's lines: a page of ~190 KB).
@@ -139,21 +138,16 @@ def write_html_report(
     settings: Mapping[str, Any] | None = None,
     runs: Sequence[Mapping[str, Any]] = (),
 ) -> None:
-    """Write ``report`` as one HTML file at ``path``, whole (a temporary file, then a
-    rename). SinkError when it cannot.
+    """Write ``report`` as one HTML file at ``path``, whole, as every document output is
+    written (``sinks.DocumentWriter``: through a symlink, in place for a device). SinkError
+    when it cannot.
 
     ``stats``: the run's stats snapshot (its ``thresholds`` verdicts, when present, head the
     page). ``settings``: this run's settings (``send``/``load``), or what ``report`` read.
     ``runs``: the run lines of the ledgers read (``{"at": ms, "command": ..., "settings":
     {...}}``, or bare settings mappings), each shown as its own table."""
     text = render_html(report, stats, title=title, settings=settings or {}, runs=runs)
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise SinkError(f"cannot write {path}: {exc.strerror or exc}") from None
+    DocumentWriter(path).write(text.encode())
 
 
 def render_html(

@@ -1,23 +1,29 @@
-"""How a run stops early, shared by ``send`` and ``load`` (STYLE habit 1: first SIGINT
-drains, second cancels).
+"""How a run stops early, shared by every kind of run (first SIGINT drains, second cancels):
 
 * First SIGINT or SIGTERM (or ``drain()``, e.g. ``load --abort-on-fail``): the sender stops
   reading; what is in flight finishes within ``timeout_s``, then the run is cancelled.
 * Second SIGINT or SIGTERM: cancel at once.
 
 Either way the caller's outputs stay whole: cancellation only ever lands between writes.
-``guard(awaitable)`` runs the send and absorbs the cancellation this class caused (and no
-other), so the caller goes on to flush its outputs and print its summary.
+The run goes inside ``scope`` (an anyio cancel scope, so the drain's deadline is the scope's
+own and a cancellation from here ends the run quietly, with no other cancellation
+swallowed), and ``listen`` in a task beside it::
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(interrupts.listen)
+        with interrupts.scope:
+            await sender.run(...)
+        tg.cancel_scope.cancel()
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable
-from types import TracebackType
 from typing import Protocol
+
+import anyio
+import anyio.abc
 
 
 class Stoppable(Protocol):
@@ -29,32 +35,32 @@ class Interrupts:
         self._sender = sender
         self._timeout_s = timeout_s
         self._signals = 0
-        self._draining = False
-        self._cancelled = False
-        self._deadline: asyncio.TimerHandle | None = None
-        self._installed: list[signal.Signals] = []
-        self._task: asyncio.Task[object] | None = None
+        #: The run's cancel scope: a drain sets its deadline, a second signal cancels it.
+        self.scope = anyio.CancelScope()
         #: A signal arrived (exit 130), as against a drain the program asked for.
         self.interrupted = False
+        #: The run was asked to stop before its end, by a signal or by ``drain()``.
+        self.draining = False
 
-    def __enter__(self) -> Interrupts:
-        self._task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            # Not on Windows' loop, nor outside the main thread: then Ctrl-C is Python's.
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, self._on_signal)
-                self._installed.append(sig)
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    async def listen(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in self._installed:
-            loop.remove_signal_handler(sig)
-        if self._deadline is not None:
-            self._deadline.cancel()
+        """Turn SIGINT and SIGTERM into a drain, then a cancel; runs until cancelled.
+        Started (``task_group.start``) once the handlers are in place, so no early signal
+        falls to Python's default KeyboardInterrupt in the middle of a run."""
+        with contextlib.ExitStack() as stack:
+            try:
+                signals = stack.enter_context(
+                    anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+                )
+            except (NotImplementedError, RuntimeError, ValueError):
+                # Not on Windows' loop, nor outside the main thread (a shard in a worker
+                # thread): there the process's owner stops the run.
+                task_status.started()
+                return
+            task_status.started()
+            async for _ in signals:
+                self._on_signal()
 
     def _on_signal(self) -> None:
         self._signals += 1
@@ -62,28 +68,17 @@ class Interrupts:
         if self._signals == 1:
             self.drain()
         else:
-            self._cancel()
+            self.scope.cancel()
 
     def drain(self) -> None:
         """Stop reading; give what is in flight ``timeout_s`` to finish, then cancel."""
-        if self._draining:
+        if self.draining:
             return
-        self._draining = True
+        self.draining = True
         self._sender.stop()
-        self._deadline = asyncio.get_running_loop().call_later(self._timeout_s, self._cancel)
+        self.scope.deadline = anyio.current_time() + self._timeout_s
 
-    def _cancel(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._cancelled = True
-            self._task.cancel()
-
-    async def guard(self, run: Awaitable[None]) -> None:
-        """Await the run; a cancellation that came from here ends it quietly."""
-        try:
-            await run
-        except asyncio.CancelledError:
-            if not self._cancelled:
-                raise
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
+    @property
+    def cut_off(self) -> bool:
+        """Requests in flight were abandoned (the drain timed out, or a second signal)."""
+        return self.scope.cancelled_caught

@@ -1,35 +1,38 @@
-"""A whole ``send`` run as one library call: inputs -> Sender -> sinks, stats, progress.
+"""A whole ``send`` run as one library call: inputs -> Sender -> ledger, stats, progress.
 
-``run_send(job)`` is what ``bulksend send`` calls; library users who want only the pipeline
-use ``Sender`` directly. Progress and summary are hooks around the run, never inside a
-worker (STYLE habit 9).
+``run_send(job)`` is what ``bulksend send`` calls: it opens the inputs and hands them to the
+one run harness (``bulksend.run``) with what a send adds to it — the progress bar or status
+lines, and after an interrupt how many records were not sent and the command that resumes
+the run. Library users who want only the pipeline use ``Sender`` directly.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import sys
-from collections.abc import AsyncIterator, Callable
+import os
+import shlex
+import stat
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import anyio.to_thread
 
 from bulksend.config import Credentials, SendOptions, Target
-from bulksend.errors import BulksendError, ConfigError
-from bulksend.html import RunReport, write_html_report
-from bulksend.interrupts import Interrupts
-from bulksend.ledger import check_inputs, read_ledger, write_fingerprints
+from bulksend.errors import BulksendError
 from bulksend.record import Item
-from bulksend.result import FAILED, INVALID, OK, SKIPPED, Result
-from bulksend.sender import Sender
-from bulksend.sinks import FailedWriter, ResultsWriter, write_json
+from bulksend.result import FAILED, INVALID, OK
+from bulksend.run import End, Hooks, Live, Outputs, Plan, Ticker, run
+from bulksend.sinks import STDOUT
 from bulksend.sources import Inputs
 from bulksend.stats import Stats
-from bulksend.summary import progress_line, summary_table
+from bulksend.summary import progress_line
 
-#: Identifies the built-in server's target in --embedded runs.
-EMBEDDED_PROJECT = "embedded-project"
-EMBEDDED_INSTANCE = "embedded-instance"
+#: After an interrupt, the inputs are read again to count the records not sent, for at
+#: most this long (about a million JSONL records); past it the count is a lower bound.
+COUNT_BUDGET_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class SendJob:
     options: SendOptions = field(default_factory=SendOptions)
     fmt: str | None = None
     topic: str | None = None
+    #: The results ledger; ``-`` is stdout.
     out: str | None = None
     stats: str | None = None
     failed: str | None = None
@@ -57,6 +61,82 @@ class SendJob:
     resume: bool = False
     #: Resume even though an input changed since the ledger was written.
     force: bool = False
+    #: Start a non-empty ``out`` ledger again (refused without it or ``resume``).
+    overwrite: bool = False
+    #: The command's arguments that repeat this run (``send`` first, no program name),
+    #: for the resume command an interrupted run prints; None: not known (library use).
+    command_line: tuple[str, ...] | None = None
+
+    def outputs(self) -> Outputs:
+        return Outputs(
+            out=self.out,
+            stats=self.stats,
+            failed=self.failed,
+            html=self.html,
+            resume=self.resume,
+            overwrite=self.overwrite,
+            progress=self.progress,
+            progress_interval_s=self.progress_interval_s,
+            drain_timeout_s=self.drain_timeout_s,
+        )
+
+    def plan(self) -> Plan:
+        return Plan(
+            command="send",
+            target=self.target,
+            credentials=self.credentials,
+            options=self.options,
+            settings=self.settings(),
+            engine=self.engine,
+            inputs=self.inputs,
+            force=self.force,
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """The run's settings for its run line and HTML report (no secret in any)."""
+        o, t = self.options, self.target
+        settings: dict[str, Any] = {
+            "inputs": list(self.inputs),
+            "format": self.fmt,
+            "topic": self.topic,
+            "target": public_url(t.url) if t is not None else "embedded",
+            "project_id": t.project_id if t is not None else None,
+            "instance_id": t.instance_id if t is not None else None,
+            "engine": t.engine if t is not None else self.engine,
+            "auth": self.credentials.mode,
+            "concurrency": o.concurrency,
+            "rate": o.rate,
+            "timeout": o.timeout,
+            "max_retries": o.retry.max_retries,
+            "backoff_base": o.retry.backoff_base,
+            "backoff_max": o.retry.backoff_max,
+            "ordered": o.ordered,
+            "order_by": o.order_by,
+            "on_key_failure": o.on_key_failure if o.ordered else None,
+            "adaptive": o.adaptive,
+            "key_from_id": o.key_from_id,
+            "insecure": o.tls.insecure,
+            "ca_bundle": o.tls.ca_bundle,
+            "resume": self.resume,
+            "force": self.force,
+            "out": self.out,
+            "stats": self.stats,
+            "failed": self.failed,
+            "html": self.html,
+        }
+        return {k: v for k, v in settings.items() if v is not None}
+
+
+def public_url(url: str) -> str:
+    """``url`` without user and password: a URL may carry them, a run line must not."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass
@@ -72,37 +152,50 @@ class Outcome:
         return 0 if counts[FAILED] == 0 and counts[INVALID] == 0 else 1
 
 
-@contextlib.asynccontextmanager
-async def target_or_embedded(
-    target: Target | None, credentials: Credentials, engine: str = "rocketmq"
-) -> AsyncIterator[tuple[Target, Credentials]]:
-    """The given target, or (None: --embedded) the built-in server started in this process
-    on a free loopback port with no auth, stopped on leaving."""
-    if target is not None:
-        yield target, credentials
-        return
-    from bulksend.server import ServerOptions, run_server
+async def run_send(job: SendJob, *, stderr: TextIO | None = None) -> Outcome:
+    """Run one send job to the end (or to a drain); write every output; return the outcome.
 
-    async with run_server(ServerOptions(host="127.0.0.1", port=0)) as server:
-        yield Target(server.url, EMBEDDED_PROJECT, EMBEDDED_INSTANCE, engine), Credentials()
+    First SIGINT/SIGTERM: drain (read no more, let in-flight records finish within
+    ``drain_timeout_s``). Second SIGINT: abort at once; whole lines only either way.
+    """
+    outputs = job.outputs()  # checked before the inputs are opened
+    stats = Stats()
+    with Inputs(job.inputs, fmt=job.fmt, default_topic=job.topic) as inputs:
+        end = await run(job.plan(), outputs, inputs, stats, _SendHooks(job, inputs), stderr=stderr)
+    return Outcome(stats, end.interrupted)
+
+
+class _SendHooks(Hooks):
+    def __init__(self, job: SendJob, inputs: Inputs) -> None:
+        self.job = job
+        self.inputs = inputs
+
+    def tickers(self, live: Live) -> list[Ticker]:
+        if self.job.progress == "off":
+            return []
+        return [_Progress(live, self.inputs).run]
+
+    async def epilogue(self, snapshot: dict[str, Any], end: End) -> list[str]:
+        if not end.interrupted or self.job.progress == "off":
+            return []
+        unread = [p if p != STDOUT else "stdin" for p in self.job.inputs if not _rereadable(p)]
+        if unread:
+            return [
+                f"interrupted: the rest of {', '.join(unread)} was not sent; it cannot be read "
+                "again, so this run cannot be resumed (a resume needs its inputs in files)"
+            ]
+        answered = snapshot["total"] - snapshot["skipped"]
+        return [await _unsent(self.job, end.done, answered), _resume_hint(self.job)]
 
 
 class _Progress:
     """A live bar on a terminal, a status line every few seconds elsewhere."""
 
-    def __init__(
-        self,
-        mode: str,
-        interval: float,
-        stats: Stats,
-        sender: Sender,
-        inputs: Inputs,
-        stream: TextIO,
-    ) -> None:
-        tty = stream.isatty()
-        self.mode = ("bar" if tty else "lines") if mode == "auto" else mode
-        self.interval = 0.25 if self.mode == "bar" else interval
-        self.stats, self.sender, self.inputs, self.stream = stats, sender, inputs, stream
+    def __init__(self, live: Live, inputs: Inputs) -> None:
+        stream, mode = live.err, live.outputs.progress
+        self.mode = ("bar" if stream.isatty() else "lines") if mode == "auto" else mode
+        self.interval = 0.25 if self.mode == "bar" else live.outputs.progress_interval_s
+        self.live, self.inputs, self.stream = live, inputs, stream
 
     def fraction(self) -> float | None:
         """Share of the inputs' bytes read. Reading runs at most a bounded buffer (the work
@@ -113,144 +206,79 @@ class _Progress:
         return self.inputs.bytes_read / total_bytes if total_bytes else None
 
     def line(self) -> str:
-        s, c = self.stats, self.sender.counters
+        stats, sender = self.live.stats, self.live.sender
+        assert isinstance(stats, Stats)
+        c = sender.counters
         return progress_line(
-            done=s.total,
-            ok=s.counts[OK],
-            failed=s.counts[FAILED],
-            invalid=s.counts[INVALID],
+            done=stats.total,
+            ok=stats.counts[OK],
+            failed=stats.counts[FAILED],
+            invalid=stats.counts[INVALID],
             retrying=c.retrying,
             in_flight=c.in_flight,
-            elapsed=s.elapsed(),
+            elapsed=stats.elapsed(),
             fraction=self.fraction(),
-            rate_target=self.sender.schedule.rate,
+            rate_target=sender.schedule.rate,
             bar=self.mode == "bar",
         )
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            if self.mode == "bar":
-                self.stream.write("\r\x1b[2K" + self.line())
-            else:
-                self.stream.write(self.line() + "\n")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.mode == "bar":
-            self.stream.write("\r\x1b[2K")
-            self.stream.flush()
-
-
-async def run_send(
-    job: SendJob, *, stderr: TextIO | None = None, on_signal: Callable[[], None] | None = None
-) -> Outcome:
-    """Run one send job to the end (or to a drain); write every output; return the outcome.
-
-    First SIGINT/SIGTERM: drain (read no more, let in-flight records finish within
-    ``drain_timeout_s``). Second SIGINT: abort at once; whole lines only either way.
-    """
-    err = stderr or sys.stderr
-    stats = Stats()
-    outcome = Outcome(stats)
-    with Inputs(job.inputs, fmt=job.fmt, default_topic=job.topic) as inputs:
-        done = None
-        if job.out:
-            if job.resume:
-                check_inputs(job.out, job.inputs, force=job.force)
-                state = read_ledger(job.out)
-                done = state.done if state.done_identities else None
-                if state.torn_bytes and job.progress != "off":
-                    err.write(
-                        f"bulksend: ignored a torn last line ({state.torn_bytes} bytes) in {job.out}\n"
-                    )
-            write_fingerprints(job.out, job.inputs)
-        elif job.resume:
-            raise ConfigError("--resume needs --out: the results ledger of the run to resume")
-        ledger = ResultsWriter(job.out, append=job.resume) if job.out else None
-        failed = FailedWriter(job.failed, append=job.resume) if job.failed else None
-        sender: Sender | None = None
-        report = RunReport() if job.html else None
         try:
-            async with (
-                target_or_embedded(job.target, job.credentials, job.engine) as (target, creds),
-                Sender(target, creds, job.options) as sender,
-            ):
-                await _pump(job, sender, inputs, stats, report, ledger, failed, outcome, err, done)
+            while True:
+                await anyio.sleep(self.interval)
+                if self.mode == "bar":
+                    self.stream.write("\r\x1b[2K" + self.line())
+                else:
+                    self.stream.write(self.line() + "\n")
+                self.stream.flush()
         finally:
-            stats.finish()
-            if sender is not None:
-                stats.rate_changes = sender.rate_changes
-            for sink in (ledger, failed):
-                if sink is not None:
-                    sink.close()
-            if job.stats:
-                write_json(job.stats, stats.snapshot())
-            if report is not None and job.html:
-                settings = {
-                    "inputs": ", ".join(job.inputs),
-                    "concurrency": job.options.concurrency,
-                    "rate": job.options.rate or "unpaced",
-                    "max_retries": job.options.retry.max_retries,
-                }
-                write_html_report(
-                    job.html, report, stats.snapshot(), title="bulksend send", settings=settings
-                )
-            if job.progress != "off":
-                err.write(summary_table(stats.snapshot()) + "\n")
-                err.flush()
-    return outcome
+            if self.mode == "bar":
+                self.stream.write("\r\x1b[2K")
+                self.stream.flush()
 
 
-async def _pump(
-    job: SendJob,
-    sender: Sender,
-    inputs: Inputs,
-    stats: Stats,
-    report: RunReport | None,
-    ledger: ResultsWriter | None,
-    failed: FailedWriter | None,
-    outcome: Outcome,
-    err: TextIO,
-    done: Callable[[Item], bool] | None,
-) -> None:
-    progress = (
-        _Progress(job.progress, job.progress_interval_s, stats, sender, inputs, err)
-        if job.progress != "off"
-        else None
-    )
+def _rereadable(path: str) -> bool:
+    if path == STDOUT:
+        return False
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
-    def on_result(item: Item, result: Result) -> asyncio.Future[None] | None:
-        stats.add(result)
-        if report is not None:
-            report.add(result)
-        if failed is not None and result.status in (FAILED, INVALID):
-            failed.add(item, result)
-        # A skipped record's line is already in the ledger (its earlier ok): it is
-        # counted, not written again, so the ledger holds each ok exactly once.
-        if ledger is None or result.status == SKIPPED:
-            return None
-        written = ledger.add(result)
-        # The worker waits for its line to be written before it sends another request
-        # (all lines of a loop turn go in one write): after a kill -9 the records
-        # missing from the ledger, sent again by --resume, are at most those in flight.
-        return written if result.attempts else None
 
-    stopped_by: BulksendError | None = None
-    with Interrupts(sender, job.drain_timeout_s) as interrupts:
-        async with asyncio.TaskGroup() as tg:
-            ticker = tg.create_task(progress.run()) if progress else None
-            try:
-                await interrupts.guard(sender.run(inputs, on_result, done=done))
-            except BulksendError as exc:
-                # Raised past the task group, not through it: the CLI's boundary expects
-                # the error itself, not an ExceptionGroup around it.
-                stopped_by = exc
-            finally:
-                if ticker is not None:
-                    ticker.cancel()
-                if progress is not None:
-                    progress.close()
-    outcome.interrupted = interrupts.interrupted
-    if stopped_by is not None:
-        raise stopped_by
+async def _unsent(job: SendJob, done: Callable[[Item], bool] | None, answered: int) -> str:
+    """How many records an interrupted run left without a result: the records of the
+    inputs that the ledger did not already hold as ok, less those this run answered."""
+    try:
+        todo, complete = await anyio.to_thread.run_sync(_count_todo, job, done)
+    except BulksendError as exc:
+        return f"interrupted: the records not sent could not be counted ({exc})"
+    left = max(0, todo - answered)
+    if complete:
+        return f"interrupted: {left:,} records not sent"
+    return f"interrupted: at least {left:,} records not sent (counting them took too long)"
+
+
+def _count_todo(job: SendJob, done: Callable[[Item], bool] | None) -> tuple[int, bool]:
+    """Records of the inputs not done before this run; whether all were counted."""
+    deadline = time.monotonic() + COUNT_BUDGET_S
+    todo = 0
+    with Inputs(job.inputs, fmt=job.fmt, default_topic=job.topic) as inputs:
+        for batch in inputs.batches(4096):
+            todo += len(batch) if done is None else sum(1 for i in batch if not done(i))
+            if time.monotonic() > deadline:
+                return todo, False
+    return todo, True
+
+
+def _resume_hint(job: SendJob) -> str:
+    if job.out is None:
+        return "to continue: the run had no --out ledger, so a new run sends every record again"
+    if job.out == STDOUT:
+        return "to continue: save the ledger it wrote to stdout in a file, then --out FILE --resume"
+    if job.command_line is None:
+        return f"to continue: run it again with --out {shlex.quote(job.out)} --resume"
+    args = [a for a in job.command_line if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return f"to continue: {shlex.join(['bulksend', *args])}"

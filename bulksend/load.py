@@ -5,37 +5,33 @@ An open model, as wrk2 and k6's arrival-rate executors have it: every message ha
 intended send time from the schedule (``RampPacer``) whatever the server does. When all
 ``max_in_flight`` workers are busy the sender keeps the schedule and sends late; nothing is
 dropped or re-timed, and latency is measured from the intended time (corrected) beside
-the actual send (service) — see ``bulksend.report.LoadStats``.
+the actual send (service) — see ``bulksend.stats.LoadStats``.
 
-``run_load(job)`` is what ``bulksend load`` calls. Progress, the live series and the
-threshold windows are hooks around the run, never inside a worker (STYLE habit 9).
+``run_load(job)`` is what ``bulksend load`` calls: the one run harness (``bulksend.run``)
+with what a load adds to it — the live series, its threshold windows and progress line (a
+ticker), the threshold verdicts in the stats and after the summary.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+import anyio
 import orjson
 
 from bulksend.config import Credentials, RetryPolicy, SendOptions, Target
-from bulksend.errors import BulksendError
-from bulksend.html import RunReport, write_html_report
-from bulksend.interrupts import Interrupts
-from bulksend.job import target_or_embedded
-from bulksend.record import Item, Record
-from bulksend.report import LoadStats, summary_text
+from bulksend.job import public_url
 from bulksend.result import FAILED, Result
-from bulksend.sender import Sender
-from bulksend.sinks import LineWriter, ResultsWriter, write_json
+from bulksend.run import End, Hooks, Live, Outputs, Plan, Ticker, run
+from bulksend.sinks import LineWriter
 from bulksend.stages import RampPacer, Stages
+from bulksend.stats import LoadStats
 from bulksend.synthetic import MessageSpec, Synthetic
-from bulksend.thresholds import Threshold, Verdict, check, figures_of
+from bulksend.thresholds import Threshold, Verdict, check, figures_of, verdicts_json
 from bulksend.timeseries import Bucket, Row, Timeseries
 
 #: Exit code when a threshold fails (k6's).
@@ -75,28 +71,62 @@ class LoadJob:
     progress: str = "auto"
     progress_interval_s: float = 5.0
     drain_timeout_s: float = 30.0
+    #: Start a non-empty ``out`` ledger again (refused without it).
+    overwrite: bool = False
+
+    def outputs(self) -> Outputs:
+        return Outputs(
+            out=self.out,
+            stats=self.stats,
+            html=self.html,
+            timeseries=self.timeseries,
+            overwrite=self.overwrite,
+            progress=self.progress,
+            progress_interval_s=self.progress_interval_s,
+            drain_timeout_s=self.drain_timeout_s,
+        )
+
+    def plan(self, pacer: RampPacer) -> Plan:
+        return Plan(
+            command="load",
+            target=self.target,
+            credentials=self.credentials,
+            options=self.options,
+            settings=self.settings(),
+            schedule=pacer,
+            resumable=False,
+            backpressure=False,
+        )
 
     def settings(self) -> dict[str, Any]:
-        """The run's settings as the HTML report shows them (no secret in any)."""
-        o = self.options
-        return {
-            "target": self.target.url if self.target is not None else "embedded server",
-            "schedule": ",".join(f"{t:g}s:{r:g}" for t, r in self.stages.points),
-            "messages scheduled": self.stages.total,
-            "max in flight": o.concurrency,
-            "topics": self.message.topics,
-            "body": (
-                f"template ({len(self.message.template)} chars)"
-                if self.message.template is not None
-                else f"{self.message.body_size} bytes"
-            ),
-            "distinct keys": self.message.keys or "none",
-            "timeout per attempt (s)": o.timeout,
-            "max retries": o.retry.max_retries,
+        """The run's settings for its run line and HTML report (no secret in any).
+        ``thresholds`` as given: ``bulksend report`` judges them again from the ledger."""
+        o, t, m = self.options, self.target, self.message
+        settings: dict[str, Any] = {
+            "target": public_url(t.url) if t is not None else "embedded",
+            "project_id": t.project_id if t is not None else None,
+            "instance_id": t.instance_id if t is not None else None,
             "auth": self.credentials.mode,
-            "thresholds": [t.text for t in self.thresholds] or "none",
-            "abort on fail": self.abort_on_fail,
+            "stages": ",".join(f"{at:g}s:{rate:g}" for at, rate in self.stages.points),
+            "scheduled": self.stages.total,
+            "max_in_flight": o.concurrency,
+            "topics": list(m.topics),
+            "body": (
+                f"template ({len(m.template)} chars)"
+                if m.template is not None
+                else f"{m.body_size} bytes"
+            ),
+            "keys": m.keys or None,
+            "timeout": o.timeout,
+            "max_retries": o.retry.max_retries,
+            "thresholds": [th.text for th in self.thresholds],
+            "abort_on_fail": self.abort_on_fail,
+            "out": self.out,
+            "stats": self.stats,
+            "html": self.html,
+            "timeseries": self.timeseries,
         }
+        return {k: v for k, v in settings.items() if v is not None}
 
 
 @dataclass
@@ -231,133 +261,99 @@ async def run_load(job: LoadJob, *, stderr: TextIO | None = None) -> LoadOutcome
     pause of the stages). Second SIGINT: abort at once. Whole lines only either way.
     ``--abort-on-fail`` stops the same way as a first signal.
     """
-    err = stderr or sys.stderr
+    outputs = job.outputs()
     pacer = RampPacer(job.stages)
     stats = LoadStats()
     outcome = LoadOutcome(stats)
-    report = RunReport() if job.html else None
-    ledger = ResultsWriter(job.out) if job.out else None
-    series_file = LineWriter(job.timeseries) if job.timeseries else None
-    need_live = series_file is not None or job.abort_on_fail or job.progress != "off"
-    live = _Live(job, pacer, series_file) if need_live else None
     records = Synthetic(job.message).records(lambda: pacer.total)
-    stopped_by: BulksendError | None = None
-    try:
-        async with (
-            target_or_embedded(job.target, job.credentials) as (target, creds),
-            Sender(target, creds, job.options, schedule=pacer) as sender,
-        ):
-            stopped_by = await _pump(
-                job, sender, records, stats, live, report, ledger, outcome, err
-            )
-    finally:
-        stats.finish()
-        if live is not None:
-            live.flush()
-        for sink in (ledger, series_file):
-            if sink is not None:
-                sink.close()
-        snapshot = stats.snapshot()
-        outcome.verdicts = check(job.thresholds, figures_of(snapshot))
-        if job.stats:
-            write_json(job.stats, snapshot)
-        if report is not None and job.html:
-            write_html_report(
-                job.html, report, snapshot, title="bulksend load", settings=job.settings()
-            )
-        if job.progress != "off":
-            err.write(summary_text(snapshot, title="bulksend load") + "\n")
-        if outcome.aborted_at is not None:
-            err.write(
-                f"stopped early: a threshold failed in the second starting "
-                f"{time.strftime('%H:%M:%S', time.gmtime(outcome.aborted_at))} UTC: "
-                + "; ".join(v.line() for v in outcome.aborted_by)
-                + "\n"
-            )
-        for verdict in outcome.verdicts:
-            err.write(f"threshold {verdict.line()}\n")
-        err.flush()
-    if stopped_by is not None:
-        raise stopped_by
+    hooks = _LoadHooks(job, pacer, outcome)
+    end = await run(job.plan(pacer), outputs, records, stats, hooks, stderr=stderr)
+    outcome.interrupted = end.interrupted
     return outcome
 
 
-async def _pump(
-    job: LoadJob,
-    sender: Sender,
-    records: Iterator[Record],
-    stats: LoadStats,
-    live: _Live | None,
-    report: RunReport | None,
-    ledger: ResultsWriter | None,
-    outcome: LoadOutcome,
-    err: TextIO,
-) -> BulksendError | None:
-    """Consume every Result; the BulksendError that ended the run early (returned, not
-    raised, so that the task group does not wrap it for the CLI's boundary)."""
-    stopped_by: BulksendError | None = None
+class _LoadHooks(Hooks):
+    def __init__(self, job: LoadJob, pacer: RampPacer, outcome: LoadOutcome) -> None:
+        self.job, self.pacer, self.outcome = job, pacer, outcome
+        need_live = bool(job.timeseries) or job.abort_on_fail or job.progress != "off"
+        self.live: _Live | None = _Live(job, pacer, None) if need_live else None
 
-    def on_result(_: Item, result: Result) -> None:
-        stats.add(result)
-        if live is not None:
-            live.add(result)
-        if report is not None:
-            report.add(result)
-        if ledger is not None:
-            # Not awaited, unlike send's: a load's ledger is no --resume memory, and a
-            # worker waiting for its line would send its next message late.
-            ledger.add(result)
+    def observers(self) -> list[Callable[[Result], None]]:
+        return [self.live.add] if self.live is not None else []
 
-    with Interrupts(sender, job.drain_timeout_s) as interrupts:
-        async with asyncio.TaskGroup() as tg:
-            ticker = (
-                tg.create_task(_tick(job, sender, stats, live, outcome, err, interrupts.drain))
-                if live is not None
-                else None
+    def tickers(self, live: Live) -> list[Ticker]:
+        if self.live is None:
+            return []
+        # The run opened the --timeseries file before the first send; the series writes it.
+        self.live.writer = live.timeseries
+        series = self.live
+        return [lambda: _tick(self.job, live, series, self.outcome)]
+
+    def finish(self, snapshot: dict[str, Any], end: End) -> None:
+        if self.live is not None:
+            self.live.flush()
+        outcome = self.outcome
+        outcome.verdicts = check(self.job.thresholds, figures_of(snapshot))
+        if not self.job.thresholds:
+            return
+        kept = verdicts_json(outcome.verdicts)
+        # A threshold that stopped the run (--abort-on-fail, exit 99) failed, whatever the
+        # whole run's figure: kept so, with the second and the value that failed it.
+        for verdict in outcome.aborted_by:
+            kept[verdict.threshold.text].update(
+                ok=False, failed_at=outcome.aborted_at, failed_value=verdict.actual
             )
-            try:
-                await interrupts.guard(sender.run(records, on_result))
-            except BulksendError as exc:
-                stopped_by = exc
-            finally:
-                if ticker is not None:
-                    ticker.cancel()
-    outcome.interrupted = interrupts.interrupted
-    return stopped_by
+        snapshot["thresholds"] = kept
+
+    async def epilogue(self, snapshot: dict[str, Any], end: End) -> list[str]:
+        lines = []
+        outcome = self.outcome
+        cut_short = end.stopped_early or end.cut_off
+        scheduled = self.pacer.total
+        if end.interrupted and self.job.progress != "off":
+            left = max(0, scheduled - snapshot["total"])
+            lines.append(f"interrupted: {left:,} of {scheduled:,} scheduled messages not sent")
+        if outcome.aborted_at is not None:
+            lines.append(
+                f"stopped early: a threshold failed in the second starting "
+                f"{time.strftime('%H:%M:%S', time.gmtime(outcome.aborted_at))} UTC: "
+                + "; ".join(v.line() for v in outcome.aborted_by)
+            )
+        # A load cut short is judged on the part that ran: the verdicts say so.
+        note = (
+            f"  (run cut short: judged on {snapshot['total']:,} of {scheduled:,} messages)"
+            if cut_short
+            else ""
+        )
+        lines += [f"threshold {verdict.line()}{note}" for verdict in outcome.verdicts]
+        return lines
 
 
-async def _tick(
-    job: LoadJob,
-    sender: Sender,
-    stats: LoadStats,
-    live: _Live,
-    outcome: LoadOutcome,
-    err: TextIO,
-    drain: Callable[[], None],
-) -> None:
+async def _tick(job: LoadJob, run_: Live, live: _Live, outcome: LoadOutcome) -> None:
     """Every TICK_S: emit final seconds, judge them (--abort-on-fail), show progress."""
-    loop = asyncio.get_running_loop()
+    sender, err = run_.sender, run_.err
+    stats = run_.stats
+    assert isinstance(stats, LoadStats)
     tty = job.progress != "off" and err.isatty()
     every = 1.0 if tty else job.progress_interval_s
-    start = loop.time()
+    start = time.monotonic()
     shown_at = start
     last_dispatched, last_at = 0, start
     sent_rate = 0.0
     try:
         while True:
-            await asyncio.sleep(TICK_S)
-            now = loop.time()
+            await anyio.sleep(TICK_S)
+            now = time.monotonic()
             live.tick(time.time_ns() // 1_000_000)
             if live.failing is not None and outcome.aborted_at is None:
                 outcome.aborted_at, outcome.aborted_by = live.failing
-                drain()
+                run_.drain()
             if now - last_at >= 1.0:
                 dispatched = sender.counters.dispatched
                 sent_rate = (dispatched - last_dispatched) / (now - last_at)
                 last_dispatched, last_at = dispatched, now
             if job.progress != "off" and now - shown_at >= every:
                 shown_at = now
-                c = sender.counters
                 line = _progress_line(
                     now - start,
                     live.pacer.duration,
@@ -365,7 +361,7 @@ async def _tick(
                     sent_rate,
                     live.recent(int(time.time())),
                     stats.base.counts[FAILED],
-                    c.in_flight,
+                    sender.counters.in_flight,
                     stats.late,
                 )
                 err.write(("\r\x1b[2K" + line) if tty else line + "\n")

@@ -1,6 +1,14 @@
 """Stats observe: ``Stats.add(result)`` for each Result, ``snapshot()`` for the figures.
 Nothing here sends, sleeps or prints (reporters format; see ``summary.py``).
 
+* ``Stats``: a ``send`` run's figures (the ``--stats`` document).
+* ``LoadStats``: ``Stats`` plus the open-model split, as wrk2 reports it: ``latency_ms`` is
+  the corrected latency, from each message's intended send time (``latency_ms + queue_ms``
+  of the Result), and ``service_latency_ms`` the uncorrected one, from the actual send.
+  Under a stall the first shows what a user waiting on a schedule saw; the second hides it
+  (coordinated omission: the sends that would have measured the stall never went out
+  during it).
+
 Latency percentiles come from an HdrHistogram (3 significant digits, microsecond units,
 1 µs to 1 hour), so memory stays constant however long the run and ``bulksend report`` can
 rebuild exactly the same figures from a ledger.
@@ -10,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
@@ -162,3 +171,85 @@ class Stats:
             "errors": dict(self.errors.most_common()),
             "rate_changes": self.rate_changes,
         }
+
+
+#: A send whose first attempt started more than this after its intended time is ``late``:
+#: it waited for a free worker (the pool was full) or for a client too busy to keep up.
+#: Below it is the event loop's ordinary wake-up jitter on a busy two-core machine.
+LATE_MS = 10.0
+
+
+class LoadStats:
+    """``Stats`` of a paced run with corrected and service latency; see the module docstring.
+
+    ``late`` counts records that went out more than ``LATE_MS`` after their intended time;
+    ``intended_rate_msg_s`` and ``send_rate_msg_s`` are the schedule's and the actual sends'
+    average rates (between the first and the last of each).
+    """
+
+    def __init__(self) -> None:
+        self.base = Stats()
+        self.corrected = Latencies()
+        self.late = 0
+        self.intended = _Span()
+        self.sent = _Span()
+
+    def add(self, result: Result) -> None:
+        self.base.add(result)
+        if result.intended_at is not None:
+            self.intended.add(result.intended_at)
+        if result.started_at is not None:
+            self.sent.add(result.started_at)
+        queue = result.queue_ms or 0.0
+        if queue > LATE_MS:
+            self.late += 1
+        if result.status == OK and result.latency_ms is not None:
+            self.corrected.add_ms(result.latency_ms + queue)
+
+    @property
+    def total(self) -> int:
+        return self.base.total
+
+    @property
+    def rate_changes(self) -> int:
+        return self.base.rate_changes
+
+    @rate_changes.setter
+    def rate_changes(self, n: int) -> None:
+        self.base.rate_changes = n
+
+    def finish(self) -> None:
+        self.base.finish()
+
+    def snapshot(self) -> dict[str, Any]:
+        """``Stats.snapshot()``'s keys, ``latency_ms`` corrected, plus the load's own."""
+        snap = self.base.snapshot()
+        snap["service_latency_ms"] = snap["latency_ms"]
+        snap["latency_ms"] = self.corrected.summary()
+        snap["late"] = self.late
+        snap["late_after_ms"] = LATE_MS
+        snap["intended_rate_msg_s"] = self.intended.rate()
+        snap["send_rate_msg_s"] = self.sent.rate()
+        return snap
+
+
+@dataclass(slots=True)
+class _Span:
+    """Count, first and last of a series of epoch-ms times."""
+
+    count: int = 0
+    first: int | None = None
+    last: int | None = None
+
+    def add(self, at: int) -> None:
+        self.count += 1
+        if self.first is None or at < self.first:
+            self.first = at
+        if self.last is None or at > self.last:
+            self.last = at
+
+    def rate(self) -> float:
+        """Events per second between the first and the last (n events, n - 1 gaps)."""
+        if self.first is None or self.last is None or self.last <= self.first:
+            return 0.0
+        return round((self.count - 1) / ((self.last - self.first) / 1000.0), 1)

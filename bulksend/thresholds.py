@@ -10,7 +10,8 @@ A threshold is ``METRIC OP VALUE``:
 
 and ``OP`` one of ``<``, ``<=``, ``>``, ``>=``, ``==``. Figures are plain dicts with those
 keys (``figures_of``): the end-of-run stats or one second's window (``--abort-on-fail``).
-Pure: parsing and comparing only.
+A latency figure is absent when no answer was ok: a threshold on it then fails (nothing
+measured it), with no value. Pure: parsing and comparing only.
 """
 
 from __future__ import annotations
@@ -77,28 +78,48 @@ class Threshold:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """One threshold checked against one set of figures."""
+    """One threshold checked against one set of figures. ``actual`` None: the figures had
+    no such value (no ok answer to measure a latency), and the threshold failed."""
 
     threshold: Threshold
-    actual: float
+    actual: float | None
     passed: bool
 
     def line(self) -> str:
-        unit = " ms" if self.threshold.metric in LATENCY_METRICS else ""
         word = "pass" if self.passed else "FAIL"
-        return f"{word}  {self.threshold.text}  (actual {self.threshold.metric} = {self.actual:g}{unit})"
+        metric = self.threshold.metric
+        if self.actual is None:
+            return f"{word}  {self.threshold.text}  (no ok answer to measure {metric})"
+        unit = " ms" if metric in LATENCY_METRICS else ""
+        return f"{word}  {self.threshold.text}  (actual {metric} = {self.actual:g}{unit})"
+
+    def to_json(self) -> dict[str, Any]:
+        """The verdict as ``--stats`` keeps it under ``thresholds``."""
+        return {"ok": self.passed, "value": self.actual}
 
 
 def check(thresholds: tuple[Threshold, ...], figures: Mapping[str, float]) -> list[Verdict]:
     """Every threshold against ``figures``, in the given order."""
-    return [Verdict(t, figures[t.metric], t.passes(figures)) for t in thresholds]
+    return [
+        Verdict(t, figures[t.metric], t.passes(figures))
+        if t.metric in figures
+        else Verdict(t, None, False)
+        for t in thresholds
+    ]
+
+
+def verdicts_json(verdicts: list[Verdict]) -> dict[str, dict[str, Any]]:
+    """``{"<expr as given>": {"ok": bool, "value": number | null}}``, in the given order."""
+    return {v.threshold.text: v.to_json() for v in verdicts}
 
 
 def figures_of(snapshot: Mapping[str, Any]) -> dict[str, float]:
-    """The threshold metrics of a stats snapshot (``LoadStats.snapshot()``'s keys)."""
+    """The threshold metrics of a stats snapshot (``LoadStats.snapshot()``'s keys); no
+    latency metric when no answer was ok."""
     done = snapshot["ok"] + snapshot["failed"]
+    latency = snapshot["latency_ms"] if snapshot["ok"] else {}
     return {
-        **{k: float(v) for k, v in snapshot["latency_ms"].items() if k in LATENCY_METRICS},
+        **{k: float(v) for k, v in latency.items() if k in LATENCY_METRICS},
         "error_rate": snapshot["failed"] / done if done else 0.0,
         "rate": float(snapshot["throughput_msg_s"]),
     }

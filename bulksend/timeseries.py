@@ -157,12 +157,12 @@ class Row:
         }
 
     def figures(self) -> dict[str, float]:
-        """This bucket as threshold figures (``bulksend.thresholds``): corrected latency,
-        error_rate, and rate = answers per second."""
+        """This bucket as threshold figures (``bulksend.thresholds``): corrected latency
+        (none without an ok answer), error_rate, and rate = answers per second."""
         b = self.bucket
         done = b.ok + b.failed
         return {
-            **b.latency.summary(),
+            **(b.latency.summary() if b.ok else {}),
             "error_rate": b.failed / done if done else 0.0,
             "rate": done / self.width,
         }

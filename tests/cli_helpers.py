@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,7 +61,45 @@ def write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> Path:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    """The JSON lines of a file; of a ledger, its results (each run's first line, its
+    settings with ``"status": "run"``, is left out)."""
+    lines = (orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip())
+    return [obj for obj in lines if obj.get("status") != "run"]
+
+
+def wait_for_lines(path: Path, n: int, deadline_s: float = 60) -> None:
+    """Wait (bounded) until the file holds at least n lines, so a signal lands mid-run."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if path.exists() and path.read_bytes().count(b"\n") >= n:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{path} never reached {n} lines")
+
+
+def accepted(url: str) -> int:
+    """Messages ``bulksend serve`` at ``url`` has accepted (its /metrics)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("bulksend_serve_messages_accepted_total "):
+                return int(float(line.split()[1]))
+    raise AssertionError("no accepted-messages metric")
+
+
+def interrupt(cmd: Sequence[str], out: Path, lines: int, *, stdin: Any = None) -> tuple[int, str]:
+    """Run ``cmd``, SIGINT it once ``out`` holds ``lines`` lines; its exit code and stderr."""
+    proc = subprocess.Popen(
+        cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for_lines(out, lines)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err
 
 
 def no_traceback(proc: subprocess.CompletedProcess[str]) -> bool:

@@ -10,13 +10,14 @@ import uuid
 import pytest
 
 from bulksend.errors import ConfigError
-from bulksend.load import LoadJob, LoadOutcome, _Live
+from bulksend.load import LoadJob, LoadOutcome, _Live, _LoadHooks
 from bulksend.record import KEYS
-from bulksend.report import LATE_MS, LoadStats
 from bulksend.result import FAILED, OK, Result
+from bulksend.run import End
 from bulksend.stages import RampPacer, Stages
+from bulksend.stats import LATE_MS, LoadStats
 from bulksend.synthetic import SOURCE, MessageSpec, Synthetic, filler
-from bulksend.thresholds import Threshold
+from bulksend.thresholds import Threshold, check
 from bulksend.timeseries import LatencyBins, Timeseries
 
 T0 = 1_700_000_000_000  # an epoch ms on a whole second
@@ -260,3 +261,33 @@ def test_abort_judges_whole_seconds_only() -> None:
     second, verdicts = live.failing
     assert second == T0 // 1000 + 3  # the first whole second holding the slow answers
     assert verdicts[0].threshold.text == "p99<100ms" and not verdicts[0].passed
+
+
+def test_a_threshold_that_stopped_the_run_is_kept_as_failed() -> None:
+    # --abort-on-fail stopped the run on a second's p99 (exit 99); the whole run's p99 would
+    # pass. The archived stats must not read as a pass.
+    job = LoadJob(
+        target=None,
+        stages=Stages.constant(10, 5),
+        thresholds=(Threshold.parse("p99<100ms"), Threshold.parse("error_rate<0.1")),
+        abort_on_fail=True,
+    )
+    outcome = LoadOutcome(LoadStats())
+    hooks = _LoadHooks(job, RampPacer(job.stages), outcome)
+    outcome.aborted_at = T0 // 1000 + 3
+    outcome.aborted_by = [
+        v for v in check(job.thresholds, {"p99": 400.0, "error_rate": 0}) if not v.passed
+    ]
+    latency = {"p50": 1.0, "p90": 2.0, "p99": 5.0, "p99_9": 6.0, "max": 7.0, "mean": 1.5}
+    snapshot = {"ok": 50, "failed": 0, "throughput_msg_s": 10.0, "latency_ms": latency}
+    hooks.finish(snapshot, End(outcome.stats))
+    assert snapshot["thresholds"] == {
+        "p99<100ms": {
+            "ok": False,
+            "value": 5.0,
+            "failed_at": T0 // 1000 + 3,
+            "failed_value": 400.0,
+        },
+        "error_rate<0.1": {"ok": True, "value": 0.0},
+    }
+    assert outcome.exit_code == 99

@@ -20,7 +20,15 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.cli_helpers import bulksend, no_traceback, read_jsonl, target, write_jsonl
+from tests.cli_helpers import (
+    accepted,
+    bulksend,
+    no_traceback,
+    read_jsonl,
+    target,
+    wait_for_lines,
+    write_jsonl,
+)
 from tests.serve_helpers import ALL_TIME, messages_path, start_server_subprocess
 
 FAST = ["--backoff-base", "0.01", "--backoff-max", "0.2", "--max-retries", "10", "--quiet"]
@@ -36,14 +44,6 @@ def msgs(n: int, keys: int | None = None) -> list[dict[str, Any]]:
         }
         for i in range(n)
     ]
-
-
-def accepted(url: str) -> int:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("bulksend_serve_messages_accepted_total "):
-                return int(float(line.split()[1]))
-    raise AssertionError("no accepted-messages metric")
 
 
 def listed(url: str, **query: str) -> list[dict[str, Any]]:
@@ -77,21 +77,13 @@ def _no_sender_left_behind() -> Iterator[None]:
         proc.communicate(timeout=30)
 
 
-def wait_for_lines(path: Path, n: int, deadline_s: float) -> None:
-    """Wait (bounded) until the ledger holds at least n lines, so a kill lands mid-run."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if path.exists() and path.read_bytes().count(b"\n") >= n:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"{path} never reached {n} lines")
-
-
 def ledger_lines(path: Path) -> tuple[list[dict[str, Any]], bytes]:
-    """Whole lines, and the torn tail (bytes after the last newline)."""
+    """Whole result lines (run lines left out), and the torn tail (bytes after the last
+    newline)."""
     data = path.read_bytes()
     body, _, tail = data.rpartition(b"\n")
-    return [orjson.loads(line) for line in body.split(b"\n") if line], tail
+    lines = (orjson.loads(line) for line in body.split(b"\n") if line)
+    return [obj for obj in lines if obj.get("status") != "run"], tail
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -205,7 +197,11 @@ def test_second_sigint_aborts_at_once_with_whole_lines(tmp_path: Path) -> None:
         proc = spawn_send(
             str(data), *target(url), "--out", str(out), "--concurrency", "8", "--quiet"
         )
-        time.sleep(1.0)  # all 8 requests now wait on the 3 s answers
+        # All 8 requests wait on the 3 s answers (a fixed sleep raced a slow start-up on a
+        # loaded machine: a signal before the handlers are in is Python's KeyboardInterrupt).
+        deadline = time.monotonic() + 20
+        while accepted(url) < 8 and time.monotonic() < deadline:
+            time.sleep(0.02)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.2)
         proc.send_signal(signal.SIGINT)

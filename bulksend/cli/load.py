@@ -89,7 +89,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     g = p.add_argument_group("outputs")
     g.add_argument(
-        "--out", metavar="FILE", help="results: one JSON line per message (intended_at included)"
+        "--out",
+        metavar="FILE",
+        help="results: one JSON line per message (intended_at included; - for stdout)",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="replace a non-empty --out ledger (without it, one is refused)",
     )
     g.add_argument("--stats", metavar="FILE", help="run statistics as JSON")
     g.add_argument("--html", metavar="FILE", help="a self-contained HTML report with charts")
@@ -188,6 +196,7 @@ def build_job(args: argparse.Namespace) -> LoadJob:
         progress="off" if r.get("quiet", to_bool, False) else "auto",
         progress_interval_s=r.get("progress_interval", float, 5.0),
         drain_timeout_s=r.get("drain_timeout", float, 30.0),
+        overwrite=r.get("overwrite", to_bool, False),
     )
 
 

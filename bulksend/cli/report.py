@@ -1,16 +1,17 @@
-"""``bulksend report RESULTS... [--html FILE] [--json]``: ledgers -> rebuilt stats -> the
-summary table (or the stats JSON, byte for byte what the run's ``--stats`` wrote) on stdout."""
+"""``bulksend report RESULTS... [--html FILE] [--json]``: ledgers (``-`` is stdin) -> rebuilt
+stats -> the summary table (or the stats JSON, byte for byte what the run's ``--stats``
+wrote) on stdout."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-import orjson
-
 from bulksend.cli import EXIT_OK
-from bulksend.html import RunReport, write_html_report
-from bulksend.report import rebuild, summary_text
+from bulksend.html import RunReport, render_html
+from bulksend.report import rebuild
+from bulksend.sinks import DocumentWriter, json_document
+from bulksend.summary import summary_text
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -20,7 +21,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Read one or more results ledgers (--out of send or load), streaming, and print "
         "the summary table, or with --json the stats JSON the run's --stats wrote.",
     )
-    p.add_argument("results", nargs="+", metavar="RESULTS", help="results ledgers (JSON lines)")
+    p.add_argument(
+        "results", nargs="+", metavar="RESULTS", help="results ledgers (JSON lines); - is stdin"
+    )
     p.add_argument(
         "--html", metavar="FILE", help="also write a self-contained HTML report with charts"
     )
@@ -29,25 +32,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = RunReport() if args.html else None
+    # Checked before a long ledger is read, as a run checks its outputs before sending.
+    page = DocumentWriter(args.html) if args.html else None
+    report = RunReport() if page is not None else None
     rebuilt = rebuild(args.results, observers=[report.add] if report is not None else [])
     snapshot = rebuilt.snapshot
     for where in rebuilt.read.torn:
         print(f"bulksend: ignored a torn last line at {where}", file=sys.stderr)
-    if report is not None:
+    if page is not None and report is not None:
         title = "bulksend load" if rebuilt.load else "bulksend send"
         settings = {
             "ledgers": args.results,
             "kind": "load" if rebuilt.load else "send",
             "lines read": rebuilt.read.lines,
         }
-        write_html_report(args.html, report, snapshot, title=title, settings=settings)
-    if args.json:
-        # As sinks.write_json writes --stats, so the two files compare equal byte for byte.
-        sys.stdout.buffer.write(
-            orjson.dumps(snapshot, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
+        page.write(
+            render_html(
+                report, snapshot, title=title, settings=settings, runs=rebuilt.read.runs
+            ).encode()
         )
-        sys.stdout.buffer.write(b"\n")
+    if args.json:
+        # As the run wrote --stats, so the two compare equal byte for byte.
+        sys.stdout.buffer.write(json_document(snapshot))
     else:
         title = "bulksend report (load)" if rebuilt.load else "bulksend report"
         sys.stdout.write(summary_text(snapshot, title=title) + "\n")

@@ -37,7 +37,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_target_options(p)
     add_pipeline_options(p)
     g = p.add_argument_group("outputs")
-    g.add_argument("--out", metavar="FILE", help="results: one JSON line per input record")
+    g.add_argument(
+        "--out", metavar="FILE", help="results: one JSON line per input record (- for stdout)"
+    )
     g.add_argument("--stats", metavar="FILE", help="run statistics as JSON")
     g.add_argument("--html", metavar="FILE", help="a self-contained HTML report of the run")
     g.add_argument(
@@ -76,6 +78,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="with --resume: go on even though an input changed since the ledger began",
     )
     g.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="start a non-empty --out ledger again (without it, or --resume, it is refused)",
+    )
+    g.add_argument(
         "--ordered",
         action="store_true",
         default=None,
@@ -95,10 +103,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="on 429, lower the rate multiplicatively and recover additively (AIMD)",
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=lambda args: run(args, p))
 
 
-def build_job(args: argparse.Namespace) -> SendJob:
+def build_job(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> SendJob:
     r = Resolver.build(args, os.environ)
     embedded = r.get("embedded", to_bool, False)
     return SendJob(
@@ -125,9 +133,40 @@ def build_job(args: argparse.Namespace) -> SendJob:
         drain_timeout_s=r.get("drain_timeout", float, 30.0),
         resume=r.get("resume", to_bool, False),
         force=r.get("force", to_bool, False),
+        overwrite=r.get("overwrite", to_bool, False),
+        command_line=command_line(parser, args) if parser is not None else None,
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    job = build_job(args)
+def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
+    """The arguments that give ``parser`` back ``args``: the flags the user typed, in the
+    parser's order (the environment and a --config file are read again by the rerun)."""
+    words = [parser.prog.split()[-1]]
+    for action in parser._actions:  # argparse keeps no public list of a parser's actions
+        value = getattr(args, action.dest, None)
+        if value is None or isinstance(action, argparse._HelpAction):
+            continue
+        if not action.option_strings:
+            words += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+            continue
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:
+            if value is True:
+                words.append(flag)
+        elif isinstance(value, list):
+            for v in value:
+                words += [flag, _word(v)]
+        else:
+            words += [flag, _word(value)]
+    return tuple(words)
+
+
+def _word(value: object) -> str:
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    job = build_job(args, parser)
     return run_async(run_send(job)).exit_code

@@ -1,0 +1,550 @@
+"""One run of records through a Sender, whatever kind: ``send``, ``load`` and a shard of
+either are all ``run(plan, outputs, items, stats, hooks)``, in this fixed order:
+
+1. open every output before the first send (``Sinks``): lock the ledger, refuse to
+   overwrite one, open the line files, check that ``--stats``/``--html`` can be written;
+   with ``--resume``, read the ledger back; write the run line;
+2. the target (or the built-in server), a Sender, and one task group: the Sender's run,
+   the signal listener, the hooks' tickers (progress, live series);
+3. close the line files, then the stats document, the HTML report and the summary on
+   stderr — also after an interrupt or an error, so an interrupted run still says what it
+   did.
+
+What differs between kinds comes in as values: ``Plan`` (what to send and how), ``Outputs``
+(where it goes) and ``Hooks`` (observers, tickers, what to add to the stats and the
+summary). A BulksendError that stops the run is raised once everything is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TextIO
+
+import anyio
+import anyio.to_thread
+import orjson
+
+from bulksend.config import Credentials, SendOptions, Target
+from bulksend.errors import BulksendError, ConfigError, LedgerError, SinkError
+from bulksend.html import RunReport, render_html
+from bulksend.interrupts import Interrupts
+from bulksend.ledger import check_inputs, read_ledger, write_fingerprints
+from bulksend.pacer import Pacer
+from bulksend.record import Item
+from bulksend.result import FAILED, INVALID, SKIPPED, Result
+from bulksend.sender import BatchSource, Items, Sender
+from bulksend.sinks import (
+    STDOUT,
+    DocumentWriter,
+    FailedWriter,
+    LedgerLock,
+    LineWriter,
+    Place,
+    ResultsWriter,
+    json_document,
+    locate,
+)
+from bulksend.summary import summary_text
+
+PROGRESS_MODES = ("auto", "bar", "lines", "off")
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a run's results go, and how it shows itself. Every path may be ``-``
+    (stdout, for one of them at most)."""
+
+    #: The results ledger: one JSON line per record, the run line first.
+    out: str | None = None
+    #: The stats JSON document, written at the end.
+    stats: str | None = None
+    #: Failed and invalid records in replayable input form (send).
+    failed: str | None = None
+    #: A self-contained HTML report, written at the end.
+    html: str | None = None
+    #: One JSON line per second as the run goes (load).
+    timeseries: str | None = None
+    #: Skip what the ``out`` ledger holds as ok; append to it (and to ``failed``).
+    resume: bool = False
+    #: Start a non-empty ``out`` ledger again (without it such a ledger is refused).
+    overwrite: bool = False
+    #: "auto" (a bar on a terminal, a line every ``progress_interval_s`` elsewhere), "bar",
+    #: "lines", "off" (no progress and no summary).
+    progress: str = "auto"
+    progress_interval_s: float = 5.0
+    #: After a first SIGINT/SIGTERM, seconds the requests in flight get to finish.
+    drain_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.progress not in PROGRESS_MODES:
+            raise ConfigError(f"progress must be one of {', '.join(PROGRESS_MODES)}")
+        if not (math.isfinite(self.progress_interval_s) and self.progress_interval_s > 0):
+            raise ConfigError("--progress-interval must be a number of seconds above 0")
+        if not (math.isfinite(self.drain_timeout_s) and self.drain_timeout_s >= 0):
+            raise ConfigError("--drain-timeout must be a number of seconds, 0 or more")
+        if self.resume and not self.out:
+            raise ConfigError("--resume needs --out: the results ledger of the run to resume")
+        if self.resume and self.out == STDOUT:
+            raise ConfigError("--resume needs --out FILE: a ledger on stdout cannot be read back")
+        if self.resume and self.overwrite:
+            raise ConfigError("give --resume (continue the ledger) or --overwrite, not both")
+        to_stdout = [flag for flag, path in self.paths() if path == STDOUT]
+        if len(to_stdout) > 1:
+            raise ConfigError(f"only one output can go to stdout (-): {' and '.join(to_stdout)}")
+
+    def paths(self) -> list[tuple[str, str]]:
+        """(flag, path) of every output given."""
+        given = (
+            ("--out", self.out),
+            ("--failed", self.failed),
+            ("--timeseries", self.timeseries),
+            ("--stats", self.stats),
+            ("--html", self.html),
+        )
+        return [(flag, path) for flag, path in given if path]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run sends and how: everything but the records, their stats and the outputs."""
+
+    #: The kind of run, as its run line says: "send" or "load".
+    command: str
+    #: None: the built-in server, started for the run (--embedded).
+    target: Target | None
+    credentials: Credentials = field(default_factory=Credentials)
+    options: SendOptions = field(default_factory=SendOptions)
+    #: The run's settings for its run line and its HTML report: JSON values, no secret.
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    #: The engine of the --embedded target (a given ``target`` has its own).
+    engine: str = "rocketmq"
+    schedule: Pacer | None = None
+    #: Input files: never an output; their fingerprints are kept beside the ledger.
+    inputs: tuple[str, ...] = ()
+    #: --resume over inputs that changed since the ledger began.
+    force: bool = False
+    #: Whether ``--resume`` can continue this kind of run (a refusal to overwrite says so).
+    resumable: bool = True
+    #: A worker waits for its ledger line to be written before its next request (send):
+    #: after a kill -9 the records the ledger misses are at most those in flight. A load's
+    #: ledger is no --resume memory, and a worker waiting on it would send late.
+    backpressure: bool = True
+
+    @property
+    def title(self) -> str:
+        return f"bulksend {self.command}"
+
+
+class RunStats(Protocol):
+    """What the harness needs of a run's stats (``Stats``, ``LoadStats``)."""
+
+    rate_changes: int
+
+    @property
+    def total(self) -> int: ...
+
+    def add(self, result: Result) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class Live:
+    """What a ticker sees of a running run."""
+
+    plan: Plan
+    outputs: Outputs
+    sender: Sender
+    stats: RunStats
+    err: TextIO
+    interrupts: Interrupts
+    #: The --timeseries file, opened before the first send, for the hook that writes it.
+    timeseries: LineWriter | None = None
+
+    def drain(self) -> None:
+        """Stop the run as a first SIGINT does (e.g. a threshold failed)."""
+        self.interrupts.drain()
+
+
+@dataclass
+class End:
+    """How a run ended."""
+
+    stats: RunStats
+    #: A signal stopped it (exit 130).
+    interrupted: bool = False
+    #: It stopped before its end: a signal, a hook's drain, or an error that drained it.
+    stopped_early: bool = False
+    #: Requests in flight were abandoned without a result (drain timeout, second signal).
+    cut_off: bool = False
+    #: What stopped the run, raised by ``run`` once everything is written.
+    error: BulksendError | None = None
+    #: --resume: which records the ledger already held as ok (None: none).
+    done: Callable[[Item], bool] | None = None
+
+
+Ticker = Callable[[], Coroutine[Any, Any, None]]
+
+
+class Hooks:
+    """What one kind of run adds to the harness; every method has a do-nothing default."""
+
+    def observers(self) -> list[Callable[[Result], None]]:
+        """Called with every Result, on the event loop: they must not block."""
+        return []
+
+    def tickers(self, live: Live) -> list[Ticker]:
+        """Coroutines run beside the Sender until it ends (progress, live series)."""
+        return []
+
+    def finish(self, snapshot: dict[str, Any], end: End) -> None:
+        """The sends are over: add to the stats document before it is written; the line
+        files are still open."""
+
+    async def epilogue(self, snapshot: dict[str, Any], end: End) -> list[str]:
+        """Lines for stderr after the summary (printed even with progress off)."""
+        return []
+
+
+async def run(
+    plan: Plan,
+    outputs: Outputs,
+    items: Items | BatchSource,
+    stats: RunStats,
+    hooks: Hooks | None = None,
+    *,
+    stderr: TextIO | None = None,
+) -> End:
+    """Run ``items`` through a Sender to the end (or to a drain); write every output;
+    how it ended. Raises the BulksendError that stopped it, once everything is written."""
+    err = stderr or sys.stderr
+    hooks = hooks or Hooks()
+    end = End(stats)
+    sinks = Sinks(outputs, plan)
+    report = RunReport() if outputs.html else None
+    try:
+        end.done = await sinks.begin(plan, outputs, err)
+        observers = [*hooks.observers(), *([report.add] if report is not None else [])]
+        async with (
+            _target(plan) as (target, creds),
+            Sender(target, creds, plan.options, schedule=plan.schedule) as sender,
+        ):
+            await _pump(plan, outputs, sender, items, stats, observers, hooks, sinks, end, err)
+    except BulksendError as exc:
+        end.error = end.error or exc
+    finally:
+        await _finish(plan, outputs, stats, hooks, sinks, report, end, err)
+    if end.error is not None:
+        raise end.error
+    return end
+
+
+def _target(plan: Plan) -> AbstractAsyncContextManager[tuple[Target, Credentials]]:
+    if plan.target is not None:
+        return contextlib.nullcontext((plan.target, plan.credentials))
+    # The server's modules are imported only for --embedded.
+    from bulksend.server.embedded import target_or_embedded
+
+    return target_or_embedded(None, plan.credentials, plan.engine)
+
+
+async def _pump(
+    plan: Plan,
+    outputs: Outputs,
+    sender: Sender,
+    items: Items | BatchSource,
+    stats: RunStats,
+    observers: list[Callable[[Result], None]],
+    hooks: Hooks,
+    sinks: Sinks,
+    end: End,
+    err: TextIO,
+) -> None:
+    ledger, failed = sinks.ledger, sinks.failed
+    backpressure = plan.backpressure
+
+    def on_result(item: Item, result: Result) -> Awaitable[None] | None:
+        stats.add(result)
+        for observe in observers:
+            observe(result)
+        if failed is not None and result.status in (FAILED, INVALID):
+            failed.add(item, result)
+        # A skipped record's line is already in the ledger (its earlier ok): it is
+        # counted, not written again, so the ledger holds each ok exactly once.
+        if ledger is None or result.status == SKIPPED:
+            return None
+        written = ledger.add(result)
+        # The worker waits for its line (all lines of a loop turn go in one write); a
+        # failed write fails this future, and the worker stops with the SinkError.
+        return written if backpressure and result.attempts else None
+
+    interrupts = Interrupts(sender, outputs.drain_timeout_s)
+    live = Live(plan, outputs, sender, stats, err, interrupts, sinks.timeseries)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(interrupts.listen)
+            for ticker in hooks.tickers(live):
+                tg.start_soon(ticker)
+            with interrupts.scope:
+                task = asyncio.current_task()
+                requests = task.cancelling() if task is not None else 0
+                try:
+                    await sender.run(items, on_result, done=end.done)
+                except BulksendError as exc:
+                    # Kept, not raised through the task group: the CLI's boundary
+                    # expects the error itself, not an ExceptionGroup around it.
+                    end.error = exc
+                except BaseExceptionGroup as group:
+                    end.error = _one_error(group)
+                if end.error is not None and task is not None:
+                    _drop_stray_cancel(task, requests)
+            tg.cancel_scope.cancel()
+    finally:
+        end.interrupted = interrupts.interrupted
+        end.cut_off = interrupts.cut_off
+        end.stopped_early = interrupts.draining or sender.stopping or end.error is not None
+        stats.rate_changes = sender.rate_changes
+
+
+def _drop_stray_cancel(task: asyncio.Task[Any], requests: int) -> None:
+    """Python before 3.12.3 (python/cpython#116720): an asyncio.TaskGroup whose child
+    fails while it waits in ``__aexit__`` (a worker stopped by a failed ledger write)
+    leaves its own cancel request on the parent task. anyio would take that stray request
+    for a cancellation from outside and end the run with CancelledError."""
+    while task.cancelling() > requests:
+        task.uncancel()
+
+
+def _one_error(group: BaseExceptionGroup[BaseException]) -> BulksendError:
+    """Several workers stopped by one cause (each waited on the same failed ledger
+    write): that cause. Anything else is not ours to translate."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    if leaves and all(isinstance(e, BulksendError) for e in leaves):
+        first = leaves[0]
+        assert isinstance(first, BulksendError)
+        return first
+    raise group
+
+
+async def _finish(
+    plan: Plan,
+    outputs: Outputs,
+    stats: RunStats,
+    hooks: Hooks,
+    sinks: Sinks,
+    report: RunReport | None,
+    end: End,
+    err: TextIO,
+) -> None:
+    """Everything after the sends; a failure to write is kept in ``end.error`` (the first
+    one wins) and the other outputs are still written."""
+
+    def keep(exc: BulksendError) -> None:
+        if end.error is None:
+            end.error = exc
+
+    stats.finish()
+    snapshot = stats.snapshot()
+    if sinks.begun:
+        try:
+            hooks.finish(snapshot, end)  # may still write to a line file (the last seconds)
+        except BulksendError as exc:
+            keep(exc)
+    try:
+        sinks.close()
+    except BulksendError as exc:
+        keep(exc)
+    if not sinks.begun:
+        return  # refused before the run: nothing was sent, nothing to report
+    if sinks.stats is not None:
+        try:
+            sinks.stats.write(json_document(snapshot))
+        except BulksendError as exc:
+            keep(exc)
+    if sinks.html is not None and report is not None:
+        page = await anyio.to_thread.run_sync(
+            lambda: render_html(report, snapshot, title=plan.title, settings=plan.settings)
+        )
+        try:
+            sinks.html.write(page.encode())
+        except BulksendError as exc:
+            keep(exc)
+    if outputs.progress != "off":
+        title = plan.title + (" (interrupted)" if end.interrupted else "")
+        err.write(summary_text(snapshot, title=title) + "\n")
+    for line in await hooks.epilogue(snapshot, end):
+        err.write(line + "\n")
+    err.flush()
+
+
+class Sinks:
+    """Every output of a run, opened (or checked, for the documents written at the end)
+    before the first send. A refusal undoes what it made: no empty ledger is left behind."""
+
+    def __init__(self, outputs: Outputs, plan: Plan) -> None:
+        self.ledger: ResultsWriter | None = None
+        self.ledger_place: Place | None = None
+        self.lock: LedgerLock | None = None
+        self.failed: FailedWriter | None = None
+        self.timeseries: LineWriter | None = None
+        self.stats: DocumentWriter | None = None
+        self.html: DocumentWriter | None = None
+        #: The run line is written: from here on the run has outputs to finish.
+        self.begun = False
+        self._created: list[str] = []
+        try:
+            places = {flag: locate(path) for flag, path in outputs.paths()}
+            _check_apart(places, plan.inputs)
+            if outputs.out:
+                self._open_ledger(outputs, plan, places["--out"])
+            if outputs.failed:
+                self.failed = FailedWriter(self._making(places["--failed"]), append=outputs.resume)
+            if outputs.timeseries:
+                self.timeseries = LineWriter(self._making(places["--timeseries"]))
+            if outputs.stats:
+                self.stats = DocumentWriter(outputs.stats)
+            if outputs.html:
+                self.html = DocumentWriter(outputs.html)
+        except BaseException:
+            with contextlib.suppress(BulksendError):
+                self.close()
+            for path in self._created:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise
+
+    def _making(self, place: Place) -> str:
+        """The path to open; remembered for undoing when it does not exist yet."""
+        if place.regular and not place.ino:
+            self._created.append(place.real)
+        return place.path
+
+    def _open_ledger(self, outputs: Outputs, plan: Plan, place: Place) -> None:
+        path = place.path
+        if place.kind == "stdout":
+            self.ledger = ResultsWriter(STDOUT)
+            return
+        if outputs.resume and not place.regular:
+            raise ConfigError(f"--resume needs the ledger in a regular file; {path} is not one")
+        if not place.regular:
+            # A FIFO or a device is written in place: no lock, no sidecar beside it.
+            self.ledger = ResultsWriter(path, append=True)
+            return
+        # Opened before it is locked and without truncating: a run refused below has not
+        # touched the ledger of the run that holds it.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        self._making(place)
+        try:
+            fd = os.open(place.real, flags, 0o644)
+        except OSError as exc:
+            raise SinkError(f"cannot open {path} for writing: {exc.strerror or exc}") from None
+        try:
+            self.lock = LedgerLock(place)
+            size = os.fstat(fd).st_size
+            if size and not outputs.resume:
+                if not outputs.overwrite:
+                    raise LedgerError(_refusal(path, size, plan.resumable))
+                os.ftruncate(fd, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.ledger = ResultsWriter(path, fd=fd)
+        self.ledger_place = place
+
+    async def begin(
+        self, plan: Plan, outputs: Outputs, err: TextIO
+    ) -> Callable[[Item], bool] | None:
+        """With --resume, read the ledger back (what it holds as ok); keep the inputs'
+        fingerprints beside it; write the run line. Which records are done, if any."""
+        done = None
+        place = self.ledger_place
+        if place is not None:
+            if outputs.resume:
+                check_inputs(place.real, plan.inputs, force=plan.force)
+                state = await anyio.to_thread.run_sync(read_ledger, place.real)
+                done = state.done if state.done_identities else None
+                if state.torn_bytes and outputs.progress != "off":
+                    err.write(
+                        f"bulksend: ignored a torn last line ({state.torn_bytes} bytes) in {place.path}\n"
+                    )
+            if plan.inputs:
+                write_fingerprints(place.real, plan.inputs)
+        if self.ledger is not None:
+            self.ledger.write_now(run_line(plan))
+        self.begun = True
+        return done
+
+    def close(self) -> None:
+        """Write what is pending and close every line file; release the lock. Raises the
+        first write error once all are closed."""
+        first: BulksendError | None = None
+        for sink in (self.ledger, self.failed, self.timeseries):
+            if sink is None:
+                continue
+            try:
+                sink.close()
+            except BulksendError as exc:
+                first = first or exc
+        if self.lock is not None:
+            self.lock.release()
+        if first is not None:
+            raise first
+
+
+def _refusal(path: str, size: int, resumable: bool) -> str:
+    fix = "add --resume to continue it, or --overwrite" if resumable else "add --overwrite"
+    return f"{path} already holds results ({size:,} bytes): {fix} to start again"
+
+
+def _check_apart(places: Mapping[str, Place], inputs: tuple[str, ...]) -> None:
+    """No two outputs in one file, and no output over an input."""
+    seen: dict[tuple[int, int] | str, str] = {}
+    for flag, place in places.items():
+        key: tuple[int, int] | str = (place.dev, place.ino) if place.ino else place.real
+        if place.kind == "stdout":
+            continue
+        if key in seen:
+            raise ConfigError(f"{seen[key]} and {flag} are the same file: {place.path}")
+        seen[key] = flag
+    for path in inputs:
+        if path == STDOUT:
+            continue
+        with contextlib.suppress(OSError):
+            info = os.stat(path)
+            for flag, place in places.items():
+                if place.ino and (place.dev, place.ino) == (info.st_dev, info.st_ino):
+                    raise ConfigError(
+                        f"{flag} {place.path} is also an input: writing it would destroy it"
+                    )
+
+
+def run_line(plan: Plan) -> bytes:
+    """The ledger's first line for this run: when, what kind, its settings (no secret)."""
+    return orjson.dumps(
+        {
+            "status": "run",
+            "at": time.time_ns() // 1_000_000,
+            "command": plan.command,
+            "settings": plan.settings,
+        },
+        option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS,
+    )
