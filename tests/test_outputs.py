@@ -32,7 +32,7 @@ from tests.cli_helpers import (
     wait_for_lines,
     write_jsonl,
 )
-from tests.serve_helpers import AK, SK, messages_path, start_server_subprocess
+from tests.serve_helpers import AK, ALL_TIME, SK, messages_path, start_server_subprocess
 
 pytestmark = pytest.mark.timeout(120)
 QUIET = ["--quiet"]
@@ -43,7 +43,7 @@ def msgs(n: int, topic: str = "orders") -> list[dict[str, Any]]:
 
 
 def stored(url: str, topic: str) -> int:
-    qs = urllib.parse.urlencode({"topic": topic, "limit": "10000"})
+    qs = urllib.parse.urlencode({"topic": topic, "limit": "10000", **ALL_TIME})
     with urllib.request.urlopen(f"{url}{messages_path()}?{qs}", timeout=10) as resp:
         return int(json.loads(resp.read())["total"])
 

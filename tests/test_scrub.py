@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from bulksend.outcome import scrub
-from tests.cli_helpers import SECRET_ENV, write_jsonl
+from tests.cli_helpers import SECRET_ENV, read_jsonl, write_jsonl
 from tests.serve_helpers import INSTANCE_ID, PROJECT_ID
 
 AK = "AKECHOTEST000001"
@@ -143,7 +143,7 @@ async def test_echoed_credentials_never_reach_an_output(
         )
     assert code == (1 if fail else 0), terminal
     assert echo.answered == 8
-    results = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    results = read_jsonl(out)
     assert len(results) == 8
     written = out.read_text() + (failed.read_text() if failed.exists() else "") + terminal
     leaked = [SK, SECURITY_TOKEN, AUTH_TOKEN, *echo.signatures]

@@ -170,7 +170,7 @@ async def test_a_servers_control_characters_are_printed_escaped(
 ) -> None:
     data = write_jsonl(tmp_path / "in.jsonl", msgs(3))
     cmd = [sys.executable, "-m", "bulksend", "send", str(data), *target(nasty_server),
-           "--progress-interval", "0.05", "--concurrency", "1"]  # fmt: skip
+           "--progress-interval", "0.1", "--concurrency", "1"]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
