@@ -125,6 +125,7 @@ class _Progress:
             fraction=self.fraction(),
             rate_target=self.sender.schedule.rate,
             bar=self.mode == "bar",
+            note=self.sender.health.note(),
         )
 
     async def run(self) -> None:
