@@ -182,15 +182,6 @@ class Delivery:
         if self._before_send is not None and (pending := self._before_send(record)) is not None:
             await pending
         health = self.health
-        health.enter()
-        try:
-            return await self._attempts(conn, record, intended, health)
-        finally:
-            health.leave()
-
-    async def _attempts(
-        self, conn: Connection, record: Record, intended: float, health: TargetHealth
-    ) -> Result:
         policy = self.options.retry
         observers = self._observers
         body = self.body_of(record)
@@ -203,60 +194,64 @@ class Delivery:
         #: many of them it holds: refunded if that streak proves an outage.
         streak = in_streak = 0
         probe = False
-        while True:
-            if in_streak and health.was_outage(streak):
-                charged -= in_streak
-                in_streak = 0
-            if health.down or health.stopping:
-                admitted = await health.admit()
-                if admitted is Admit.STOP:
+        health.enter()  # until leave(): a record that may still bring news of the target
+        try:
+            while True:
+                if in_streak and health.was_outage(streak):
+                    charged -= in_streak
+                    in_streak = 0
+                if health.down or health.stopping:
+                    admitted = await health.admit()
+                    if admitted is Admit.STOP:
+                        result = _withheld(record, health)
+                        break
+                    probe = admitted is Admit.PROBE
+                attempts += 1
+                retry_after: str | None = None
+                verdict = Verdict.OWN
+                try:
+                    resp = await conn.post(self._auth.headers(body), body)
+                except TransportError as exc:
+                    result = result_for(record, FAILED)
+                    result.error_code = exc.code
+                    result.error_msg = str(exc)
+                    retryable = is_retryable_error(exc)
+                    verdict = health.on_failure(exc, conn, probe)
+                else:
+                    if not health.quiet:
+                        health.on_answer(probe)
+                    result = interpret(record, resp, self._secrets)
+                    retryable = result.status != OK and is_retryable_status(resp.status, policy)
+                    retry_after = resp.retry_after
+                probe = False
+                for observe in observers:
+                    observe(result)
+                if not retryable or self.halted:
+                    break
+                if health.stopping:
                     result = _withheld(record, health)
                     break
-                probe = admitted is Admit.PROBE
-            attempts += 1
-            retry_after: str | None = None
-            verdict = Verdict.OWN
-            try:
-                resp = await conn.post(self._auth.headers(body), body)
-            except TransportError as exc:
-                result = result_for(record, FAILED)
-                result.error_code = exc.code
-                result.error_msg = str(exc)
-                retryable = is_retryable_error(exc)
-                verdict = health.on_failure(exc, conn, probe)
-            else:
-                if not health.quiet:
-                    health.on_answer(probe)
-                result = interpret(record, resp, self._secrets)
-                retryable = result.status != OK and is_retryable_status(resp.status, policy)
-                retry_after = resp.retry_after
-            probe = False
-            for observe in observers:
-                observe(result)
-            if not retryable or self.halted:
-                break
-            if health.stopping:
-                result = _withheld(record, health)
-                break
-            if verdict is Verdict.OUTAGE:
-                continue  # not charged: wait in health.admit for the probe
-            charged += 1
-            if verdict is Verdict.SUSPECT:
-                if streak != health.streak.id:
-                    streak, in_streak = health.streak.id, 0
-                in_streak += 1
-            if charged > policy.max_retries:
-                if verdict is Verdict.OWN or await health.verdict(streak) is Verdict.OWN:
-                    break
-                continue  # the streak proved an outage: refunded at the loop's top
-            delay = parse_retry_after(retry_after, time.time())
-            if delay is None:
-                delay = compute_backoff(charged - 1, policy, self._rng)
-            self.counters.retrying += 1
-            try:
-                await health.sleep(delay)
-            finally:
-                self.counters.retrying -= 1
+                if verdict is Verdict.OUTAGE:
+                    continue  # not charged: wait in health.admit for the probe
+                charged += 1
+                if verdict is Verdict.SUSPECT:
+                    if streak != health.streak.id:
+                        streak, in_streak = health.streak.id, 0
+                    in_streak += 1
+                if charged > policy.max_retries:
+                    if verdict is Verdict.OWN or await health.verdict(streak) is Verdict.OWN:
+                        break
+                    continue  # the streak proved an outage: refunded at the loop's top
+                delay = parse_retry_after(retry_after, time.time())
+                if delay is None:
+                    delay = compute_backoff(charged - 1, policy, self._rng)
+                self.counters.retrying += 1
+                try:
+                    await health.sleep(delay)
+                finally:
+                    self.counters.retrying -= 1
+        finally:
+            health.leave()
         result.attempts = attempts
         result.latency_ms = round((time.monotonic() - started) * 1000.0, 3)
         result.started_at = int(started_at * 1000)
