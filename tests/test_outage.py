@@ -235,14 +235,19 @@ def test_cli_untrusted_certificate_exits_2_naming_ca_bundle(data: Path, tmp_path
     assert results_in(out) == []
 
 
-def test_cli_unknown_host_exits_2_with_one_line(data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "host",
+    [
+        UNRESOLVABLE,
+        "a..invalid",  # an empty label: the IDNA codec refuses it (it was a traceback)
+    ],
+)
+def test_cli_unknown_host_exits_2_with_one_line(host: str, data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    proc = bulksend(
-        "send", str(data), *target(f"http://{UNRESOLVABLE}"), "--out", str(out), "--quiet"
-    )
+    proc = bulksend("send", str(data), *target(f"http://{host}"), "--out", str(out), "--quiet")
     assert proc.returncode == 2 and no_traceback(proc)
     [line] = proc.stderr.splitlines()
-    assert f"cannot resolve host {UNRESOLVABLE}" in line
+    assert f"cannot resolve host {host}" in line and "--endpoint" in line
     assert results_in(out) == []
 
 
