@@ -27,6 +27,7 @@ tick`` after it started.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import urllib.request
 from collections.abc import Mapping
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 from bulksend.errors import (
     AnswerTooLarge,
     ConnectError,
+    ConnectionClosed,
+    ConnectTimeout,
     ProtocolError,
     RequestTimeout,
     TransportError,
@@ -191,7 +194,7 @@ class _H1Protocol(asyncio.Protocol):
         if exc is None and self.waiter is not None and self._headers_done and not self._delimited:
             self._complete()  # a close-delimited answer: the close is its end
             return
-        self._fail(ProtocolError("connection closed before a complete answer"))
+        self._fail(ConnectionClosed("connection closed before a complete answer"))
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -325,28 +328,56 @@ class H1Connection:
     async def _connect(self) -> _H1Protocol:
         t = self._t
         loop = asyncio.get_running_loop()
+        where = f"{t.host}:{t.port}"
         try:
             async with asyncio.timeout(t.timeout):
-                _, proto = await loop.create_connection(
-                    lambda: _H1Protocol(t.max_answer_bytes),
-                    t.host,
-                    t.port,
-                    ssl=t.ssl_context,
-                    server_hostname=t.host if t.tls else None,
-                )
+                # Resolved here, then connected to by number: uvloop's create_connection,
+                # cancelled while it resolves (by this timeout, by a run that stops), leaves
+                # its lookup's future behind, logged as "Future exception was never
+                # retrieved ... gaierror" once per attempt (MagicStack/uvloop#437).
+                # loop.getaddrinfo cancels cleanly, and a numeric host is never resolved.
+                infos = await loop.getaddrinfo(t.host, t.port, type=socket.SOCK_STREAM)
+                error: OSError = OSError(f"no address for {t.host}")
+                for family, _, _, _, address in infos:
+                    try:
+                        _, proto = await loop.create_connection(
+                            lambda: _H1Protocol(t.max_answer_bytes),
+                            str(address[0]),
+                            t.port,
+                            family=family,
+                            ssl=t.ssl_context,
+                            server_hostname=t.host if t.tls else None,
+                        )
+                    except ssl.SSLError:
+                        raise  # the handshake failed: another address serves the same cert
+                    except OSError as exc:
+                        error = exc  # the next address may answer (IPv6, then IPv4)
+                    else:
+                        return proto
+                raise error
         except TimeoutError:
-            raise RequestTimeout(
-                f"connect to {t.host}:{t.port} timed out after {t.timeout:g}s"
+            raise ConnectTimeout(f"connect to {where} timed out after {t.timeout:g}s") from None
+        except socket.gaierror as exc:
+            raise ConnectError(
+                f"cannot resolve host {t.host}: {exc.strerror or exc}", "unknown-host"
+            ) from None
+        except UnicodeError:  # the IDNA codec refuses the name (an empty or overlong label)
+            raise ConnectError(
+                f"cannot resolve host {t.host}: not a valid name", "unknown-host"
+            ) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise ConnectError(
+                f"TLS certificate of {where} not trusted: {exc.verify_message or exc.reason}",
+                "tls-verify",
             ) from None
         except ssl.SSLError as exc:
             raise ConnectError(
-                f"TLS handshake with {t.host}:{t.port} failed: {exc.reason or exc}"
+                f"TLS handshake with {where} failed: {exc.reason or exc}", "tls"
             ) from None
+        except ConnectionRefusedError:
+            raise ConnectError(f"connection to {where} refused", "refused") from None
         except OSError as exc:
-            raise ConnectError(
-                f"cannot connect to {t.host}:{t.port}: {exc.strerror or exc}"
-            ) from None
-        return proto
+            raise ConnectError(f"cannot connect to {where}: {exc.strerror or exc}") from None
 
     async def post(self, headers: Mapping[str, str], body: bytes) -> Response:
         proto = self._proto
@@ -455,8 +486,12 @@ class AiohttpConnection:
                 )
         except TimeoutError:
             raise RequestTimeout(f"no answer within {self._t.timeout:g}s") from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise ConnectError(f"TLS certificate not trusted: {exc}", "tls-verify") from None
         except aiohttp.ClientConnectorError as exc:
-            raise ConnectError(f"cannot connect: {exc}") from None
+            raise ConnectError(f"cannot connect: {exc}", _connect_cause(exc.os_error)) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            raise ConnectionClosed(f"{type(exc).__name__}: {exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ProtocolError(f"{type(exc).__name__}: {exc}") from None
 
@@ -478,3 +513,14 @@ class AiohttpConnection:
 
     def close(self) -> None:
         pass
+
+
+def _connect_cause(exc: OSError) -> str:
+    """``ConnectError.cause`` for the OS error behind an aiohttp connector error."""
+    if isinstance(exc, socket.gaierror):
+        return "unknown-host"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "tls-verify"
+    return "tls" if isinstance(exc, ssl.SSLError) else "connect"

@@ -5,8 +5,16 @@ to one keep-alive connection.
 
 Per attempt::
 
-    auth headers (credentials in use *now*) -> Connection.post -> interpret(answer) | TransportError
-        -> observers.on_attempt(result) -> retry? (policy, Retry-After, halt) -> sleep(backoff)
+    health.admit (only while the target is unreachable: wait for the probe)
+    -> auth headers (credentials in use *now*) -> Connection.post -> interpret(answer) | TransportError
+        -> health.on_answer | health.on_failure -> observers.on_attempt(result)
+        -> retry? (policy, Retry-After, halt, whose failure) -> sleep(backoff)
+
+``--max-retries`` is spent on a record's own failures only: what the run's ``TargetHealth``
+(health.py) judges an outage of the target is not charged, and the record waits for the
+target instead of retrying. When the run stops because the target cannot be reached, a
+record that would have tried again ends *withheld* (``WITHHELD``): not a result, never
+reported; it is left for --resume.
 
 Credentials can change during a run (``set_credentials``: temporary AK/SK refreshed from a
 metadata service). Each attempt takes the credentials current when it starts, whole; a
@@ -15,10 +23,10 @@ request already written keeps the headers it was sent with.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Final
 
 import orjson
 
@@ -26,6 +34,7 @@ from bulksend._version import __version__
 from bulksend.client import Connection, Transport, make_transport
 from bulksend.config import Credentials, SendOptions, Target
 from bulksend.errors import TransportError
+from bulksend.health import Admit, TargetHealth, Verdict
 from bulksend.observers import AttemptObserver
 from bulksend.outcome import interpret
 from bulksend.pool import Counters
@@ -40,6 +49,10 @@ from bulksend.retry import (
 from bulksend.signing import FastSigner
 
 USER_AGENT = f"bulksend/{__version__}"
+
+#: The status of a record the run stopped before it was done, because the target cannot be
+#: reached: the Sender never reports it (no ledger line), so --resume sends it.
+WITHHELD: Final = "withheld"
 
 #: Awaited (when it returns an awaitable) before a record's first attempt.
 BeforeSend = Callable[[Record], Awaitable[None] | None]
@@ -120,6 +133,7 @@ class Delivery:
         rng: random.Random,
         observers: Sequence[AttemptObserver] = (),
         before_send: BeforeSend | None = None,
+        health: TargetHealth | None = None,
     ) -> None:
         self.target = target
         self.options = options
@@ -128,6 +142,7 @@ class Delivery:
         self._rng = rng
         self._observers = tuple(o.on_attempt for o in observers)
         self._before_send = before_send
+        self.health = health or TargetHealth(options, rng, on_stop=lambda: None)
         self._auth = Auth(target, credentials)
         self._current_secrets = self._secrets = credentials.secrets()
 
@@ -161,42 +176,82 @@ class Delivery:
         )
 
     async def send_one(self, conn: Connection, record: Record, intended: float = 0.0) -> Result:
-        """Every attempt for one record, retries and backoff included; always a Result.
+        """Every attempt for one record, retries and backoff included; always a Result
+        (status ``WITHHELD`` when the run stopped for an unreachable target first).
         ``intended``: the monotonic time the pacer meant it to go (0.0 = unpaced)."""
         if self._before_send is not None and (pending := self._before_send(record)) is not None:
             await pending
+        health = self.health
         policy = self.options.retry
         observers = self._observers
         body = self.body_of(record)
         started = time.monotonic()
         started_at = time.time()
         attempts = 0
-        while True:
-            attempts += 1
-            retry_after: str | None = None
-            try:
-                resp = await conn.post(self._auth.headers(body), body)
-            except TransportError as exc:
-                result = result_for(record, FAILED)
-                result.error_code = exc.code
-                result.error_msg = str(exc)
-                retryable = is_retryable_error(exc)
-            else:
-                result = interpret(record, resp, self._secrets)
-                retryable = result.status != OK and is_retryable_status(resp.status, policy)
-                retry_after = resp.retry_after
-            for observe in observers:
-                observe(result)
-            if not retryable or attempts > policy.max_retries or self.halted:
-                break
-            delay = parse_retry_after(retry_after, time.time())
-            if delay is None:
-                delay = compute_backoff(attempts - 1, policy, self._rng)
-            self.counters.retrying += 1
-            try:
-                await asyncio.sleep(delay)
-            finally:
-                self.counters.retrying -= 1
+        #: Failures that count against --max-retries: the record's own.
+        charged = 0
+        #: The health streak of this record's latest charged transport failures, and how
+        #: many of them it holds: refunded if that streak proves an outage.
+        streak = in_streak = 0
+        probe = False
+        health.enter()  # until leave(): a record that may still bring news of the target
+        try:
+            while True:
+                if in_streak and health.was_outage(streak):
+                    charged -= in_streak
+                    in_streak = 0
+                if health.down or health.stopping:
+                    admitted = await health.admit()
+                    if admitted is Admit.STOP:
+                        result = _withheld(record, health)
+                        break
+                    probe = admitted is Admit.PROBE
+                attempts += 1
+                retry_after: str | None = None
+                verdict = Verdict.OWN
+                try:
+                    resp = await conn.post(self._auth.headers(body), body)
+                except TransportError as exc:
+                    result = result_for(record, FAILED)
+                    result.error_code = exc.code
+                    result.error_msg = str(exc)
+                    retryable = is_retryable_error(exc)
+                    verdict = health.on_failure(exc, conn, probe)
+                else:
+                    if not health.quiet:
+                        health.on_answer(probe)
+                    result = interpret(record, resp, self._secrets)
+                    retryable = result.status != OK and is_retryable_status(resp.status, policy)
+                    retry_after = resp.retry_after
+                probe = False
+                for observe in observers:
+                    observe(result)
+                if not retryable or self.halted:
+                    break
+                if health.stopping:
+                    result = _withheld(record, health)
+                    break
+                if verdict is Verdict.OUTAGE:
+                    continue  # not charged: wait in health.admit for the probe
+                charged += 1
+                if verdict is Verdict.SUSPECT:
+                    if streak != health.streak.id:
+                        streak, in_streak = health.streak.id, 0
+                    in_streak += 1
+                if charged > policy.max_retries:
+                    if verdict is Verdict.OWN or await health.verdict(streak) is Verdict.OWN:
+                        break
+                    continue  # the streak proved an outage: refunded at the loop's top
+                delay = parse_retry_after(retry_after, time.time())
+                if delay is None:
+                    delay = compute_backoff(charged - 1, policy, self._rng)
+                self.counters.retrying += 1
+                try:
+                    await health.sleep(delay)
+                finally:
+                    self.counters.retrying -= 1
+        finally:
+            health.leave()
         result.attempts = attempts
         result.latency_ms = round((time.monotonic() - started) * 1000.0, 3)
         result.started_at = int(started_at * 1000)
@@ -206,6 +261,13 @@ class Delivery:
             result.queue_ms = round(queued * 1000.0, 3)
             result.intended_at = int((started_at - queued) * 1000)
         return result
+
+
+def _withheld(record: Record, health: TargetHealth) -> Result:
+    result = result_for(record, WITHHELD)
+    result.error_code = "TARGET_UNREACHABLE"
+    result.error_msg = str(health.error) if health.error is not None else "the run stopped"
+    return result
 
 
 class Courier:

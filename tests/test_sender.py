@@ -10,7 +10,7 @@ import pytest
 
 from bulksend import signing
 from bulksend.config import Credentials, RetryPolicy, SendOptions, Target
-from bulksend.errors import AuthenticationFailed
+from bulksend.errors import AuthenticationFailed, TargetUnreachable
 from bulksend.record import Invalid, Record
 from bulksend.result import Result
 from bulksend.sender import Sender
@@ -147,11 +147,13 @@ async def test_timeout_gives_a_failed_result_not_an_exception() -> None:
     assert (r.status, r.attempts, r.error_code, r.http_status) == ("failed", 2, "TIMEOUT", None)
 
 
-async def test_connect_error_is_a_failed_result() -> None:
-    [r] = await run(
-        "http://127.0.0.1:1", records(1), retry=RetryPolicy(max_retries=2, backoff_base=0.001)
-    )
-    assert (r.status, r.attempts, r.error_code) == ("failed", 3, "CONNECT_ERROR")
+async def test_a_target_refusing_from_the_start_stops_the_run_with_no_result() -> None:
+    got: list[Result] = []
+    with pytest.raises(TargetUnreachable, match=r"connection to 127\.0\.0\.1:1 refused") as stopped:
+        got = await run(
+            "http://127.0.0.1:1", records(1), retry=RetryPolicy(max_retries=2, backoff_base=0.001)
+        )
+    assert stopped.value.cause == "refused" and got == []
 
 
 @pytest.mark.parametrize(
