@@ -220,7 +220,7 @@ class _Progress:
             fraction=self.fraction(),
             rate_target=sender.schedule.rate,
             bar=self.mode == "bar",
-            note=self.sender.health.note(),
+            note=sender.health.note(),
         )
 
     async def run(self) -> None:
