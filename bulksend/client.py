@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
@@ -51,8 +51,11 @@ from bulksend.errors import (
 DEFAULT_MAX_ANSWER_BYTES = 1 << 20
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Response:
+    """One final answer. Not frozen: a frozen dataclass's __init__ costs a setattr call per
+    field, and one is made per message."""
+
     status: int
     body: bytes
     request_id: str | None = None
@@ -108,8 +111,15 @@ def make_transport(
 # --- the fast HTTP/1.1 transport ---------------------------------------------------------
 
 
+#: Called once with an attempt's outcome: the final answer, or why there is none.
+OnAnswer = Callable[["Response | TransportError"], None]
+
+
 class _H1Protocol(asyncio.Protocol):
-    """Parses answers with httptools; completes ``waiter`` once per request.
+    """Parses answers with httptools; calls ``on_answer`` once per request.
+
+    A callback, not a Future per request: an answer then completes its record inside this
+    ``data_received``, with no task to wake (the sender's hot path; see ``H1Connection``).
 
     Subtleness ahead! Bytes are credited to the request outstanding, and to nothing else:
 
@@ -121,9 +131,13 @@ class _H1Protocol(asyncio.Protocol):
       §6.3): a clean EOF completes it; a reset, or EOF inside a delimited answer, fails it.
     * More than ``limit`` bytes while a request is outstanding (or a Content-Length over
       it) fail the attempt with AnswerTooLarge and close the connection.
+    * ``on_answer`` runs after ``feed_data`` has returned, never inside it: it may write the
+      next request at once, and bytes still in the parser's hands (a stray answer in the same
+      packet) must meet a connection with no request outstanding.
     """
 
     __slots__ = (
+        "_answer",
         "_body",
         "_declared",
         "_delimited",
@@ -135,18 +149,21 @@ class _H1Protocol(asyncio.Protocol):
         "_retry_after",
         "_stray",
         "closed",
+        "on_answer",
         "transport",
-        "waiter",
     )
 
     def __init__(self, limit: int) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._limit = limit
         self.transport: asyncio.Transport | None = None
-        self.waiter: asyncio.Future[Response] | None = None
+        #: The outstanding request's callback; None while no request is outstanding.
+        self.on_answer: OnAnswer | None = None
         self.closed = False
         self._received = 0
         self._stray = False
+        #: The final answer parsed, not yet handed to ``on_answer``.
+        self._answer: Response | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -158,9 +175,9 @@ class _H1Protocol(asyncio.Protocol):
         self._delimited = False
         self._declared = 0
 
-    def start(self, waiter: asyncio.Future[Response]) -> None:
-        """A request is about to be written; its answer completes ``waiter``."""
-        self.waiter = waiter
+    def start(self, on_answer: OnAnswer) -> None:
+        """A request is about to be written; its outcome goes to ``on_answer``."""
+        self.on_answer = on_answer
         self._received = 0
 
     # asyncio.Protocol
@@ -168,7 +185,7 @@ class _H1Protocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.waiter is None:
+        if self.on_answer is None:
             self._discard()  # no request outstanding: these bytes answer nothing we sent
             return
         self._received += len(data)
@@ -183,19 +200,27 @@ class _H1Protocol(asyncio.Protocol):
             self._fail(ProtocolError(f"malformed HTTP answer: {exc}"))
         if self._stray:
             self._discard()  # an answer began after ours was complete
-        elif self.waiter is not None and self._declared > self._limit:
+        elif self.on_answer is not None and self._declared > self._limit:
             self._too_large()
+        if self._answer is not None:
+            self._deliver()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if exc is None and self.waiter is not None and self._headers_done and not self._delimited:
+        if (
+            exc is None
+            and self.on_answer is not None
+            and self._headers_done
+            and not self._delimited
+        ):
             self._complete()  # a close-delimited answer: the close is its end
+            self._deliver()
             return
         self._fail(ProtocolError("connection closed before a complete answer"))
 
     # httptools callbacks
     def on_message_begin(self) -> None:
-        if self.waiter is None:
+        if self.on_answer is None or self._answer is not None:
             self._stray = True
         self._reset()
 
@@ -229,12 +254,20 @@ class _H1Protocol(asyncio.Protocol):
         self._complete()
 
     def _complete(self) -> None:
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():
-            body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-            waiter.set_result(
-                Response(self._parser.get_status_code(), body, self._request_id, self._retry_after)
-            )
+        """The final answer is in: no request is outstanding any more (bytes after it are
+        stray); ``_deliver`` hands it over once the parser is done with this packet."""
+        if self.on_answer is None:
+            return
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        self._answer = Response(
+            self._parser.get_status_code(), body, self._request_id, self._retry_after
+        )
+
+    def _deliver(self) -> None:
+        on_answer, self.on_answer = self.on_answer, None
+        answer, self._answer = self._answer, None
+        if on_answer is not None and answer is not None:
+            on_answer(answer)
 
     def _too_large(self) -> None:
         status = self._parser.get_status_code() if self._headers_done else None
@@ -251,10 +284,13 @@ class _H1Protocol(asyncio.Protocol):
             self.transport.abort()
 
     def _fail(self, exc: TransportError) -> None:
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc)
+        """No (more) answer on this connection: close it; the request outstanding fails with
+        ``exc``, unless its answer was complete before the trouble began."""
         self._discard()
+        on_answer, self.on_answer = self.on_answer, None
+        answer, self._answer = self._answer, None
+        if on_answer is not None:
+            on_answer(answer if answer is not None else exc)
 
 
 class H1Transport:
@@ -297,10 +333,10 @@ class H1Transport:
             conn.close()
         self._connections.clear()
 
-    def _watch(self, conn: H1Connection, deadline: float) -> None:
-        self._inflight[conn] = deadline
+    def _watch(self, conn: H1Connection) -> None:
+        loop = asyncio.get_running_loop()
+        self._inflight[conn] = loop.time() + self.timeout
         if self._sweeper is None:
-            loop = asyncio.get_running_loop()
             self._sweeper = loop.call_at(loop.time() + self._tick, self._sweep)
 
     def _sweep(self) -> None:
@@ -314,13 +350,25 @@ class H1Transport:
 
 
 class H1Connection:
-    """One keep-alive connection of an ``H1Transport``; reconnects when the peer closed it."""
+    """One keep-alive connection of an ``H1Transport``; reconnects when the peer closed it.
 
-    __slots__ = ("_proto", "_t")
+    Two ways to send: ``post`` (a coroutine; connects when needed) and ``try_send`` (a
+    callback, no Future and no task: the sender's hot path, for a connection already open).
+    """
+
+    __slots__ = ("_answered", "_on_answer", "_proto", "_t")
 
     def __init__(self, transport: H1Transport) -> None:
         self._t = transport
         self._proto: _H1Protocol | None = None
+        self._on_answer: OnAnswer | None = None
+        self._answered = self._answer  # one bound method, not one per request
+
+    @property
+    def ready(self) -> bool:
+        """Open, with no request outstanding: ``try_send`` will send."""
+        proto = self._proto
+        return proto is not None and not proto.closed and proto.on_answer is None
 
     async def _connect(self) -> _H1Protocol:
         t = self._t
@@ -348,28 +396,58 @@ class H1Connection:
             ) from None
         return proto
 
+    def try_send(self, headers: bytes, body: bytes, on_answer: OnAnswer) -> bool:
+        """POST ``body`` with the fixed headers plus ``headers`` (whole ``Name: value\\r\\n``
+        lines) if the connection is open and idle, and return True: ``on_answer`` is then
+        called once, later, with the answer or a TransportError. False: nothing was sent
+        (not connected; use ``post``)."""
+        proto = self._proto
+        if proto is None or proto.closed or proto.on_answer is not None:
+            return False
+        self._on_answer = on_answer
+        self._write(proto, headers, body)
+        return True
+
+    def _write(self, proto: _H1Protocol, headers: bytes, body: bytes) -> None:
+        proto.start(self._answered)
+        assert proto.transport is not None
+        proto.transport.write(
+            b"%s%sContent-Length: %d\r\n\r\n%s" % (self._t._head, headers, len(body), body)
+        )
+        self._t._watch(self)
+
+    def _answer(self, outcome: Response | TransportError) -> None:
+        self._t._inflight.pop(self, None)
+        on_answer, self._on_answer = self._on_answer, None
+        if on_answer is not None:
+            on_answer(outcome)
+
     async def post(self, headers: Mapping[str, str], body: bytes) -> Response:
         proto = self._proto
         if proto is None or proto.closed:
             proto = self._proto = await self._connect()
-        assert proto.transport is not None
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Response] = loop.create_future()
-        proto.start(waiter)
+        waiter: asyncio.Future[Response | TransportError] = loop.create_future()
+
+        def on_answer(outcome: Response | TransportError) -> None:
+            if not waiter.done():
+                waiter.set_result(outcome)
+
+        self._on_answer = on_answer
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        proto.transport.write(
-            b"%s%sContent-Length: %d\r\n\r\n%s"
-            % (self._t._head, extra.encode("latin-1"), len(body), body)
-        )
-        self._t._watch(self, loop.time() + self._t.timeout)
+        self._write(proto, extra.encode("latin-1"), body)
         try:
-            return await waiter
+            outcome = await waiter
         finally:
-            self._t._inflight.pop(self, None)
             if waiter.cancelled():
                 # The caller gave up (a cancelled run): the answer may still come, and must
                 # not be taken as the next request's.
+                self._t._inflight.pop(self, None)
+                self._on_answer = None
                 self.close()
+        if isinstance(outcome, TransportError):
+            raise outcome
+        return outcome
 
     def expire(self) -> None:
         """Called by the sweep: the attempt in flight ran out of time."""
