@@ -5,8 +5,8 @@ record whatever happened to it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -79,7 +79,7 @@ def _line_function(fields: tuple[str, ...]) -> Callable[[Result], bytes]:
     return function
 
 
-Result.to_json_line = _line_function(_FIELDS)  # type: ignore[method-assign]
+Result.to_json_line = _line_function(_FIELDS)  # type: ignore[method-assign,assignment]
 
 
 def result_for(item: Item, status: str) -> Result:
