@@ -139,6 +139,7 @@ class _H1Protocol(asyncio.Protocol):
     __slots__ = (
         "_answer",
         "_body",
+        "_clock",
         "_declared",
         "_delimited",
         "_headers_done",
@@ -149,6 +150,7 @@ class _H1Protocol(asyncio.Protocol):
         "_retry_after",
         "_stray",
         "closed",
+        "deadline",
         "on_answer",
         "transport",
     )
@@ -159,7 +161,10 @@ class _H1Protocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         #: The outstanding request's callback; None while no request is outstanding.
         self.on_answer: OnAnswer | None = None
+        #: When the outstanding request times out (the loop's clock).
+        self.deadline = 0.0
         self.closed = False
+        self._clock = asyncio.get_running_loop().time
         self._received = 0
         self._stray = False
         #: The final answer parsed, not yet handed to ``on_answer``.
@@ -175,10 +180,14 @@ class _H1Protocol(asyncio.Protocol):
         self._delimited = False
         self._declared = 0
 
-    def start(self, on_answer: OnAnswer) -> None:
-        """A request is about to be written; its outcome goes to ``on_answer``."""
+    def send(self, request: bytes, on_answer: OnAnswer, timeout: float) -> None:
+        """Write ``request``; its outcome goes to ``on_answer`` (within ``timeout`` s, by
+        the transport's sweep)."""
         self.on_answer = on_answer
         self._received = 0
+        self.deadline = self._clock() + timeout
+        assert self.transport is not None
+        self.transport.write(request)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -315,7 +324,6 @@ class H1Transport:
         path = parts.path or "/"
         lines = "".join(f"{k}: {v}\r\n" for k, v in fixed_headers.items())
         self._head = f"POST {path} HTTP/1.1\r\n{lines}".encode("latin-1")
-        self._inflight: dict[H1Connection, float] = {}
         self._tick = min(0.25, max(0.01, timeout / 8))
         self._sweeper: asyncio.TimerHandle | None = None
         self._connections: set[H1Connection] = set()
@@ -333,20 +341,27 @@ class H1Transport:
             conn.close()
         self._connections.clear()
 
-    def _watch(self, conn: H1Connection) -> None:
-        loop = asyncio.get_running_loop()
-        self._inflight[conn] = loop.time() + self.timeout
+    def _watch(self) -> None:
+        """A request went out: make sure the sweep runs."""
         if self._sweeper is None:
+            loop = asyncio.get_running_loop()
             self._sweeper = loop.call_at(loop.time() + self._tick, self._sweep)
 
     def _sweep(self) -> None:
+        """Fail every attempt past its deadline; runs while any is outstanding. A look at
+        each connection per tick costs less than keeping a registry up to date per request."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        for conn, deadline in list(self._inflight.items()):
-            if now >= deadline:
-                del self._inflight[conn]
-                conn.expire()
-        self._sweeper = loop.call_at(now + self._tick, self._sweep) if self._inflight else None
+        outstanding = False
+        for conn in list(self._connections):
+            proto = conn._proto
+            if proto is None or proto.on_answer is None:
+                continue
+            if now >= proto.deadline:
+                proto._fail(RequestTimeout(f"no answer within {self.timeout:g}s"))
+            else:
+                outstanding = True
+        self._sweeper = loop.call_at(now + self._tick, self._sweep) if outstanding else None
 
 
 class H1Connection:
@@ -356,19 +371,11 @@ class H1Connection:
     callback, no Future and no task: the sender's hot path, for a connection already open).
     """
 
-    __slots__ = ("_answered", "_on_answer", "_proto", "_t")
+    __slots__ = ("_proto", "_t")
 
     def __init__(self, transport: H1Transport) -> None:
         self._t = transport
         self._proto: _H1Protocol | None = None
-        self._on_answer: OnAnswer | None = None
-        self._answered = self._answer  # one bound method, not one per request
-
-    @property
-    def ready(self) -> bool:
-        """Open, with no request outstanding: ``try_send`` will send."""
-        proto = self._proto
-        return proto is not None and not proto.closed and proto.on_answer is None
 
     async def _connect(self) -> _H1Protocol:
         t = self._t
@@ -404,23 +411,18 @@ class H1Connection:
         proto = self._proto
         if proto is None or proto.closed or proto.on_answer is not None:
             return False
-        self._on_answer = on_answer
-        self._write(proto, headers, body)
+        self._write(proto, headers, body, on_answer)
         return True
 
-    def _write(self, proto: _H1Protocol, headers: bytes, body: bytes) -> None:
-        proto.start(self._answered)
-        assert proto.transport is not None
-        proto.transport.write(
-            b"%s%sContent-Length: %d\r\n\r\n%s" % (self._t._head, headers, len(body), body)
+    def _write(self, proto: _H1Protocol, headers: bytes, body: bytes, on_answer: OnAnswer) -> None:
+        t = self._t
+        proto.send(
+            b"%s%sContent-Length: %d\r\n\r\n%s" % (t._head, headers, len(body), body),
+            on_answer,
+            t.timeout,
         )
-        self._t._watch(self)
-
-    def _answer(self, outcome: Response | TransportError) -> None:
-        self._t._inflight.pop(self, None)
-        on_answer, self._on_answer = self._on_answer, None
-        if on_answer is not None:
-            on_answer(outcome)
+        if t._sweeper is None:
+            t._watch()
 
     async def post(self, headers: Mapping[str, str], body: bytes) -> Response:
         proto = self._proto
@@ -433,27 +435,19 @@ class H1Connection:
             if not waiter.done():
                 waiter.set_result(outcome)
 
-        self._on_answer = on_answer
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        self._write(proto, extra.encode("latin-1"), body)
+        self._write(proto, extra.encode("latin-1"), body, on_answer)
         try:
             outcome = await waiter
         finally:
             if waiter.cancelled():
                 # The caller gave up (a cancelled run): the answer may still come, and must
                 # not be taken as the next request's.
-                self._t._inflight.pop(self, None)
-                self._on_answer = None
+                proto.on_answer = None
                 self.close()
         if isinstance(outcome, TransportError):
             raise outcome
         return outcome
-
-    def expire(self) -> None:
-        """Called by the sweep: the attempt in flight ran out of time."""
-        proto = self._proto
-        if proto is not None:
-            proto._fail(RequestTimeout(f"no answer within {self._t.timeout:g}s"))
 
     def close(self) -> None:
         if self._proto is not None and self._proto.transport is not None:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import itertools
 import time
@@ -144,8 +145,9 @@ class _Slot:
         self.try_start: Callable[[Record, float, Done], bool] | None = getattr(
             courier, "try_start", None
         )
-        # One bound callback per slot, made once: not one closure per record.
-        self.done: Done = lambda result: finished(self, result)
+        # One callback per slot, made once; a partial, not a lambda: one Python frame less
+        # per record.
+        self.done: Done = functools.partial(finished, self)
 
 
 class Pool:
@@ -508,8 +510,10 @@ class Pool:
             # a drain leaves lane leftovers for --resume
         self._busy -= 1
         self._idle.append(slot)
-        if release:
+        if release and self._ready:
             self._release()
+        elif not self._busy:
+            self._check_finished()
 
     def _check_finished(self) -> None:
         finished = self._finished_all
