@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -164,7 +165,7 @@ class _H1Protocol(asyncio.Protocol):
         #: When the outstanding request times out (the loop's clock).
         self.deadline = 0.0
         self.closed = False
-        self._clock = asyncio.get_running_loop().time
+        self._clock: Callable[[], float] = time.monotonic  # the loop's, once connected
         self._received = 0
         self._stray = False
         #: The final answer parsed, not yet handed to ``on_answer``.
@@ -192,6 +193,7 @@ class _H1Protocol(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._clock = asyncio.get_running_loop().time  # the sweep's clock
 
     def data_received(self, data: bytes) -> None:
         if self.on_answer is None:

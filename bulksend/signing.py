@@ -29,9 +29,11 @@ import functools
 import hashlib
 import hmac
 import time
+from binascii import hexlify
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from hashlib import sha256
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote
 
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 ALGORITHM = "SDK-HMAC-SHA256"
 DATE_FORMAT = "%Y%m%dT%H%M%SZ"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+EMPTY_SHA256_HEX = EMPTY_SHA256.encode()
 #: How far the server lets X-Sdk-Date stray from its own clock, like the real gateway.
 MAX_CLOCK_SKEW_S = 15 * 60
 
@@ -192,32 +195,48 @@ class FastSigner:
         )
         self._date_s = -1
         self._date = ""
+        self._canonical_prefix = self._to_sign_prefix = self._lines_prefix = b""
 
     def date_for(self, now: float) -> str:
         """X-Sdk-Date for ``now`` (epoch seconds), cached for the current second."""
         second = int(now)
         if second != self._date_s:
-            self._date_s = second
-            self._date = sdk_date(second)
+            self._new_second(second)
         return self._date
+
+    def _new_second(self, second: int) -> None:
+        """X-Sdk-Date changes once a second: so do the prefixes built on it."""
+        self._date_s = second
+        self._date = date = sdk_date(second)
+        self._canonical_prefix = f"{self._head}{date}{self._tail}".encode()
+        self._to_sign_prefix = f"{ALGORITHM}\n{date}\n".encode()
+        self._lines_prefix = f"X-Sdk-Date: {date}\r\nAuthorization: {self._auth_prefix}".encode(
+            "latin-1"
+        )
+
+    def _signature(self, body: bytes, canonical_prefix: bytes, to_sign_prefix: bytes) -> bytes:
+        """Hex signature of ``body``, given the canonical request and the string to sign up
+        to their last part (the payload hash, the canonical request's hash)."""
+        payload = hexlify(sha256(body).digest()) if body else EMPTY_SHA256_HEX
+        canonical = sha256(canonical_prefix + payload).digest()
+        mac = self._keyed.copy()
+        mac.update(to_sign_prefix + hexlify(canonical))
+        return hexlify(mac.digest())
 
     def authorization(self, body: bytes, date: str) -> str:
         """The Authorization value for a body sent with X-Sdk-Date ``date``."""
-        payload = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
-        canonical = f"{self._head}{date}{self._tail}{payload}"
-        to_sign = f"{ALGORITHM}\n{date}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
-        mac = self._keyed.copy()
-        mac.update(to_sign.encode())
-        return self._auth_prefix + mac.hexdigest()
+        canonical_prefix = f"{self._head}{date}{self._tail}".encode()
+        to_sign_prefix = f"{ALGORITHM}\n{date}\n".encode()
+        return self._auth_prefix + self._signature(body, canonical_prefix, to_sign_prefix).decode()
 
     def header_lines(self, body: bytes, now: float) -> bytes:
         """``X-Sdk-Date`` and ``Authorization`` for ``body`` sent at ``now`` (epoch seconds),
-        as header lines ending in CRLF: what the hot path writes."""
-        date = self.date_for(now)
-        return b"X-Sdk-Date: %s\r\nAuthorization: %s\r\n" % (
-            date.encode(),
-            self.authorization(body, date).encode("latin-1"),
-        )
+        as header lines ending in CRLF: what the hot path writes, every per-second part
+        of it built once a second."""
+        if int(now) != self._date_s:
+            self._new_second(int(now))
+        signature = self._signature(body, self._canonical_prefix, self._to_sign_prefix)
+        return self._lines_prefix + signature + b"\r\n"
 
 
 # --- verification (the built-in server) -------------------------------------------------
