@@ -211,7 +211,7 @@ class _H1Protocol(asyncio.Protocol):
             self._fail(ProtocolError(f"malformed HTTP answer: {exc}"))
         if self._stray:
             self._discard()  # an answer began after ours was complete
-        elif self.on_answer is not None and self._declared > self._limit:
+        elif self._declared > self._limit and self.on_answer is not None:
             self._too_large()
         if self._answer is not None:
             self._deliver()
@@ -224,7 +224,8 @@ class _H1Protocol(asyncio.Protocol):
             and self._headers_done
             and not self._delimited
         ):
-            self._complete()  # a close-delimited answer: the close is its end
+            # A close-delimited answer: the close is its end.
+            self._complete(self._parser.get_status_code())
             self._deliver()
             return
         self._fail(ProtocolError("connection closed before a complete answer"))
@@ -255,24 +256,22 @@ class _H1Protocol(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        if self._parser.get_status_code() < 200:
+        status = self._parser.get_status_code()
+        if status < 200:
             self._reset()  # interim (1xx): the final answer follows
             return
         if not self._parser.should_keep_alive():
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
-        self._complete()
+        self._complete(status)
 
-    def _complete(self) -> None:
+    def _complete(self, status: int) -> None:
         """The final answer is in: no request is outstanding any more (bytes after it are
         stray); ``_deliver`` hands it over once the parser is done with this packet."""
-        if self.on_answer is None:
-            return
-        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        self._answer = Response(
-            self._parser.get_status_code(), body, self._request_id, self._retry_after
-        )
+        if self.on_answer is not None:
+            body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+            self._answer = Response(status, body, self._request_id, self._retry_after)
 
     def _deliver(self) -> None:
         on_answer, self.on_answer = self.on_answer, None
