@@ -70,8 +70,10 @@ from bulksend.pacer import Pacer
 from bulksend.record import Invalid, Item, Record
 from bulksend.result import FAILED, INVALID, OK, SKIPPED, Result, result_for
 
-#: Records pulled from a source per hop (a worker thread's batch, or a slice of a list).
-READ_BATCH = 512
+#: Records pulled from a source per hop (a worker thread's batch, or a slice of a list). A
+#: batch is parsed holding the GIL: 128 records (~0.4 ms) hold up a pacing tick that much at
+#: most; 512 held it ~1.5 ms, a paced run's whole queue_ms budget.
+READ_BATCH = 128
 #: Records read ahead of the couriers, per unit of concurrency (at least READ_BATCH): enough
 #: that a loop turn freeing every courier finds work, few enough that a drain leaves little
 #: read and unsent.
@@ -367,22 +369,27 @@ class Pool:
         ready, idle, lanes = self._ready, self._idle, self._lanes
         counters, schedule, on_dispatch = self.counters, self.schedule, self._on_dispatch
         monotonic = time.monotonic
-        now = 0.0
+        # Read once per call: a rate change (set_rate) runs this loop again. The clock is
+        # read again only before arming the timer: records started meanwhile took time.
+        paced = schedule.rate > 0
+        now = monotonic() if paced else 0.0
         while ready and idle and self._held is None and not self._stopping:
             if counters.dispatched == 0:
                 # The schedule starts with the first record, not with run(): reading the
                 # first batch takes a while, and a clock started before it would find the
                 # first records overdue and send them in a burst.
-                self._t0 = monotonic()
-            if on_dispatch is not None or schedule.rate > 0:
+                self._t0 = now = monotonic()
+            if on_dispatch is not None:
                 now = monotonic()
-            if on_dispatch is not None and (held := on_dispatch(now)) is not None:
-                self._hold(held)
-                return
+                if (held := on_dispatch(now)) is not None:
+                    self._hold(held)
+                    return
+                if self._again:
+                    return  # on_dispatch changed the rate: start over
             intended = 0.0
-            if schedule.rate > 0:
+            if paced:
                 intended = self._t0 + schedule.due_at(counters.dispatched)
-                if intended > now:
+                if intended > now and intended > (now := monotonic()):
                     self._arm(intended - now)
                     return
             work = (ready.popleft(), intended)
