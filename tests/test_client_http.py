@@ -124,6 +124,32 @@ async def test_bytes_nobody_asked_for_close_the_connection() -> None:
     assert srv.connections == 6 and {n for _, n, _ in srv.requests} == {0}
 
 
+async def test_stray_bytes_in_the_answers_packet_never_reach_the_request_sent_at_once() -> None:
+    """The answer completes its record by callback and the pool sends the next record on the
+    same connection at once, from inside that callback. Bytes that came in the same packet
+    after the answer (the start of an unasked-for one) are still in the parser's hands then:
+    they must close the connection, not become the next request's answer."""
+    stray = response("200 OK", b'{"msg_id":"STRAY","queue_id":0,"queue_offset":0}')
+
+    async def handle(ex: Exchange) -> None:
+        # A connection's first request connects (no callback yet); its second is sent by
+        # callback, and its answer comes with the stray bytes.
+        if ex.n == 0:
+            await ex.write(response("200 OK", answer_json(ex.body)))
+        elif ex.n == 1:
+            await ex.write(response("200 OK", answer_json(ex.body)) + stray[:-10])
+        else:
+            await ex.write(stray[-10:], response("200 OK", answer_json(ex.body)))
+
+    got: list[Result] = []
+    async with RawServer(handle) as srv:
+        options = SendOptions(concurrency=1, retry=RETRY)
+        async with Sender(Target(srv.url, *TARGET_PATH), options=options) as s:
+            await s.run(records(6), lambda item, result: got.append(result))
+    assert_each_ok_with_its_own_answer(sorted(got, key=lambda r: r.seq), 6)
+    assert srv.connections == 3  # two requests each: the stray bytes closed it
+
+
 async def test_bytes_arriving_while_no_request_is_outstanding_close_the_connection() -> None:
     """As above, but the stray bytes come while the client holds no request at all: its
     worker is kept busy writing the result until the server sees the connection close (or
