@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -47,6 +48,7 @@ from bulksend.errors import (
     RequestTimeout,
     TransportError,
 )
+from bulksend.tls import open_tls
 
 #: Bytes; the default cap on one answer (SendOptions.max_answer_bytes).
 DEFAULT_MAX_ANSWER_BYTES = 1 << 20
@@ -322,6 +324,9 @@ class H1Transport:
         self.ssl_context = (ssl_context or ssl.create_default_context()) if self.tls else None
         self.timeout = timeout
         self.max_answer_bytes = max_answer_bytes
+        #: TLS over our own socket transport (``bulksend.tls``) rather than the loop's; False
+        #: on a loop that cannot watch sockets (Windows' proactor).
+        self.own_tls = not sys.platform.startswith("win")
         path = parts.path or "/"
         lines = "".join(f"{k}: {v}\r\n" for k, v in fixed_headers.items())
         self._head = f"POST {path} HTTP/1.1\r\n{lines}".encode("latin-1")
@@ -383,13 +388,18 @@ class H1Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(t.timeout):
-                _, proto = await loop.create_connection(
-                    lambda: _H1Protocol(t.max_answer_bytes),
-                    t.host,
-                    t.port,
-                    ssl=t.ssl_context,
-                    server_hostname=t.host if t.tls else None,
-                )
+                if t.ssl_context is not None and t.own_tls:
+                    _, proto = await open_tls(
+                        t.host, t.port, t.ssl_context, lambda: _H1Protocol(t.max_answer_bytes)
+                    )
+                else:
+                    _, proto = await loop.create_connection(
+                        lambda: _H1Protocol(t.max_answer_bytes),
+                        t.host,
+                        t.port,
+                        ssl=t.ssl_context,
+                        server_hostname=t.host if t.tls else None,
+                    )
         except TimeoutError:
             raise RequestTimeout(
                 f"connect to {t.host}:{t.port} timed out after {t.timeout:g}s"
