@@ -267,7 +267,13 @@ class Pool:
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 group.create_task(self._read(items, done), name="bulksend-read")
-                await self._finished_all
+                try:
+                    await self._finished_all
+                except BaseException:
+                    # Cancelled, or an error stops the run: answers that still come in
+                    # while the group winds down are nobody's to report.
+                    self._closed = True
+                    raise
         except BaseExceptionGroup as eg:
             # One failure (say, an input read error) is the run's failure: raise it as
             # itself so the CLI's one boundary can translate it.
@@ -359,6 +365,9 @@ class Pool:
             while self._again:
                 self._again = False
                 self._release_due()
+        except Exception as exc:  # on_dispatch's, a courier's: the run cannot go on
+            self._fail(exc)
+            return
         finally:
             self._releasing = False
         if len(self._ready) <= self._ready_low:

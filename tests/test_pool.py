@@ -292,3 +292,18 @@ async def test_a_rate_change_takes_effect_at_once() -> None:
 
     await asyncio.wait_for(pool.run(records(20), on_result), 10)
     assert len(spy.started) == 20
+
+
+async def test_an_error_from_on_dispatch_stops_the_run_with_that_error() -> None:
+    """Records are released from loop callbacks (a timer, an answer): an error raised there
+    must still end ``run()``, not vanish into the loop's exception handler."""
+    spy = CallbackSpy()
+
+    def on_dispatch(now: float) -> None:
+        if pool.counters.dispatched == 20:
+            raise RuntimeError("observer bug")
+
+    pool = Pool(SendOptions(concurrency=4), Schedule(0), spy.open, on_dispatch=on_dispatch)
+    with pytest.raises(RuntimeError, match="observer bug"):
+        await asyncio.wait_for(pool.run(records(100), lambda item, r: None), 10)
+    assert len(spy.started) == 20 and spy.closed == 4
