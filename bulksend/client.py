@@ -236,7 +236,11 @@ class _H1Protocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self.on_answer is None or self._answer is not None:
             self._stray = True
-        self._reset()
+        # _reset(), inline: this runs once per answer.
+        self._body = []
+        self._request_id = self._retry_after = None
+        self._headers_done = self._delimited = False
+        self._declared = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         n = len(name)
@@ -422,10 +426,6 @@ class H1Connection:
         proto = self._proto
         if proto is None or proto.closed or proto.on_answer is not None:
             return False
-        self._write(proto, headers, body, on_answer)
-        return True
-
-    def _write(self, proto: _H1Protocol, headers: bytes, body: bytes, on_answer: OnAnswer) -> None:
         t = self._t
         proto.send(
             b"%s%sContent-Length: %d\r\n\r\n%s" % (t._head, headers, len(body), body),
@@ -434,6 +434,7 @@ class H1Connection:
         )
         if t._sweeper is None:
             t._watch()
+        return True
 
     async def post(self, headers: Mapping[str, str], body: bytes) -> Response:
         proto = self._proto
@@ -447,7 +448,9 @@ class H1Connection:
                 waiter.set_result(outcome)
 
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        self._write(proto, extra.encode("latin-1"), body, on_answer)
+        if not self.try_send(extra.encode("latin-1"), body, on_answer):
+            # Closed by the peer between the connect and now (nothing else is outstanding).
+            raise ProtocolError("connection closed before a complete answer")
         try:
             outcome = await waiter
         finally:

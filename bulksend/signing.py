@@ -232,11 +232,14 @@ class FastSigner:
     def header_lines(self, body: bytes, now: float) -> bytes:
         """``X-Sdk-Date`` and ``Authorization`` for ``body`` sent at ``now`` (epoch seconds),
         as header lines ending in CRLF: what the hot path writes, every per-second part
-        of it built once a second."""
+        of it built once a second. (``_signature`` inline: one frame less per message.)"""
         if int(now) != self._date_s:
             self._new_second(int(now))
-        signature = self._signature(body, self._canonical_prefix, self._to_sign_prefix)
-        return self._lines_prefix + signature + b"\r\n"
+        payload = hexlify(sha256(body).digest()) if body else EMPTY_SHA256_HEX
+        canonical = sha256(self._canonical_prefix + payload).digest()
+        mac = self._keyed.copy()
+        mac.update(self._to_sign_prefix + hexlify(canonical))
+        return self._lines_prefix + hexlify(mac.digest()) + b"\r\n"
 
 
 # --- verification (the built-in server) -------------------------------------------------
