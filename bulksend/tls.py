@@ -45,6 +45,17 @@ class TLSTransport(asyncio.Transport):
         super().__init__()
         self._loop = loop
         self._sock = sock
+        # ssl.SSLSocket's recv_into, send and pending are Python wrappers (a closed-check
+        # and a call on) around the C object's read, write and pending: ~8 Python frames per
+        # message, ~1.5 µs of TLS's cost. The C object is called directly where it is there.
+        direct = getattr(sock, "_sslobj", None)
+        self._read_into: Callable[[int, memoryview], int] = (
+            direct.read if direct is not None else lambda n, buf: sock.recv_into(buf, n)
+        )
+        self._send: Callable[[bytes | bytearray | memoryview], int] = (
+            direct.write if direct is not None else sock.send
+        )
+        self._pending: Callable[[], int] = direct.pending if direct is not None else sock.pending
         self._fd = sock.fileno()
         self._protocol = protocol
         self._backlog = bytearray()
@@ -62,7 +73,7 @@ class TLSTransport(asyncio.Transport):
             self._backlog += data
             return
         try:
-            sent = self._sock.send(data)
+            sent = self._send(data)
         except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
             sent = 0
         except (OSError, ssl.SSLError) as exc:
@@ -97,10 +108,10 @@ class TLSTransport(asyncio.Transport):
 
     # the loop's callbacks
     def _on_readable(self) -> None:
-        sock, view = self._sock, self._view
+        read_into, pending, view = self._read_into, self._pending, self._view
         while not self._closed:
             try:
-                n = sock.recv_into(view)
+                n = read_into(READ_SIZE, view)
             except (ssl.SSLWantReadError, BlockingIOError):
                 return  # the rest of a record is still on its way
             except ssl.SSLWantWriteError:
@@ -120,14 +131,14 @@ class TLSTransport(asyncio.Transport):
                 self._lose(exc)
                 raise
             # Decrypted bytes left in the SSL object raise no readiness event: drain them.
-            if not sock.pending():
+            if not pending():
                 return
 
     def _on_writable(self) -> None:
         if self._closed:
             return
         try:
-            sent = self._sock.send(self._backlog)
+            sent = self._send(self._backlog)
         except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
             return
         except (OSError, ssl.SSLError) as exc:
