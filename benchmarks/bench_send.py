@@ -20,8 +20,8 @@ user + system time (getrusage), start-up included, divided by the messages it se
   hypervisor during the run, and what one sleep and wake-up of a process costs in CPU
   here (a paced client sleeps between messages: on a VM this is most of its extra CPU).
 
-``--baseline CMD`` also measures another bulksend executable (say, main's) on the unpaced
-row, alternating with this one.
+``--baseline CMD`` also measures another bulksend executable (say, main's installed in a
+venv of its own) on the unpaced, TLS, --rate 8,000 and load rows.
 """
 
 from __future__ import annotations
@@ -175,9 +175,12 @@ class Bench:
         self.rows.append(row)
         return row
 
-    def load(self, url: str, name: str, rate: float, seconds: float) -> Row:
+    def load(
+        self, url: str, name: str, rate: float, seconds: float, program: Sequence[str] = ()
+    ) -> Row:
         stats_path = self.work / "load-stats.json"
-        cmd = [*CORE, sys.executable, "-m", "bulksend", "load", "--endpoint", url, *TARGET]
+        cmd = [*CORE, *(program or [sys.executable, "-m", "bulksend"]), "load", "--endpoint", url]
+        cmd += TARGET
         cmd += ["--rate", f"{rate:g}", "--duration", f"{seconds:g}s", "--quiet"]
         cmd += ["--stats", str(stats_path), "--out", str(self.work / "load.jsonl")]
         run = measure(name, cmd, int(rate * seconds), self.env, ok_codes=(0, 1))
@@ -373,23 +376,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-send-") as d, machine_note() as machine:
         work = Path(d)
         b = Bench(args, work)
+        base = [args.baseline] if args.baseline else []
         started = time.monotonic()
         with nginx(core=1) as url:
             b.wrk(url + "/", "wrk")
             b.hey(url + "/", "hey")
             b.send(url, "bulksend send", args.messages)
             if args.baseline:
-                b.send(url, "baseline send", args.messages, program=[args.baseline])
+                b.send(url, "baseline send", args.messages, program=base)
             if not b.skip("c1024"):
                 b.send(url, "bulksend send, c=1024", args.messages, concurrency=1024)
             if not b.skip("paced"):
                 for rate in (float(r) for r in args.rates.split(",")):
                     n = int(rate * args.paced_seconds)
                     b.send(url, f"bulksend send --rate {rate:,.0f}", n, "--rate", f"{rate:g}")
+                if args.baseline:
+                    n = int(8000 * args.paced_seconds)
+                    b.send(url, "baseline send --rate 8,000", n, "--rate", "8000", program=base)
                 b.hey(url + "/", "hey -q (paced 8,000/s)", rate=8000)
             if not b.skip("load"):
                 name = f"bulksend load {args.load_rate:,.0f}/s"
                 b.rows.append(b.load(url, name, args.load_rate, args.load_seconds))
+                if args.baseline:
+                    name = f"baseline load {args.load_rate:,.0f}/s"
+                    b.rows.append(b.load(url, name, args.load_rate, args.load_seconds, base))
             if not b.skip("ladder"):
                 for rate in (float(r) for r in args.ladder.split(",")):
                     b.ladder.append(b.load(url, f"load {rate:g}", rate, args.ladder_seconds))
@@ -403,6 +413,9 @@ def main() -> None:
                 b.wrk(url + "/", "wrk, TLS")
                 b.hey(url + "/", "hey, TLS")
                 b.send(url, "bulksend send, TLS", args.messages, "--ca-bundle", str(ca))
+                if args.baseline:
+                    b.send(url, "baseline send, TLS", args.messages, "--ca-bundle", str(ca),
+                           program=base)  # fmt: skip
         took = time.monotonic() - started
     print()
     print(table(b.rows))
