@@ -334,7 +334,7 @@ def verdicts(b: Bench) -> list[str]:
     say(rss <= 100, f"peak RSS ≤ 100 MB (c ≤ 1,024): {rss:.0f} MB")
     for r in b.rows:
         e = r.extra
-        if "queue_p99" in e and e["rate"] >= 5000 and unpaced:
+        if "queue_p99" in e and e["rate"] >= 5000 and unpaced and r.name.startswith("bulksend"):
             ratio = r.cpu_us / unpaced.cpu_us
             say(ratio <= 1.25, f"--rate {e['rate']:,.0f}: CPU ≤ 1.25× unpaced: {ratio:.2f}×")
             say(abs(e["achieved"] / e["rate"] - 1) <= 0.01, f"--rate {e['rate']:,.0f}: achieved ±1 %:"
