@@ -27,7 +27,7 @@ How a record moves (no queue hop, no task and no Future per record on the common
 * A courier with ``try_start`` (a callback) delivers with no task; otherwise the pool
   awaits ``deliver()`` in a task of its group (first connects, retries, proxies, tests).
 
-Shutdown order is fixed, so that nothing read is ever lost and nothing waits forever:
+Shutdown order is fixed, so that nothing sent goes unreported and nothing waits forever:
 stop the source -> release no more records -> couriers in flight finish and report ->
 the task group of ``run()`` ends -> couriers closed -> ``run()`` returns. ``stop()``
 enters that order early (a drain): records read but not released are neither sent nor
