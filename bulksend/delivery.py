@@ -26,18 +26,19 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 import orjson
 
 from bulksend._version import __version__
-from bulksend.client import Connection, Transport, make_transport
+from bulksend.client import Connection, OnAnswer, Response, Transport, make_transport
 from bulksend.config import Credentials, SendOptions, Target
 from bulksend.errors import TransportError
 from bulksend.health import Admit, TargetHealth, Verdict
 from bulksend.observers import AttemptObserver
 from bulksend.outcome import interpret
-from bulksend.pool import Counters
+from bulksend.pool import Counters, Done
 from bulksend.record import KEYS, Record
 from bulksend.result import FAILED, OK, Result, result_for
 from bulksend.retry import (
@@ -85,7 +86,7 @@ class Auth:
     with X-Security-Token sent and signed when there is one), a token is sent as
     X-Auth-Token, no credentials send nothing. Immutable once built."""
 
-    __slots__ = ("_signer", "_static")
+    __slots__ = ("_signer", "_static", "_static_lines")
 
     def __init__(self, target: Target, credentials: Credentials) -> None:
         static: dict[str, str] = {}
@@ -94,6 +95,7 @@ class Auth:
         elif credentials.mode == "token":
             static["X-Auth-Token"] = credentials.auth_token or ""
         self._static = static
+        self._static_lines = "".join(f"{k}: {v}\r\n" for k, v in static.items()).encode("latin-1")
         self._signer = (
             FastSigner(
                 "POST",
@@ -116,6 +118,12 @@ class Auth:
         if self._static:
             return {**self._static, "X-Sdk-Date": date, "Authorization": authorization}
         return {"X-Sdk-Date": date, "Authorization": authorization}
+
+    def header_lines(self, body: bytes, now: float) -> bytes:
+        """``headers(body)`` as the request's header lines, signed at ``now`` (epoch s)."""
+        if self._signer is None:
+            return self._static_lines
+        return self._static_lines + self._signer.header_lines(body, now)
 
 
 class Delivery:
@@ -175,11 +183,21 @@ class Delivery:
             }
         )
 
-    async def send_one(self, conn: Connection, record: Record, intended: float = 0.0) -> Result:
+    async def send_one(
+        self,
+        conn: Connection,
+        record: Record,
+        intended: float = 0.0,
+        *,
+        first: FirstAttempt | None = None,
+    ) -> Result:
         """Every attempt for one record, retries and backoff included; always a Result
         (status ``WITHHELD`` when the run stopped for an unreachable target first).
-        ``intended``: the monotonic time the pacer meant it to go (0.0 = unpaced)."""
-        if self._before_send is not None and (pending := self._before_send(record)) is not None:
+        ``intended``: the monotonic time the pacer meant it to go (0.0 = unpaced).
+        ``first``: the first attempt, already made (by a ``Courier``'s callback, which
+        entered the record into ``health`` when it sent it)."""
+        before = self._before_send if first is None else None
+        if before is not None and (pending := before(record)) is not None:
             await pending
         health = self.health
         policy = self.options.retry
@@ -187,6 +205,8 @@ class Delivery:
         body = self.body_of(record)
         started = time.monotonic()
         started_at = time.time()
+        if first is not None:
+            started, started_at = first.started, first.started_at
         attempts = 0
         #: Failures that count against --max-retries: the record's own.
         charged = 0
@@ -194,13 +214,14 @@ class Delivery:
         #: many of them it holds: refunded if that streak proves an outage.
         streak = in_streak = 0
         probe = False
-        health.enter()  # until leave(): a record that may still bring news of the target
+        if first is None:
+            health.enter()  # until leave(): a record that may still bring news of the target
         try:
             while True:
                 if in_streak and health.was_outage(streak):
                     charged -= in_streak
                     in_streak = 0
-                if health.down or health.stopping:
+                if first is None and (health.down or health.stopping):
                     admitted = await health.admit()
                     if admitted is Admit.STOP:
                         result = _withheld(record, health)
@@ -210,7 +231,13 @@ class Delivery:
                 retry_after: str | None = None
                 verdict = Verdict.OWN
                 try:
-                    resp = await conn.post(self._auth.headers(body), body)
+                    if first is None:
+                        resp = await conn.post(self._auth.headers(body), body)
+                    elif isinstance(outcome := first.outcome, TransportError):
+                        first = None
+                        raise outcome
+                    else:
+                        resp, first = outcome, None
                 except TransportError as exc:
                     result = result_for(record, FAILED)
                     result.error_code = exc.code
@@ -252,15 +279,32 @@ class Delivery:
                     self.counters.retrying -= 1
         finally:
             health.leave()
-        result.attempts = attempts
-        result.latency_ms = round((time.monotonic() - started) * 1000.0, 3)
-        result.started_at = int(started_at * 1000)
-        result.done_at = int(time.time() * 1000)
-        if intended:
-            queued = max(0.0, started - intended)
-            result.queue_ms = round(queued * 1000.0, 3)
-            result.intended_at = int((started_at - queued) * 1000)
-        return result
+        return stamp(result, attempts, started, started_at, intended)
+
+
+def stamp(
+    result: Result, attempts: int, started: float, started_at: float, intended: float
+) -> Result:
+    """The record's figures: attempts, and its times from the first attempt's start
+    (``started`` monotonic, ``started_at`` epoch seconds) to now."""
+    result.attempts = attempts
+    result.latency_ms = round((time.monotonic() - started) * 1000.0, 3)
+    result.started_at = int(started_at * 1000)
+    result.done_at = int(time.time() * 1000)
+    if intended:
+        queued = max(0.0, started - intended)
+        result.queue_ms = round(queued * 1000.0, 3)
+        result.intended_at = int((started_at - queued) * 1000)
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class FirstAttempt:
+    """An attempt made outside ``send_one``: its outcome and when it started."""
+
+    outcome: Response | TransportError
+    started: float
+    started_at: float
 
 
 def _withheld(record: Record, health: TargetHealth) -> Result:
@@ -271,16 +315,77 @@ def _withheld(record: Record, health: TargetHealth) -> Result:
 
 
 class Courier:
-    """A worker's share of a ``Delivery``: its one connection (``pool.Courier``)."""
+    """A worker's share of a ``Delivery``: its one connection (``pool.Courier``).
 
-    __slots__ = ("_conn", "_delivery")
+    ``try_start`` is the hot path: the first attempt by callback (``H1Connection.try_send``),
+    and an ok answer completes the record right there, with no task and no Future. Anything
+    else (no open connection yet, an answer that is not ok, a transport error, a
+    write-ahead ``before_send``) goes on in ``Delivery.send_one``, so retries, backoff and
+    every rule about them live in one place.
+    """
+
+    __slots__ = (
+        "_conn",
+        "_delivery",
+        "_done",
+        "_intended",
+        "_on_answer",
+        "_record",
+        "_started",
+        "_started_at",
+        "_try_send",
+    )
 
     def __init__(self, delivery: Delivery, conn: Connection) -> None:
         self._delivery = delivery
         self._conn = conn
+        self._try_send: Callable[[bytes, bytes, OnAnswer], bool] | None = getattr(
+            conn, "try_send", None
+        )
+        self._on_answer: OnAnswer = self._answered  # one bound method, not one per record
+        self._record: Record | None = None
+        self._done: Done | None = None
+        self._intended = self._started = self._started_at = 0.0
 
     def deliver(self, record: Record, intended: float) -> Awaitable[Result]:
         return self._delivery.send_one(self._conn, record, intended)
+
+    def try_start(self, record: Record, intended: float, done: Done) -> bool:
+        d = self._delivery
+        try_send = self._try_send
+        health = d.health
+        # During an outage every attempt goes through health's gate (send_one).
+        if try_send is None or d._before_send is not None or d.halted or health.down:
+            return False
+        if health.stopping:
+            return False
+        body = d.body_of(record)
+        started_at = time.time()
+        started = time.monotonic()
+        if not try_send(d._auth.header_lines(body, started_at), body, self._on_answer):
+            return False
+        health.enter()  # left on an ok answer below, else by send_one(first=...)
+        self._record, self._done, self._intended = record, done, intended
+        self._started, self._started_at = started, started_at
+        return True
+
+    def _answered(self, outcome: Response | TransportError) -> None:
+        d, record, done = self._delivery, self._record, self._done
+        assert record is not None and done is not None
+        self._record = self._done = None
+        if not isinstance(outcome, TransportError):
+            result = interpret(record, outcome, d._secrets)
+            if result.status == OK:
+                health = d.health
+                if not health.quiet:
+                    health.on_answer()
+                health.leave()
+                for observe in d._observers:
+                    observe(result)
+                done(stamp(result, 1, self._started, self._started_at, self._intended))
+                return
+        first = FirstAttempt(outcome, self._started, self._started_at)
+        done(d.send_one(self._conn, record, self._intended, first=first))
 
     def close(self) -> None:
         self._conn.close()
