@@ -71,14 +71,34 @@ def ensure_debian_package(binary: str, package: str) -> str:
     return shutil.which(binary) or f"/usr/sbin/{binary}"
 
 
+def tls_files(directory: Path) -> tuple[Path, Path]:
+    """A throwaway CA (trustme) and a certificate for 127.0.0.1 it signed: the server's PEM
+    (key and chain) and the CA's PEM for the client's --ca-bundle."""
+    import trustme
+
+    ca = trustme.CA()
+    server, bundle = directory / "server.pem", directory / "ca.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(server))
+    ca.cert_pem.write_to_path(str(bundle))
+    return server, bundle
+
+
 @contextmanager
-def nginx(core: int = 1) -> Iterator[str]:
-    """nginx on one core answering every request with a SendMessage-shaped 200."""
+def nginx(core: int = 1, tls: Path | None = None) -> Iterator[str]:
+    """nginx on one core answering every request with a SendMessage-shaped 200; over TLS
+    with ``tls`` (a PEM holding the key and the certificate chain)."""
     binary = ensure_debian_package("nginx", "nginx-light")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="bench-nginx-") as d:
         conf = Path(d) / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=d, port=port, answer=ANSWER))
+        text = NGINX_CONF.format(dir=d, port=port, answer=ANSWER)
+        if tls is not None:
+            text = text.replace(
+                f"listen 127.0.0.1:{port};",
+                f"listen 127.0.0.1:{port} ssl;\n        ssl_certificate {tls};\n"
+                f"        ssl_certificate_key {tls};",
+            )
+        conf.write_text(text)
         proc = subprocess.Popen(["taskset", "-c", str(core), binary, "-c", str(conf), "-p", d])
         try:
             deadline = time.monotonic() + 10
@@ -88,7 +108,7 @@ def nginx(core: int = 1) -> Iterator[str]:
                     break
                 except OSError:
                     time.sleep(0.05)
-            yield f"http://127.0.0.1:{port}"
+            yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         finally:
             proc.terminate()
             proc.wait(timeout=10)
@@ -110,6 +130,8 @@ class Measured:
     wall_s: float
     cpu_s: float
     peak_rss_mb: float
+    #: What the command printed (its last line, our wrapper's figures, left out).
+    output: str = ""
 
     @property
     def rate(self) -> float:
@@ -121,7 +143,12 @@ class Measured:
 
 
 def measure(
-    name: str, cmd: Sequence[str], messages: int, env: dict[str, str] | None = None
+    name: str,
+    cmd: Sequence[str],
+    messages: int,
+    env: dict[str, str] | None = None,
+    *,
+    ok_codes: tuple[int, ...] = (0,),
 ) -> Measured:
     """Run cmd to completion; wall time, user+sys CPU and peak RSS of that child alone."""
     # RUSAGE_CHILDREN accumulates (and ru_maxrss is the max over all children), so each
@@ -132,7 +159,7 @@ def measure(
         "u=resource.getrusage(resource.RUSAGE_CHILDREN);"
         "print(json.dumps([rc,w,u.ru_utime+u.ru_stime,u.ru_maxrss/1024]))"
     )
-    out = (
+    lines = (
         subprocess.run(
             [sys.executable, "-c", wrapper, *cmd],
             env=env,
@@ -141,12 +168,12 @@ def measure(
             text=True,
         )
         .stdout.strip()
-        .splitlines()[-1]
+        .splitlines()
     )
-    rc, wall, cpu, rss = orjson.loads(out)
-    if rc not in (0,):
+    rc, wall, cpu, rss = orjson.loads(lines[-1])
+    if rc not in ok_codes:
         raise SystemExit(f"{name}: exited {rc}")
-    return Measured(name, messages, wall, cpu, rss)
+    return Measured(name, messages, wall, cpu, rss, "\n".join(lines[:-1]))
 
 
 def table(rows: Sequence[Measured], baseline: Measured) -> str:

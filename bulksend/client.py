@@ -27,9 +27,12 @@ tick`` after it started.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import sys
+import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
@@ -42,17 +45,23 @@ if TYPE_CHECKING:
 from bulksend.errors import (
     AnswerTooLarge,
     ConnectError,
+    ConnectionClosed,
+    ConnectTimeout,
     ProtocolError,
     RequestTimeout,
     TransportError,
 )
+from bulksend.tls import open_tls
 
 #: Bytes; the default cap on one answer (SendOptions.max_answer_bytes).
 DEFAULT_MAX_ANSWER_BYTES = 1 << 20
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Response:
+    """One final answer. Not frozen: a frozen dataclass's __init__ costs a setattr call per
+    field, and one is made per message."""
+
     status: int
     body: bytes
     request_id: str | None = None
@@ -108,8 +117,15 @@ def make_transport(
 # --- the fast HTTP/1.1 transport ---------------------------------------------------------
 
 
+#: Called once with an attempt's outcome: the final answer, or why there is none.
+OnAnswer = Callable[["Response | TransportError"], None]
+
+
 class _H1Protocol(asyncio.Protocol):
-    """Parses answers with httptools; completes ``waiter`` once per request.
+    """Parses answers with httptools; calls ``on_answer`` once per request.
+
+    A callback, not a Future per request: an answer then completes its record inside this
+    ``data_received``, with no task to wake (the sender's hot path; see ``H1Connection``).
 
     Subtleness ahead! Bytes are credited to the request outstanding, and to nothing else:
 
@@ -121,10 +137,15 @@ class _H1Protocol(asyncio.Protocol):
       §6.3): a clean EOF completes it; a reset, or EOF inside a delimited answer, fails it.
     * More than ``limit`` bytes while a request is outstanding (or a Content-Length over
       it) fail the attempt with AnswerTooLarge and close the connection.
+    * ``on_answer`` runs after ``feed_data`` has returned, never inside it: it may write the
+      next request at once, and bytes still in the parser's hands (a stray answer in the same
+      packet) must meet a connection with no request outstanding.
     """
 
     __slots__ = (
+        "_answer",
         "_body",
+        "_clock",
         "_declared",
         "_delimited",
         "_headers_done",
@@ -135,18 +156,25 @@ class _H1Protocol(asyncio.Protocol):
         "_retry_after",
         "_stray",
         "closed",
+        "deadline",
+        "on_answer",
         "transport",
-        "waiter",
     )
 
     def __init__(self, limit: int) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._limit = limit
         self.transport: asyncio.Transport | None = None
-        self.waiter: asyncio.Future[Response] | None = None
+        #: The outstanding request's callback; None while no request is outstanding.
+        self.on_answer: OnAnswer | None = None
+        #: When the outstanding request times out (the loop's clock).
+        self.deadline = 0.0
         self.closed = False
+        self._clock: Callable[[], float] = time.monotonic  # the loop's, once connected
         self._received = 0
         self._stray = False
+        #: The final answer parsed, not yet handed to ``on_answer``.
+        self._answer: Response | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -158,17 +186,22 @@ class _H1Protocol(asyncio.Protocol):
         self._delimited = False
         self._declared = 0
 
-    def start(self, waiter: asyncio.Future[Response]) -> None:
-        """A request is about to be written; its answer completes ``waiter``."""
-        self.waiter = waiter
+    def send(self, request: bytes, on_answer: OnAnswer, timeout: float) -> None:
+        """Write ``request``; its outcome goes to ``on_answer`` (within ``timeout`` s, by
+        the transport's sweep)."""
+        self.on_answer = on_answer
         self._received = 0
+        self.deadline = self._clock() + timeout
+        assert self.transport is not None
+        self.transport.write(request)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._clock = asyncio.get_running_loop().time  # the sweep's clock
 
     def data_received(self, data: bytes) -> None:
-        if self.waiter is None:
+        if self.on_answer is None:
             self._discard()  # no request outstanding: these bytes answer nothing we sent
             return
         self._received += len(data)
@@ -183,21 +216,34 @@ class _H1Protocol(asyncio.Protocol):
             self._fail(ProtocolError(f"malformed HTTP answer: {exc}"))
         if self._stray:
             self._discard()  # an answer began after ours was complete
-        elif self.waiter is not None and self._declared > self._limit:
+        elif self._declared > self._limit and self.on_answer is not None:
             self._too_large()
+        if self._answer is not None:
+            self._deliver()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if exc is None and self.waiter is not None and self._headers_done and not self._delimited:
-            self._complete()  # a close-delimited answer: the close is its end
+        if (
+            exc is None
+            and self.on_answer is not None
+            and self._headers_done
+            and not self._delimited
+        ):
+            # A close-delimited answer: the close is its end.
+            self._complete(self._parser.get_status_code())
+            self._deliver()
             return
-        self._fail(ProtocolError("connection closed before a complete answer"))
+        self._fail(ConnectionClosed("connection closed before a complete answer"))
 
     # httptools callbacks
     def on_message_begin(self) -> None:
-        if self.waiter is None:
+        if self.on_answer is None or self._answer is not None:
             self._stray = True
-        self._reset()
+        # _reset(), inline: this runs once per answer.
+        self._body = []
+        self._request_id = self._retry_after = None
+        self._headers_done = self._delimited = False
+        self._declared = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         n = len(name)
@@ -219,22 +265,28 @@ class _H1Protocol(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        if self._parser.get_status_code() < 200:
+        status = self._parser.get_status_code()
+        if status < 200:
             self._reset()  # interim (1xx): the final answer follows
             return
         if not self._parser.should_keep_alive():
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
-        self._complete()
+        self._complete(status)
 
-    def _complete(self) -> None:
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():
+    def _complete(self, status: int) -> None:
+        """The final answer is in: no request is outstanding any more (bytes after it are
+        stray); ``_deliver`` hands it over once the parser is done with this packet."""
+        if self.on_answer is not None:
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-            waiter.set_result(
-                Response(self._parser.get_status_code(), body, self._request_id, self._retry_after)
-            )
+            self._answer = Response(status, body, self._request_id, self._retry_after)
+
+    def _deliver(self) -> None:
+        on_answer, self.on_answer = self.on_answer, None
+        answer, self._answer = self._answer, None
+        if on_answer is not None and answer is not None:
+            on_answer(answer)
 
     def _too_large(self) -> None:
         status = self._parser.get_status_code() if self._headers_done else None
@@ -251,10 +303,13 @@ class _H1Protocol(asyncio.Protocol):
             self.transport.abort()
 
     def _fail(self, exc: TransportError) -> None:
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc)
+        """No (more) answer on this connection: close it; the request outstanding fails with
+        ``exc``, unless its answer was complete before the trouble began."""
         self._discard()
+        on_answer, self.on_answer = self.on_answer, None
+        answer, self._answer = self._answer, None
+        if on_answer is not None:
+            on_answer(answer if answer is not None else exc)
 
 
 class H1Transport:
@@ -276,10 +331,12 @@ class H1Transport:
         self.ssl_context = (ssl_context or ssl.create_default_context()) if self.tls else None
         self.timeout = timeout
         self.max_answer_bytes = max_answer_bytes
+        #: TLS over our own socket transport (``bulksend.tls``) rather than the loop's; False
+        #: on a loop that cannot watch sockets (Windows' proactor).
+        self.own_tls = not sys.platform.startswith("win")
         path = parts.path or "/"
         lines = "".join(f"{k}: {v}\r\n" for k, v in fixed_headers.items())
         self._head = f"POST {path} HTTP/1.1\r\n{lines}".encode("latin-1")
-        self._inflight: dict[H1Connection, float] = {}
         self._tick = min(0.25, max(0.01, timeout / 8))
         self._sweeper: asyncio.TimerHandle | None = None
         self._connections: set[H1Connection] = set()
@@ -297,24 +354,35 @@ class H1Transport:
             conn.close()
         self._connections.clear()
 
-    def _watch(self, conn: H1Connection, deadline: float) -> None:
-        self._inflight[conn] = deadline
+    def _watch(self) -> None:
+        """A request went out: make sure the sweep runs."""
         if self._sweeper is None:
             loop = asyncio.get_running_loop()
             self._sweeper = loop.call_at(loop.time() + self._tick, self._sweep)
 
     def _sweep(self) -> None:
+        """Fail every attempt past its deadline; runs while any is outstanding. A look at
+        each connection per tick costs less than keeping a registry up to date per request."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        for conn, deadline in list(self._inflight.items()):
-            if now >= deadline:
-                del self._inflight[conn]
-                conn.expire()
-        self._sweeper = loop.call_at(now + self._tick, self._sweep) if self._inflight else None
+        outstanding = False
+        for conn in list(self._connections):
+            proto = conn._proto
+            if proto is None or proto.on_answer is None:
+                continue
+            if now >= proto.deadline:
+                proto._fail(RequestTimeout(f"no answer within {self.timeout:g}s"))
+            else:
+                outstanding = True
+        self._sweeper = loop.call_at(now + self._tick, self._sweep) if outstanding else None
 
 
 class H1Connection:
-    """One keep-alive connection of an ``H1Transport``; reconnects when the peer closed it."""
+    """One keep-alive connection of an ``H1Transport``; reconnects when the peer closed it.
+
+    Two ways to send: ``post`` (a coroutine; connects when needed) and ``try_send`` (a
+    callback, no Future and no task: the sender's hot path, for a connection already open).
+    """
 
     __slots__ = ("_proto", "_t")
 
@@ -325,57 +393,107 @@ class H1Connection:
     async def _connect(self) -> _H1Protocol:
         t = self._t
         loop = asyncio.get_running_loop()
+        where = f"{t.host}:{t.port}"
         try:
             async with asyncio.timeout(t.timeout):
-                _, proto = await loop.create_connection(
-                    lambda: _H1Protocol(t.max_answer_bytes),
-                    t.host,
-                    t.port,
-                    ssl=t.ssl_context,
-                    server_hostname=t.host if t.tls else None,
-                )
+                if t.ssl_context is not None and t.own_tls:
+                    # Resolves with loop.getaddrinfo too (see below), then each address.
+                    _, proto = await open_tls(
+                        t.host, t.port, t.ssl_context, lambda: _H1Protocol(t.max_answer_bytes)
+                    )
+                    return proto
+                # Resolved here, then connected to by number: uvloop's create_connection,
+                # cancelled while it resolves (by this timeout, by a run that stops), leaves
+                # its lookup's future behind, logged as "Future exception was never
+                # retrieved ... gaierror" once per attempt (MagicStack/uvloop#437).
+                # loop.getaddrinfo cancels cleanly, and a numeric host is never resolved.
+                infos = await loop.getaddrinfo(t.host, t.port, type=socket.SOCK_STREAM)
+                error: OSError = OSError(f"no address for {t.host}")
+                for family, _, _, _, address in infos:
+                    try:
+                        _, proto = await loop.create_connection(
+                            lambda: _H1Protocol(t.max_answer_bytes),
+                            str(address[0]),
+                            t.port,
+                            family=family,
+                            ssl=t.ssl_context,
+                            server_hostname=t.host if t.tls else None,
+                        )
+                    except ssl.SSLError:
+                        raise  # the handshake failed: another address serves the same cert
+                    except OSError as exc:
+                        error = exc  # the next address may answer (IPv6, then IPv4)
+                    else:
+                        return proto
+                raise error
         except TimeoutError:
-            raise RequestTimeout(
-                f"connect to {t.host}:{t.port} timed out after {t.timeout:g}s"
+            raise ConnectTimeout(f"connect to {where} timed out after {t.timeout:g}s") from None
+        except socket.gaierror as exc:
+            raise ConnectError(
+                f"cannot resolve host {t.host}: {exc.strerror or exc}", "unknown-host"
+            ) from None
+        except UnicodeError:  # the IDNA codec refuses the name (an empty or overlong label)
+            raise ConnectError(
+                f"cannot resolve host {t.host}: not a valid name", "unknown-host"
+            ) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise ConnectError(
+                f"TLS certificate of {where} not trusted: {exc.verify_message or exc.reason}",
+                "tls-verify",
             ) from None
         except ssl.SSLError as exc:
             raise ConnectError(
-                f"TLS handshake with {t.host}:{t.port} failed: {exc.reason or exc}"
+                f"TLS handshake with {where} failed: {exc.reason or exc}", "tls"
             ) from None
+        except ConnectionRefusedError:
+            raise ConnectError(f"connection to {where} refused", "refused") from None
         except OSError as exc:
-            raise ConnectError(
-                f"cannot connect to {t.host}:{t.port}: {exc.strerror or exc}"
-            ) from None
-        return proto
+            raise ConnectError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+
+    def try_send(self, headers: bytes, body: bytes, on_answer: OnAnswer) -> bool:
+        """POST ``body`` with the fixed headers plus ``headers`` (whole ``Name: value\\r\\n``
+        lines) if the connection is open and idle, and return True: ``on_answer`` is then
+        called once, later, with the answer or a TransportError. False: nothing was sent
+        (not connected; use ``post``)."""
+        proto = self._proto
+        if proto is None or proto.closed or proto.on_answer is not None:
+            return False
+        t = self._t
+        proto.send(
+            b"%s%sContent-Length: %d\r\n\r\n%s" % (t._head, headers, len(body), body),
+            on_answer,
+            t.timeout,
+        )
+        if t._sweeper is None:
+            t._watch()
+        return True
 
     async def post(self, headers: Mapping[str, str], body: bytes) -> Response:
         proto = self._proto
         if proto is None or proto.closed:
             proto = self._proto = await self._connect()
-        assert proto.transport is not None
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Response] = loop.create_future()
-        proto.start(waiter)
+        waiter: asyncio.Future[Response | TransportError] = loop.create_future()
+
+        def on_answer(outcome: Response | TransportError) -> None:
+            if not waiter.done():
+                waiter.set_result(outcome)
+
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        proto.transport.write(
-            b"%s%sContent-Length: %d\r\n\r\n%s"
-            % (self._t._head, extra.encode("latin-1"), len(body), body)
-        )
-        self._t._watch(self, loop.time() + self._t.timeout)
+        if not self.try_send(extra.encode("latin-1"), body, on_answer):
+            # Closed by the peer between the connect and now (nothing else is outstanding).
+            raise ProtocolError("connection closed before a complete answer")
         try:
-            return await waiter
+            outcome = await waiter
         finally:
-            self._t._inflight.pop(self, None)
             if waiter.cancelled():
                 # The caller gave up (a cancelled run): the answer may still come, and must
                 # not be taken as the next request's.
+                proto.on_answer = None
                 self.close()
-
-    def expire(self) -> None:
-        """Called by the sweep: the attempt in flight ran out of time."""
-        proto = self._proto
-        if proto is not None:
-            proto._fail(RequestTimeout(f"no answer within {self._t.timeout:g}s"))
+        if isinstance(outcome, TransportError):
+            raise outcome
+        return outcome
 
     def close(self) -> None:
         if self._proto is not None and self._proto.transport is not None:
@@ -455,8 +573,12 @@ class AiohttpConnection:
                 )
         except TimeoutError:
             raise RequestTimeout(f"no answer within {self._t.timeout:g}s") from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise ConnectError(f"TLS certificate not trusted: {exc}", "tls-verify") from None
         except aiohttp.ClientConnectorError as exc:
-            raise ConnectError(f"cannot connect: {exc}") from None
+            raise ConnectError(f"cannot connect: {exc}", _connect_cause(exc.os_error)) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            raise ConnectionClosed(f"{type(exc).__name__}: {exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ProtocolError(f"{type(exc).__name__}: {exc}") from None
 
@@ -478,3 +600,14 @@ class AiohttpConnection:
 
     def close(self) -> None:
         pass
+
+
+def _connect_cause(exc: OSError) -> str:
+    """``ConnectError.cause`` for the OS error behind an aiohttp connector error."""
+    if isinstance(exc, socket.gaierror):
+        return "unknown-host"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "tls-verify"
+    return "tls" if isinstance(exc, ssl.SSLError) else "connect"

@@ -83,6 +83,8 @@ LIMITS: dict[str, Range] = {
     # 0 wrote 12 MB of status lines in 2.5 s: ten lines a second is the most anyone reads.
     "progress_interval": Range(0.1, 86_400, unit="s"),
     "drain_timeout": Range(0, 86_400, unit="s"),
+    # 0: stop as soon as the target is judged unreachable; a week rides out anything.
+    "outage_timeout": Range(0, 604_800, unit="s"),
     # The broker's body limit (synthetic.MAX_BODY_BYTES).
     "body_size": Range(0, 4 * 1024 * 1024, integer=True, unit="bytes"),
     "keys": Range(0, 1_000_000_000, integer=True),
@@ -268,6 +270,9 @@ class SendOptions:
     #: Bytes; an answer (head and body) larger than this fails its attempt ANSWER_TOO_LARGE
     #: and its connection is closed. A SendMessage answer is well under 1 KiB.
     max_answer_bytes: int = 1 << 20
+    #: Seconds the target may stay unreachable mid-run (dispatch paused, probed with
+    #: backoff) before the run stops, TargetUnreachable (see health.py).
+    outage_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         if self.on_key_failure not in ("continue", "skip"):
@@ -276,6 +281,7 @@ class SendOptions:
         check_number("rate", self.rate)
         check_number("timeout", self.timeout)
         check_number("max_answer_bytes", self.max_answer_bytes)
+        check_number("outage_timeout", self.outage_timeout)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")

@@ -5,8 +5,16 @@ to one keep-alive connection.
 
 Per attempt::
 
-    auth headers (credentials in use *now*) -> Connection.post -> interpret(answer) | TransportError
-        -> observers.on_attempt(result) -> retry? (policy, Retry-After, halt) -> sleep(backoff)
+    health.admit (only while the target is unreachable: wait for the probe)
+    -> auth headers (credentials in use *now*) -> Connection.post -> interpret(answer) | TransportError
+        -> health.on_answer | health.on_failure -> observers.on_attempt(result)
+        -> retry? (policy, Retry-After, halt, whose failure) -> sleep(backoff)
+
+``--max-retries`` is spent on a record's own failures only: what the run's ``TargetHealth``
+(health.py) judges an outage of the target is not charged, and the record waits for the
+target instead of retrying. When the run stops because the target cannot be reached, a
+record that would have tried again ends *withheld* (``WITHHELD``): not a result, never
+reported; it is left for --resume.
 
 Credentials can change during a run (``set_credentials``: temporary AK/SK refreshed from a
 metadata service). Each attempt takes the credentials current when it starts, whole; a
@@ -15,20 +23,22 @@ request already written keeps the headers it was sent with.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
 
 import orjson
 
 from bulksend._version import __version__
-from bulksend.client import Connection, Transport, make_transport
+from bulksend.client import Connection, OnAnswer, Response, Transport, make_transport
 from bulksend.config import Credentials, SendOptions, Target
 from bulksend.errors import TransportError
+from bulksend.health import Admit, TargetHealth, Verdict
 from bulksend.observers import AttemptObserver
 from bulksend.outcome import interpret
-from bulksend.pool import Counters
+from bulksend.pool import Counters, Done
 from bulksend.record import KEYS, Record
 from bulksend.result import FAILED, OK, Result, result_for
 from bulksend.retry import (
@@ -40,6 +50,10 @@ from bulksend.retry import (
 from bulksend.signing import FastSigner
 
 USER_AGENT = f"bulksend/{__version__}"
+
+#: The status of a record the run stopped before it was done, because the target cannot be
+#: reached: the Sender never reports it (no ledger line), so --resume sends it.
+WITHHELD: Final = "withheld"
 
 #: Awaited (when it returns an awaitable) before a record's first attempt.
 BeforeSend = Callable[[Record], Awaitable[None] | None]
@@ -72,7 +86,7 @@ class Auth:
     with X-Security-Token sent and signed when there is one), a token is sent as
     X-Auth-Token, no credentials send nothing. Immutable once built."""
 
-    __slots__ = ("_signer", "_static")
+    __slots__ = ("_signer", "_static", "_static_lines")
 
     def __init__(self, target: Target, credentials: Credentials) -> None:
         static: dict[str, str] = {}
@@ -81,6 +95,7 @@ class Auth:
         elif credentials.mode == "token":
             static["X-Auth-Token"] = credentials.auth_token or ""
         self._static = static
+        self._static_lines = "".join(f"{k}: {v}\r\n" for k, v in static.items()).encode("latin-1")
         self._signer = (
             FastSigner(
                 "POST",
@@ -104,6 +119,12 @@ class Auth:
             return {**self._static, "X-Sdk-Date": date, "Authorization": authorization}
         return {"X-Sdk-Date": date, "Authorization": authorization}
 
+    def header_lines(self, body: bytes, now: float) -> bytes:
+        """``headers(body)`` as the request's header lines, signed at ``now`` (epoch s)."""
+        if self._signer is None:
+            return self._static_lines
+        return self._static_lines + self._signer.header_lines(body, now)
+
 
 class Delivery:
     """Every attempt for a record, for all the workers of one run. ``halt()`` ends every
@@ -120,6 +141,7 @@ class Delivery:
         rng: random.Random,
         observers: Sequence[AttemptObserver] = (),
         before_send: BeforeSend | None = None,
+        health: TargetHealth | None = None,
     ) -> None:
         self.target = target
         self.options = options
@@ -128,6 +150,7 @@ class Delivery:
         self._rng = rng
         self._observers = tuple(o.on_attempt for o in observers)
         self._before_send = before_send
+        self.health = health or TargetHealth(options, rng, on_stop=lambda: None)
         self._auth = Auth(target, credentials)
         self._current_secrets = self._secrets = credentials.secrets()
 
@@ -160,65 +183,209 @@ class Delivery:
             }
         )
 
-    async def send_one(self, conn: Connection, record: Record, intended: float = 0.0) -> Result:
-        """Every attempt for one record, retries and backoff included; always a Result.
-        ``intended``: the monotonic time the pacer meant it to go (0.0 = unpaced)."""
-        if self._before_send is not None and (pending := self._before_send(record)) is not None:
+    async def send_one(
+        self,
+        conn: Connection,
+        record: Record,
+        intended: float = 0.0,
+        *,
+        first: FirstAttempt | None = None,
+    ) -> Result:
+        """Every attempt for one record, retries and backoff included; always a Result
+        (status ``WITHHELD`` when the run stopped for an unreachable target first).
+        ``intended``: the monotonic time the pacer meant it to go (0.0 = unpaced).
+        ``first``: the first attempt, already made (by a ``Courier``'s callback, which
+        entered the record into ``health`` when it sent it)."""
+        before = self._before_send if first is None else None
+        if before is not None and (pending := before(record)) is not None:
             await pending
+        health = self.health
         policy = self.options.retry
         observers = self._observers
         body = self.body_of(record)
         started = time.monotonic()
         started_at = time.time()
+        if first is not None:
+            started, started_at = first.started, first.started_at
         attempts = 0
-        while True:
-            attempts += 1
-            retry_after: str | None = None
-            try:
-                resp = await conn.post(self._auth.headers(body), body)
-            except TransportError as exc:
-                result = result_for(record, FAILED)
-                result.error_code = exc.code
-                result.error_msg = str(exc)
-                retryable = is_retryable_error(exc)
-            else:
-                result = interpret(record, resp, self._secrets)
-                retryable = result.status != OK and is_retryable_status(resp.status, policy)
-                retry_after = resp.retry_after
-            for observe in observers:
-                observe(result)
-            if not retryable or attempts > policy.max_retries or self.halted:
-                break
-            delay = parse_retry_after(retry_after, time.time())
-            if delay is None:
-                delay = compute_backoff(attempts - 1, policy, self._rng)
-            self.counters.retrying += 1
-            try:
-                await asyncio.sleep(delay)
-            finally:
-                self.counters.retrying -= 1
-        result.attempts = attempts
-        result.latency_ms = round((time.monotonic() - started) * 1000.0, 3)
-        result.started_at = int(started_at * 1000)
-        result.done_at = int(time.time() * 1000)
-        if intended:
-            queued = max(0.0, started - intended)
-            result.queue_ms = round(queued * 1000.0, 3)
-            result.intended_at = int((started_at - queued) * 1000)
-        return result
+        #: Failures that count against --max-retries: the record's own.
+        charged = 0
+        #: The health streak of this record's latest charged transport failures, and how
+        #: many of them it holds: refunded if that streak proves an outage.
+        streak = in_streak = 0
+        probe = False
+        if first is None:
+            health.enter()  # until leave(): a record that may still bring news of the target
+        try:
+            while True:
+                if in_streak and health.was_outage(streak):
+                    charged -= in_streak
+                    in_streak = 0
+                if first is None and (health.down or health.stopping):
+                    admitted = await health.admit()
+                    if admitted is Admit.STOP:
+                        result = _withheld(record, health)
+                        break
+                    probe = admitted is Admit.PROBE
+                attempts += 1
+                retry_after: str | None = None
+                verdict = Verdict.OWN
+                try:
+                    if first is None:
+                        resp = await conn.post(self._auth.headers(body), body)
+                    elif isinstance(outcome := first.outcome, TransportError):
+                        first = None
+                        raise outcome
+                    else:
+                        resp, first = outcome, None
+                except TransportError as exc:
+                    result = result_for(record, FAILED)
+                    result.error_code = exc.code
+                    result.error_msg = str(exc)
+                    retryable = is_retryable_error(exc)
+                    verdict = health.on_failure(exc, conn, probe)
+                else:
+                    if not health.quiet:
+                        health.on_answer(probe)
+                    result = interpret(record, resp, self._secrets)
+                    retryable = result.status != OK and is_retryable_status(resp.status, policy)
+                    retry_after = resp.retry_after
+                probe = False
+                for observe in observers:
+                    observe(result)
+                if not retryable or self.halted:
+                    break
+                if health.stopping:
+                    result = _withheld(record, health)
+                    break
+                if verdict is Verdict.OUTAGE:
+                    continue  # not charged: wait in health.admit for the probe
+                charged += 1
+                if verdict is Verdict.SUSPECT:
+                    if streak != health.streak.id:
+                        streak, in_streak = health.streak.id, 0
+                    in_streak += 1
+                if charged > policy.max_retries:
+                    if verdict is Verdict.OWN or await health.verdict(streak) is Verdict.OWN:
+                        break
+                    continue  # the streak proved an outage: refunded at the loop's top
+                delay = parse_retry_after(retry_after, time.time())
+                if delay is None:
+                    delay = compute_backoff(charged - 1, policy, self._rng)
+                self.counters.retrying += 1
+                try:
+                    await health.sleep(delay)
+                finally:
+                    self.counters.retrying -= 1
+        finally:
+            health.leave()
+        return stamp(result, attempts, started, started_at, intended)
+
+
+def stamp(
+    result: Result, attempts: int, started: float, started_at: float, intended: float
+) -> Result:
+    """The record's figures: attempts, and its times from the first attempt's start
+    (``started`` monotonic, ``started_at`` epoch seconds) to now."""
+    result.attempts = attempts
+    result.latency_ms = round((time.monotonic() - started) * 1000.0, 3)
+    result.started_at = int(started_at * 1000)
+    result.done_at = int(time.time() * 1000)
+    if intended:
+        queued = max(0.0, started - intended)
+        result.queue_ms = round(queued * 1000.0, 3)
+        result.intended_at = int((started_at - queued) * 1000)
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class FirstAttempt:
+    """An attempt made outside ``send_one``: its outcome and when it started."""
+
+    outcome: Response | TransportError
+    started: float
+    started_at: float
+
+
+def _withheld(record: Record, health: TargetHealth) -> Result:
+    result = result_for(record, WITHHELD)
+    result.error_code = "TARGET_UNREACHABLE"
+    result.error_msg = str(health.error) if health.error is not None else "the run stopped"
+    return result
 
 
 class Courier:
-    """A worker's share of a ``Delivery``: its one connection (``pool.Courier``)."""
+    """A worker's share of a ``Delivery``: its one connection (``pool.Courier``).
 
-    __slots__ = ("_conn", "_delivery")
+    ``try_start`` is the hot path: the first attempt by callback (``H1Connection.try_send``),
+    and an ok answer completes the record right there, with no task and no Future. Anything
+    else (no open connection yet, an answer that is not ok, a transport error, a
+    write-ahead ``before_send``) goes on in ``Delivery.send_one``, so retries, backoff and
+    every rule about them live in one place.
+    """
+
+    __slots__ = (
+        "_conn",
+        "_delivery",
+        "_done",
+        "_intended",
+        "_on_answer",
+        "_record",
+        "_started",
+        "_started_at",
+        "_try_send",
+    )
 
     def __init__(self, delivery: Delivery, conn: Connection) -> None:
         self._delivery = delivery
         self._conn = conn
+        self._try_send: Callable[[bytes, bytes, OnAnswer], bool] | None = getattr(
+            conn, "try_send", None
+        )
+        self._on_answer: OnAnswer = self._answered  # one bound method, not one per record
+        self._record: Record | None = None
+        self._done: Done | None = None
+        self._intended = self._started = self._started_at = 0.0
 
     def deliver(self, record: Record, intended: float) -> Awaitable[Result]:
         return self._delivery.send_one(self._conn, record, intended)
+
+    def try_start(self, record: Record, intended: float, done: Done) -> bool:
+        d = self._delivery
+        try_send = self._try_send
+        health = d.health
+        # During an outage every attempt goes through health's gate (send_one).
+        if try_send is None or d._before_send is not None or d.halted or health.down:
+            return False
+        if health.stopping:
+            return False
+        body = d.body_of(record)
+        started_at = time.time()
+        started = time.monotonic()
+        if not try_send(d._auth.header_lines(body, started_at), body, self._on_answer):
+            return False
+        health.enter()  # left on an ok answer below, else by send_one(first=...)
+        self._record, self._done, self._intended = record, done, intended
+        self._started, self._started_at = started, started_at
+        return True
+
+    def _answered(self, outcome: Response | TransportError) -> None:
+        d, record, done = self._delivery, self._record, self._done
+        assert record is not None and done is not None
+        self._record = self._done = None
+        if not isinstance(outcome, TransportError):
+            result = interpret(record, outcome, d._secrets)
+            if result.status == OK:
+                health = d.health
+                if not health.quiet:
+                    health.on_answer()
+                health.leave()
+                for observe in d._observers:
+                    observe(result)
+                done(stamp(result, 1, self._started, self._started_at, self._intended))
+                return
+        first = FirstAttempt(outcome, self._started, self._started_at)
+        done(d.send_one(self._conn, record, self._intended, first=first))
 
     def close(self) -> None:
         self._conn.close()

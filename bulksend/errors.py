@@ -6,11 +6,15 @@
     ├── InputOpenError            an input path cannot be opened                -> exit 2
     ├── LedgerError               --resume cannot trust the results file        -> exit 2
     ├── AuthenticationFailed      20 answers of 401/403 in a row: stop (drain)  -> exit 2
+    ├── TargetUnreachable         refused/unresolved/untrusted from the start, or
+    │                             down past --outage-timeout: stop (drain)      -> exit 2
     ├── SinkError                 a results/stats/failed file cannot be written  -> exit 2
     └── TransportError            one HTTP attempt failed below HTTP (internal: the client
         ├── ConnectError          turns it into a retry or a failed Result, never escapes
         ├── RequestTimeout        a Sender)
+        │   └── ConnectTimeout    no connection within --timeout (nothing was sent)
         ├── ProtocolError
+        │   └── ConnectionClosed  closed or reset before a complete answer
         └── AnswerTooLarge        an answer over --max-answer-bytes (not retried)
 
 aiohttp, httptools, ssl and OS errors are translated into TransportError in exactly one
@@ -43,6 +47,17 @@ class AuthenticationFailed(BulksendError):
     """The server refused the credentials too many times in a row; the run stopped."""
 
 
+class TargetUnreachable(BulksendError):
+    """The target cannot be reached: from the start (connection refused, unknown host, TLS
+    certificate not trusted), or for longer than --outage-timeout. The run stopped; the
+    records it did not finish have no result, and are left for --resume. ``cause``:
+    ``refused``, ``unknown-host``, ``tls-verify`` or ``outage``."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
 class SinkError(BulksendError):
     """An output file could not be written."""
 
@@ -54,17 +69,33 @@ class TransportError(BulksendError):
 
 
 class ConnectError(TransportError):
+    """No connection, so nothing was sent. ``cause``: ``refused``, ``unknown-host``,
+    ``tls-verify`` (the certificate is not trusted), ``tls`` (another handshake failure) or
+    ``connect`` (anything else: unreachable network, ...)."""
+
     code = "CONNECT_ERROR"
+
+    def __init__(self, message: str, cause: str = "connect") -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 class RequestTimeout(TransportError):
     code = "TIMEOUT"
 
 
+class ConnectTimeout(RequestTimeout):
+    """No connection within the timeout: nothing was sent (the same error_code)."""
+
+
 class ProtocolError(TransportError):
     """The peer broke HTTP/1.1 (closed mid-answer, unparsable bytes)."""
 
     code = "PROTOCOL_ERROR"
+
+
+class ConnectionClosed(ProtocolError):
+    """The connection was closed or reset before a complete answer (the same error_code)."""
 
 
 class AnswerTooLarge(TransportError):

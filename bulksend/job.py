@@ -220,6 +220,7 @@ class _Progress:
             fraction=self.fraction(),
             rate_target=sender.schedule.rate,
             bar=self.mode == "bar",
+            note=sender.health.note(),
         )
 
     async def run(self) -> None:

@@ -8,9 +8,10 @@ the *run* (stop it, change its rate), never on the record. Delivery calls
 * ``AdaptiveRate``: ``--adaptive``'s glue between 429 answers, the pool's counters and the
   pure AIMD controller (``bulksend.adaptive``).
 
-A target-health observer (pause dispatch and probe during an outage) is the same shape: it
-sees every transport error here, and holds new records by returning an awaitable from the
-pool's ``on_dispatch`` hook.
+Target health (``bulksend.health``: pause and probe during an outage, fail fast) is not an
+observer: it needs more than a Result (the transport error's cause, the connection it
+failed on) and it answers back (whether a failure is charged to the record, when the next
+attempt may go), so delivery calls it directly.
 """
 
 from __future__ import annotations

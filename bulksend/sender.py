@@ -5,6 +5,8 @@ together for a run::
       └─ Courier per worker   ── Delivery (delivery.py): body, auth headers, attempts, Result
                                    └─ Connection (client.py): one HTTP attempt
     observers.py              AuthStreak (stops the run), AdaptiveRate (--adaptive)
+    health.py                 TargetHealth: holds dispatch and retries while the target is
+                              unreachable, probes it; stops the run (fail fast, outage timeout)
 
     async with Sender(target, credentials, options) as sender:
         async for result in sender.send(records):
@@ -16,14 +18,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 
 from bulksend.adaptive import AIMD
 from bulksend.client import Connection, Transport
 from bulksend.config import Credentials, SendOptions, Target
-from bulksend.delivery import USER_AGENT, BeforeSend, Delivery, open_transport
+from bulksend.delivery import USER_AGENT, WITHHELD, BeforeSend, Delivery, open_transport
 from bulksend.errors import AuthenticationFailed
+from bulksend.health import TargetHealth
 from bulksend.observers import AdaptiveRate, AttemptObserver, AuthStreak
 from bulksend.pacer import Pacer, Schedule
 from bulksend.pool import (
@@ -77,6 +80,10 @@ class Sender:
         self.counters = Counters()
         self.schedule: Pacer = schedule or Schedule(opts.rate)
         self._transport = transport or open_transport(target, opts)
+        rng = rng or random.Random()
+        self.health = TargetHealth(
+            opts, rng, on_stop=self._target_unreachable, on_recover=self._target_back
+        )
         self._auth = AuthStreak(opts.auth_failure_limit, self._auth_failed)
         observers: list[AttemptObserver] = [self._auth]
         self._adaptive: AdaptiveRate | None = None
@@ -89,16 +96,17 @@ class Sender:
             self.credentials,
             opts,
             counters=self.counters,
-            rng=rng or random.Random(),
+            rng=rng,
             observers=observers,
             before_send=before_send,
+            health=self.health,
         )
         self._pool = Pool(
             opts,
             self.schedule,
             self._open_courier,
             counters=self.counters,
-            on_dispatch=self._adaptive.on_dispatch if self._adaptive is not None else None,
+            on_dispatch=self._dispatch,
         )
 
     async def __aenter__(self) -> Sender:
@@ -117,11 +125,30 @@ class Sender:
         self._delivery.halt()
         self.stop()
 
+    def _dispatch(self, now: float) -> Awaitable[None] | None:
+        """Before each record is dispatched: AIMD's windows; hold while unreachable."""
+        if self._adaptive is not None:
+            self._adaptive.on_dispatch(now)
+        return self.health.gate()
+
+    def _target_unreachable(self) -> None:
+        # Read no more records; what is in flight finishes, the rest is withheld.
+        self._pool.stop()
+
+    def _target_back(self) -> None:
+        # A paced run starts its schedule again from now: the records held during the
+        # outage are not "late", and a catch-up burst is the last thing a target that has
+        # just come back needs. (A load's stages keep their clock: a ramp is a plan in time.)
+        if isinstance(self.schedule, Schedule) and self.schedule.rate > 0:
+            self._pool.set_rate(self.schedule.rate)
+
     # --- control -------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Drain: read no more records; what is in flight finishes and is reported."""
+        """Drain: read no more records; what is in flight finishes and is reported (while
+        the target is unreachable, records waiting for it are withheld instead)."""
         self._pool.stop()
+        self.health.drain()
 
     @property
     def stopping(self) -> bool:
@@ -161,10 +188,19 @@ class Sender:
         as ``skipped``). ``on_result`` runs on the event loop; it may return an awaitable
         (backpressure), else it must not block. Returns when every item is reported or a
         drain (``stop()``) finished; raises AuthenticationFailed if repeated 401/403
-        answers stopped the run."""
-        await self._pool.run(items, on_result, done=done)
+        answers stopped the run, TargetUnreachable if the target refused, could not be
+        resolved or was not trusted from the start, or stayed unreachable past
+        ``options.outage_timeout`` (see health.py). A record the run stopped before it was
+        done (withheld) is not reported: it has no result, and --resume sends it."""
+
+        def report(item: Item, result: Result) -> Awaitable[None] | None:
+            return None if result.status == WITHHELD else on_result(item, result)
+
+        await self._pool.run(items, report, done=done)
         if self._auth.error is not None:
             raise AuthenticationFailed(f"authentication failed: {self._auth.error}")
+        if self.health.error is not None:
+            raise self.health.error
 
     async def send(
         self, items: Items | BatchSource, *, done: Callable[[Item], bool] | None = None
@@ -212,5 +248,6 @@ class Sender:
         return self._delivery.body_of(record)
 
     async def send_one(self, conn: Connection, record: Record, intended: float = 0.0) -> Result:
-        """Every attempt for one record on ``conn``, retries included; always a Result."""
+        """Every attempt for one record on ``conn``, retries included; always a Result
+        (status ``withheld`` if the run stopped first for an unreachable target)."""
         return await self._delivery.send_one(conn, record, intended)

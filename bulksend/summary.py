@@ -120,8 +120,10 @@ def progress_line(
     rate_target: float = 0.0,
     width: int = 24,
     bar: bool = True,
+    note: str | None = None,
 ) -> str:
-    """One progress line: bar (when the inputs' size is known), counts, rate, ETA."""
+    """One progress line: bar (when the inputs' size is known), counts, rate, ETA; then
+    ``note`` (``target unreachable since ..., probing``) when there is one."""
     rate = done / elapsed if elapsed > 0 else 0.0
     parts = []
     if fraction is not None:
@@ -141,4 +143,6 @@ def progress_line(
     if fraction and 0 < fraction < 1 and elapsed > 0:
         parts.append(f"ETA {_fmt_duration(elapsed * (1 - fraction) / fraction)}")
     parts.append(f"elapsed {_fmt_duration(elapsed)}")
+    if note:
+        parts.append(note)
     return "  ".join(parts)

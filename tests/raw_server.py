@@ -9,6 +9,8 @@ the client's protocol cases (1xx, close-delimited answers, stray bytes, endless 
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +38,10 @@ class Exchange:
     def close(self) -> None:
         self.writer.close()
 
+    def drop(self) -> None:
+        """Close at once; over TLS, without a close_notify (a bare TCP close)."""
+        self.writer.transport.abort()
+
     async def stream(self, head: bytes, chunk: bytes) -> None:
         """Write ``head``, then ``chunk`` again and again (up to STREAM_LIMIT bytes) until the
         client goes away; then hold the connection open, silent, until the client closes it.
@@ -57,6 +63,10 @@ class Exchange:
 @dataclass
 class RawServer:
     handle: Callable[[Exchange], Awaitable[None]]
+    #: Serve TLS with this context (the url is then https).
+    tls: ssl.SSLContext | None = None
+    #: The server's receive buffer (bytes), small to make a big request wait for the reader.
+    rcvbuf: int | None = None
     url: str = ""
     requests: list[tuple[int, int, bytes]] = field(default_factory=list)
     connections: int = 0
@@ -100,9 +110,13 @@ class RawServer:
             writer.close()
 
     async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        sock = socket.socket()
+        if self.rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+        sock.bind(("127.0.0.1", 0))
+        self._server = await asyncio.start_server(self._serve, sock=sock, ssl=self.tls)
         port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -6,19 +6,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 import sys
 from collections.abc import Awaitable
+from dataclasses import dataclass, field
 
 import orjson
 import pytest
+import trustme
 
 from bulksend.client import AiohttpTransport, H1Transport, Transport
-from bulksend.config import RetryPolicy, SendOptions, Target
+from bulksend.config import RetryPolicy, SendOptions, Target, TLSOptions
 from bulksend.delivery import fixed_headers
 from bulksend.record import Record
 from bulksend.result import Result
 from bulksend.sender import Sender
-from tests.cli_helpers import SECRET_ENV
+from tests.cli_helpers import SECRET_ENV, read_jsonl
 from tests.raw_server import Exchange, RawServer, answer_json, response
 
 TARGET_PATH = ("p", "i")
@@ -36,6 +39,34 @@ def clean_env() -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True)
+class Wire:
+    """Plain TCP, or TLS: the raw server's context and the client's options to trust it."""
+
+    name: str
+    server: ssl.SSLContext | None = None
+    client: TLSOptions = field(default_factory=TLSOptions)
+
+
+@pytest.fixture(scope="module")
+def tls_wire(tmp_path_factory: pytest.TempPathFactory) -> Wire:
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    bundle = tmp_path_factory.mktemp("tls") / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    return Wire("tls", server, TLSOptions(ca_bundle=str(bundle)))
+
+
+@pytest.fixture(params=["tcp", "tls"])
+def wire(request: pytest.FixtureRequest) -> Wire:
+    """Each HTTP case over plain TCP and over TLS (the client's own TLS transport)."""
+    if request.param == "tls":
+        tls: Wire = request.getfixturevalue("tls_wire")
+        return tls
+    return Wire("tcp")
+
+
 def records(n: int) -> list[Record]:
     return [Record(seq=i, source=f"in:{i + 1}", topic="t", body=f"m{i}") for i in range(n)]
 
@@ -49,6 +80,7 @@ async def send(
     **opts: object,
 ) -> list[Result]:
     options = SendOptions(concurrency=concurrency, retry=RETRY, **opts)  # type: ignore[arg-type]
+    assert url.startswith("http://") or options.tls.ca_bundle, "an https server needs tls=..."
     async with Sender(Target(url, *TARGET_PATH), options=options, transport=transport) as s:
         return sorted([r async for r in s.send(records(n))], key=lambda r: r.seq)
 
@@ -71,7 +103,9 @@ EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\
     ids=["100", "103", "100+103+103"],
 )
 @pytest.mark.parametrize("split", [False, True], ids=["one-write", "apart"])
-async def test_interim_1xx_answers_are_skipped(interim: list[bytes], split: bool) -> None:
+async def test_interim_1xx_answers_are_skipped(
+    interim: list[bytes], split: bool, wire: Wire
+) -> None:
     """RFC 9110 §15.2: a client reads past 1xx to the final answer. ``apart``: the final
     answer comes a little later, after the client could have sent its next request."""
 
@@ -84,19 +118,19 @@ async def test_interim_1xx_answers_are_skipped(interim: list[bytes], split: bool
         else:
             await ex.write(*interim, final)
 
-    async with RawServer(handle) as srv:
-        results = await send(srv.url, 8, concurrency=2)
+    async with RawServer(handle, tls=wire.server) as srv:
+        results = await send(srv.url, 8, concurrency=2, tls=wire.client)
     assert_each_ok_with_its_own_answer(results, 8)
     assert len(srv.requests) == 8 and srv.connections == 2
 
 
-async def test_a_1xx_and_then_the_close_is_no_answer() -> None:
+async def test_a_1xx_and_then_the_close_is_no_answer(wire: Wire) -> None:
     async def handle(ex: Exchange) -> None:
         await ex.write(EARLY_HINTS)
         ex.close()
 
-    async with RawServer(handle) as srv:
-        [r] = await send(srv.url, 1)
+    async with RawServer(handle, tls=wire.server) as srv:
+        [r] = await send(srv.url, 1, tls=wire.client)
     assert (r.status, r.error_code, r.http_status, r.attempts) == (
         "failed",
         "PROTOCOL_ERROR",
@@ -105,7 +139,7 @@ async def test_a_1xx_and_then_the_close_is_no_answer() -> None:
     )
 
 
-async def test_bytes_nobody_asked_for_close_the_connection() -> None:
+async def test_bytes_nobody_asked_for_close_the_connection(wire: Wire) -> None:
     """After each first answer on a connection the server starts a second, unasked-for
     answer; it finishes it only once the next request arrives. Credited to that request, it
     would give it a msg_id that is not its own."""
@@ -117,11 +151,39 @@ async def test_bytes_nobody_asked_for_close_the_connection() -> None:
         else:
             await ex.write(stray[-10:], response("200 OK", answer_json(ex.body)))
 
-    async with RawServer(handle) as srv:
-        results = await send(srv.url, 6)
+    async with RawServer(handle, tls=wire.server) as srv:
+        results = await send(srv.url, 6, tls=wire.client)
     assert_each_ok_with_its_own_answer(results, 6)
     # Each connection carried one request: the stray bytes closed it.
     assert srv.connections == 6 and {n for _, n, _ in srv.requests} == {0}
+
+
+async def test_stray_bytes_in_the_answers_packet_never_reach_the_request_sent_at_once(
+    wire: Wire,
+) -> None:
+    """The answer completes its record by callback and the pool sends the next record on the
+    same connection at once, from inside that callback. Bytes that came in the same packet
+    after the answer (the start of an unasked-for one) are still in the parser's hands then:
+    they must close the connection, not become the next request's answer."""
+    stray = response("200 OK", b'{"msg_id":"STRAY","queue_id":0,"queue_offset":0}')
+
+    async def handle(ex: Exchange) -> None:
+        # A connection's first request connects (no callback yet); its second is sent by
+        # callback, and its answer comes with the stray bytes.
+        if ex.n == 0:
+            await ex.write(response("200 OK", answer_json(ex.body)))
+        elif ex.n == 1:
+            await ex.write(response("200 OK", answer_json(ex.body)) + stray[:-10])
+        else:
+            await ex.write(stray[-10:], response("200 OK", answer_json(ex.body)))
+
+    got: list[Result] = []
+    async with RawServer(handle, tls=wire.server) as srv:
+        options = SendOptions(concurrency=1, retry=RETRY, tls=wire.client)
+        async with Sender(Target(srv.url, *TARGET_PATH), options=options) as s:
+            await s.run(records(6), lambda item, result: got.append(result))
+    assert_each_ok_with_its_own_answer(sorted(got, key=lambda r: r.seq), 6)
+    assert srv.connections == 3  # two requests each: the stray bytes closed it
 
 
 async def test_bytes_arriving_while_no_request_is_outstanding_close_the_connection() -> None:
@@ -186,6 +248,23 @@ async def test_an_attempt_given_up_by_its_caller_leaves_no_answer_for_the_next()
     assert orjson.loads(answer.body)["msg_id"] == "ID-m1" and srv.connections == 2
 
 
+async def test_a_request_bigger_than_the_socket_takes_at_once_goes_whole(wire: Wire) -> None:
+    """8 MiB to a server with a small receive buffer: more than a socket takes at once (on
+    Linux the send buffer grows to 4 MiB at most), so the rest waits for it to drain (over
+    TLS, the client's own transport does that)."""
+    big = "x" * (8 << 20)
+
+    async def handle(ex: Exchange) -> None:
+        body = orjson.loads(ex.body)["body"]
+        await ex.write(response("200 OK", orjson.dumps({"msg_id": f"ID-{len(body)}"})))
+
+    async with RawServer(handle, tls=wire.server, rcvbuf=16 << 10) as srv:
+        options = SendOptions(concurrency=1, retry=RETRY, tls=wire.client)
+        async with Sender(Target(srv.url, *TARGET_PATH), options=options) as s:
+            [r] = [r async for r in s.send([Record(seq=0, source="in:1", topic="t", body=big)])]
+    assert (r.status, r.msg_id, r.attempts) == ("ok", f"ID-{len(big)}", 1)
+
+
 # --- close-delimited answers -------------------------------------------------------------
 
 
@@ -197,25 +276,30 @@ async def test_an_attempt_given_up_by_its_caller_leaves_no_answer_for_the_next()
     ],
     ids=["http-1.0", "connection-close"],
 )
-async def test_close_delimited_answers_are_complete_at_eof(head: bytes) -> None:
+@pytest.mark.parametrize("drop", [False, True], ids=["close", "bare-close"])
+async def test_close_delimited_answers_are_complete_at_eof(
+    head: bytes, drop: bool, wire: Wire
+) -> None:
     async def handle(ex: Exchange) -> None:
         await ex.write(head, answer_json(ex.body))
-        ex.close()
+        ex.drop() if drop else ex.close()  # over TLS: with or without close_notify
 
-    async with RawServer(handle) as srv:
-        results = await send(srv.url, 20, concurrency=4)
+    async with RawServer(handle, tls=wire.server) as srv:
+        results = await send(srv.url, 20, concurrency=4, tls=wire.client)
     assert_each_ok_with_its_own_answer(results, 20)
     assert len(srv.requests) == 20  # one delivery per record, none retried
 
 
-async def test_an_answer_cut_short_of_its_content_length_is_still_an_error() -> None:
+async def test_an_answer_cut_short_of_its_content_length_is_still_an_error(
+    wire: Wire,
+) -> None:
     async def handle(ex: Exchange) -> None:
         body = answer_json(ex.body)
         await ex.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body), body[:-5])
         ex.close()
 
-    async with RawServer(handle) as srv:
-        [r] = await send(srv.url, 1)
+    async with RawServer(handle, tls=wire.server) as srv:
+        [r] = await send(srv.url, 1, tls=wire.client)
     assert (r.status, r.error_code, r.attempts) == ("failed", "PROTOCOL_ERROR", 3)
 
 
@@ -268,7 +352,7 @@ async def test_an_answer_over_the_cap_fails_the_attempt_and_closes_the_connectio
     assert srv.closed_by_client >= 1
 
 
-async def test_the_default_cap_is_one_mebibyte() -> None:
+async def test_the_default_cap_is_one_mebibyte(wire: Wire) -> None:
     mib = 1 << 20
 
     async def handle(ex: Exchange) -> None:
@@ -277,8 +361,8 @@ async def test_the_default_cap_is_one_mebibyte() -> None:
         body = answer_json(ex.body)
         await ex.write(response("200 OK", body + b" " * (size - len(body))))
 
-    async with RawServer(handle) as srv:
-        small, big = await send(srv.url, 2)
+    async with RawServer(handle, tls=wire.server) as srv:
+        small, big = await send(srv.url, 2, tls=wire.client)
     assert SendOptions().max_answer_bytes == mib
     assert (small.status, big.status, big.error_code) == ("ok", "failed", "ANSWER_TOO_LARGE")
 
@@ -317,5 +401,5 @@ async def test_max_answer_bytes_flag_reaches_the_transport(tmp_path) -> None:  #
         )
         _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1, err
-    by_body = {r["seq"]: r for r in map(orjson.loads, out.read_bytes().splitlines())}
+    by_body = {r["seq"]: r for r in read_jsonl(out)}
     assert by_body[0]["error_code"] == "ANSWER_TOO_LARGE" and by_body[1]["status"] == "ok"

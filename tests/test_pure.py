@@ -30,6 +30,36 @@ def test_pace(elapsed: float, sent: int, rate: float, wait: float) -> None:
     assert pace(elapsed, sent, rate) == pytest.approx(wait)
 
 
+@pytest.mark.parametrize(
+    ("rate", "anchor", "sent", "due"),
+    [
+        (100.0, (0.0, 0), 0, 0.0),  # the first message is due at once
+        (100.0, (0.0, 0), 1, 0.01),
+        (100.0, (0.0, 0), 250, 2.5),
+        (20_000.0, (0.0, 0), 20_000, 1.0),  # high rates: still each message's own time
+        (100.0, (5.0, 50), 50, 5.0),  # a later segment is due from its anchor ...
+        (100.0, (5.0, 50), 60, 5.1),
+        (100.0, (5.0, 50), 40, 4.9),  # ... and before it, by the same line (never asked)
+        (0.0, (3.0, 7), 1_000, 3.0),  # unpaced: everything is due at the anchor, now
+        (-5.0, (0.0, 0), 9, 0.0),  # a nonsense rate is unpaced, not a crash
+        (1e-9, (0.0, 0), 1, 1e9),  # a tiny rate: far away, finite
+    ],
+)
+def test_due_at(rate: float, anchor: tuple[float, int], sent: int, due: float) -> None:
+    """The pool's one question to the pacer: when is message ``sent`` due (seconds after
+    the start)? Absolute times, so a late wake-up is caught up, never carried as drift."""
+    s = Schedule(rate, anchor_elapsed=anchor[0], anchor_sent=anchor[1])
+    assert s.due_at(sent) == pytest.approx(due)
+
+
+def test_due_at_after_rate_changes_to_and_from_unpaced() -> None:
+    s = Schedule(0.0)
+    s.set_rate(10.0, 2.0, 30)  # from unpaced: the paced segment starts now, at message 30
+    assert s.due_at(30) == pytest.approx(2.0) and s.due_at(31) == pytest.approx(2.1)
+    s.set_rate(0.0, 2.5, 35)  # back to unpaced: due at once from then on
+    assert s.due_at(35) == s.due_at(10_000) == pytest.approx(2.5)
+
+
 def test_schedule_rate_change_keeps_due_times_absolute_and_never_bursts() -> None:
     s = Schedule(10.0)
     assert s.wait(0.0, 0) == 0.0 and s.wait(0.0, 10) == pytest.approx(1.0)

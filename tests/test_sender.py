@@ -10,7 +10,7 @@ import pytest
 
 from bulksend import signing
 from bulksend.config import Credentials, RetryPolicy, SendOptions, Target
-from bulksend.errors import AuthenticationFailed
+from bulksend.errors import AuthenticationFailed, TargetUnreachable
 from bulksend.record import Invalid, Record
 from bulksend.result import Result
 from bulksend.sender import Sender
@@ -90,6 +90,36 @@ async def test_retryable_statuses_are_retried(status: int) -> None:
     assert (r.status, r.attempts, r.http_status) == ("ok", 3, 200)
 
 
+@pytest.mark.parametrize("trouble", [503, DROP], ids=["503", "drop"])
+async def test_a_first_attempt_sent_by_callback_is_retried_by_the_same_rules(
+    trouble: int | str,
+) -> None:
+    """One connection: record 0 connects, records 1.. go by callback on it. Record 2's
+    first two attempts fail; the callback hands the first to the retry loop, which counts
+    it, backs off, retries, and times the record from that first attempt's start."""
+    tries: dict[bytes, int] = {}
+
+    def script(n: int, body: bytes) -> Answer | str:
+        tries[body] = tries.get(body, 0) + 1
+        if b'"m2"' in body and tries[body] <= 2:
+            return Answer(503, {"error_code": "E", "error_msg": "busy"}) if trouble == 503 else DROP
+        return ok_answer(body)
+
+    async with ScriptedServer(script) as srv:
+        t0 = time.time()
+        results = sorted(await run(srv.url, records(4), concurrency=1), key=lambda r: r.seq)
+    assert [(r.seq, r.status, r.attempts) for r in results] == [
+        (0, "ok", 1),
+        (1, "ok", 1),
+        (2, "ok", 3),
+        (3, "ok", 1),
+    ]
+    r2 = results[2]
+    assert r2.started_at is not None and r2.done_at is not None and r2.latency_ms is not None
+    assert int(t0 * 1000) <= r2.started_at <= r2.done_at
+    assert r2.latency_ms >= 0.0 and results[1].done_at <= r2.started_at + 1  # ms-grained
+
+
 @pytest.mark.parametrize("status", [400, 404, 409, 413, 422])
 async def test_other_4xx_are_not_retried(status: int) -> None:
     async with ScriptedServer(
@@ -147,11 +177,13 @@ async def test_timeout_gives_a_failed_result_not_an_exception() -> None:
     assert (r.status, r.attempts, r.error_code, r.http_status) == ("failed", 2, "TIMEOUT", None)
 
 
-async def test_connect_error_is_a_failed_result() -> None:
-    [r] = await run(
-        "http://127.0.0.1:1", records(1), retry=RetryPolicy(max_retries=2, backoff_base=0.001)
-    )
-    assert (r.status, r.attempts, r.error_code) == ("failed", 3, "CONNECT_ERROR")
+async def test_a_target_refusing_from_the_start_stops_the_run_with_no_result() -> None:
+    got: list[Result] = []
+    with pytest.raises(TargetUnreachable, match=r"connection to 127\.0\.0\.1:1 refused") as stopped:
+        got = await run(
+            "http://127.0.0.1:1", records(1), retry=RetryPolicy(max_retries=2, backoff_base=0.001)
+        )
+    assert stopped.value.cause == "refused" and got == []
 
 
 @pytest.mark.parametrize(

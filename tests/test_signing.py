@@ -89,6 +89,17 @@ def test_fast_signer_equals_sign() -> None:
         assert fast.authorization(body, date) == ref["Authorization"]
 
 
+def test_fast_signer_header_lines_equal_sign_across_seconds() -> None:
+    """The hot path's header lines, whose per-second parts are cached: right in the same
+    second, the next one, and back (a clock stepped back)."""
+    headers = {"Content-Type": "application/json", "Host": "h:1", "X-Project-Id": "p1"}
+    fast = signing.FastSigner("POST", PATH, headers, ak=AK, sk=SK)
+    for now, body in [(NOW, b"{}"), (NOW + 0.9, b'{"b":2}'), (NOW + 1, b""), (NOW, b"x")]:
+        ref = signing.sign("POST", PATH, [], headers, body, ak=AK, sk=SK, now=now)
+        expected = f"X-Sdk-Date: {ref['X-Sdk-Date']}\r\nAuthorization: {ref['Authorization']}\r\n"
+        assert fast.header_lines(body, now) == expected.encode()
+
+
 def test_verify_accepts_sdk_signed_request() -> None:
     headers = {"Content-Type": "application/json", "Host": "127.0.0.1:1", "X-Project-Id": "p"}
     body = b'{"topic":"t","body":"b"}'

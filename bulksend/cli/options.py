@@ -99,6 +99,13 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="an answer larger than this fails ANSWER_TOO_LARGE (default 1048576)",
     )
+    g.add_argument(
+        "--outage-timeout",
+        type=float,
+        metavar="S",
+        help="seconds to pause and probe an unreachable target before stopping, exit 2"
+        " (default 300)",
+    )
 
 
 @dataclass(frozen=True)
@@ -314,6 +321,7 @@ def resolve_send_options(r: Resolver, **extra: Any) -> SendOptions:
         retry=retry,
         tls=tls,
         max_answer_bytes=r.get("max_answer_bytes", int, 1 << 20),
+        outage_timeout=r.get("outage_timeout", float, 300.0),
         **extra,
     )
 
