@@ -21,6 +21,7 @@ import anyio
 import anyio.to_thread
 
 from bulksend.config import Credentials, SendOptions, Target
+from bulksend.credentials import CredentialRefresher
 from bulksend.errors import BulksendError
 from bulksend.record import Item
 from bulksend.result import FAILED, INVALID, OK
@@ -66,6 +67,10 @@ class SendJob:
     #: The command's arguments that repeat this run (``send`` first, no program name),
     #: for the resume command an interrupted run prints; None: not known (library use).
     command_line: tuple[str, ...] | None = None
+    #: ``HOST:PORT``: serve Prometheus text at /metrics while the run goes.
+    metrics_addr: str | None = None
+    #: Renews temporary credentials during the run (``credentials.Auth.refresher``).
+    refresher: CredentialRefresher | None = field(default=None, compare=False)
 
     def outputs(self) -> Outputs:
         return Outputs(
@@ -78,6 +83,7 @@ class SendJob:
             progress=self.progress,
             progress_interval_s=self.progress_interval_s,
             drain_timeout_s=self.drain_timeout_s,
+            metrics_addr=self.metrics_addr,
         )
 
     def plan(self) -> Plan:
@@ -90,6 +96,7 @@ class SendJob:
             engine=self.engine,
             inputs=self.inputs,
             force=self.force,
+            refresher=self.refresher,
         )
 
     def settings(self) -> dict[str, Any]:
@@ -123,6 +130,7 @@ class SendJob:
             "stats": self.stats,
             "failed": self.failed,
             "html": self.html,
+            "metrics_addr": self.metrics_addr,
         }
         return {k: v for k, v in settings.items() if v is not None}
 

@@ -24,6 +24,7 @@ import anyio
 import orjson
 
 from bulksend.config import Credentials, RetryPolicy, SendOptions, Target
+from bulksend.credentials import CredentialRefresher
 from bulksend.job import public_url
 from bulksend.result import FAILED, Result
 from bulksend.run import End, Hooks, Live, Outputs, Plan, Ticker, run
@@ -73,6 +74,10 @@ class LoadJob:
     drain_timeout_s: float = 30.0
     #: Start a non-empty ``out`` ledger again (refused without it).
     overwrite: bool = False
+    #: ``HOST:PORT``: serve Prometheus text at /metrics while the run goes.
+    metrics_addr: str | None = None
+    #: Renews temporary credentials during the run (``credentials.Auth.refresher``).
+    refresher: CredentialRefresher | None = field(default=None, compare=False)
 
     def outputs(self) -> Outputs:
         return Outputs(
@@ -84,6 +89,7 @@ class LoadJob:
             progress=self.progress,
             progress_interval_s=self.progress_interval_s,
             drain_timeout_s=self.drain_timeout_s,
+            metrics_addr=self.metrics_addr,
         )
 
     def plan(self, pacer: RampPacer) -> Plan:
@@ -96,6 +102,7 @@ class LoadJob:
             schedule=pacer,
             resumable=False,
             backpressure=False,
+            refresher=self.refresher,
         )
 
     def settings(self) -> dict[str, Any]:
@@ -125,6 +132,7 @@ class LoadJob:
             "stats": self.stats,
             "html": self.html,
             "timeseries": self.timeseries,
+            "metrics_addr": self.metrics_addr,
         }
         return {k: v for k, v in settings.items() if v is not None}
 

@@ -26,14 +26,16 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import anyio
 import anyio.to_thread
 import orjson
 
 from bulksend.config import Credentials, SendOptions, Target
+from bulksend.credentials import CredentialRefresher
 from bulksend.errors import BulksendError, ConfigError, LedgerError, SinkError
+from bulksend.health import TargetHealth
 from bulksend.html import RunReport, render_html
 from bulksend.interrupts import Interrupts
 from bulksend.ledger import check_inputs, read_ledger, write_fingerprints
@@ -52,7 +54,11 @@ from bulksend.sinks import (
     json_document,
     locate,
 )
+from bulksend.stats import LoadStats, Stats
 from bulksend.summary import summary_text
+
+if TYPE_CHECKING:
+    from bulksend.metrics import AttemptCounts, MetricsEndpoint
 
 PROGRESS_MODES = ("auto", "bar", "lines", "off")
 
@@ -82,6 +88,8 @@ class Outputs:
     progress_interval_s: float = 5.0
     #: After a first SIGINT/SIGTERM, seconds the requests in flight get to finish.
     drain_timeout_s: float = 30.0
+    #: ``HOST:PORT`` to serve Prometheus text at ``/metrics`` on while the run goes.
+    metrics_addr: str | None = None
 
     def __post_init__(self) -> None:
         if self.progress not in PROGRESS_MODES:
@@ -137,6 +145,9 @@ class Plan:
     #: after a kill -9 the records the ledger misses are at most those in flight. A load's
     #: ledger is no --resume memory, and a worker waiting on it would send late.
     backpressure: bool = True
+    #: Renews temporary credentials (ECS metadata) during the run: run beside the Sender,
+    #: each renewal handed to ``Sender.set_credentials``.
+    refresher: CredentialRefresher | None = field(default=None, compare=False)
 
     @property
     def title(self) -> str:
@@ -191,6 +202,8 @@ class End:
     error: BulksendError | None = None
     #: --resume: which records the ledger already held as ok (None: none).
     done: Callable[[Item], bool] | None = None
+    #: The target's outages, when it had any: ``outages``, ``downtime_s``, ``probes``.
+    outages: dict[str, Any] | None = None
 
 
 Ticker = Callable[[], Coroutine[Any, Any, None]]
@@ -230,23 +243,97 @@ async def run(
     err = stderr or sys.stderr
     hooks = hooks or Hooks()
     end = End(stats)
-    sinks = Sinks(outputs, plan)
+    # Bound before the outputs are opened: a port in use refuses the run untouched.
+    endpoint = _bind_metrics(outputs.metrics_addr) if outputs.metrics_addr else None
+    try:
+        sinks = Sinks(outputs, plan)
+    except BaseException:
+        if endpoint is not None:
+            endpoint.close()
+        raise
     report = RunReport() if outputs.html else None
+    attempts = _attempt_counts() if endpoint is not None else None
     try:
         end.done = await sinks.begin(plan, outputs, err)
+        if endpoint is not None and outputs.progress != "off":
+            err.write(f"bulksend: metrics at {endpoint.url}\n")
         observers = [*hooks.observers(), *([report.add] if report is not None else [])]
         async with (
             _target(plan) as (target, creds),
-            Sender(target, creds, plan.options, schedule=plan.schedule) as sender,
+            Sender(
+                target,
+                creds,
+                plan.options,
+                schedule=plan.schedule,
+                observers=[attempts] if attempts is not None else (),
+            ) as sender,
         ):
-            await _pump(plan, outputs, sender, items, stats, observers, hooks, sinks, end, err)
+            services = _services(plan, sender, stats, err, endpoint, attempts)
+            await _pump(
+                plan, outputs, sender, items, stats, observers, hooks, sinks, end, err, services
+            )
     except BulksendError as exc:
         end.error = end.error or exc
     finally:
+        if endpoint is not None:
+            endpoint.close()
         await _finish(plan, outputs, stats, hooks, sinks, report, end, err)
     if end.error is not None:
         raise end.error
     return end
+
+
+def _bind_metrics(addr: str) -> MetricsEndpoint:
+    # prometheus_client (and aiohttp's server) are imported only by runs that serve metrics.
+    from bulksend.metrics import MetricsEndpoint
+
+    return MetricsEndpoint.bind(addr)
+
+
+def _attempt_counts() -> AttemptCounts:
+    from bulksend.metrics import AttemptCounts
+
+    return AttemptCounts()
+
+
+def _services(
+    plan: Plan,
+    sender: Sender,
+    stats: RunStats,
+    err: TextIO,
+    endpoint: MetricsEndpoint | None,
+    attempts: AttemptCounts | None,
+) -> list[Ticker]:
+    """What runs beside the Sender whatever the kind of run: /metrics, the credentials'
+    renewal."""
+    services: list[Ticker] = []
+    if endpoint is not None and attempts is not None:
+        from bulksend.metrics import RunFigures
+
+        assert isinstance(stats, Stats | LoadStats)
+        figures = RunFigures(stats, sender, attempts)
+        services.append(lambda: endpoint.serve(figures))
+    refresher = plan.refresher
+    if refresher is not None:
+
+        def warn(line: str) -> None:
+            # On a terminal the progress line is redrawn in place: clear it first.
+            err.write(("\r\x1b[2K" if err.isatty() else "") + f"bulksend: warning: {line}\n")
+            err.flush()
+
+        services.append(lambda: refresher.run(sender.set_credentials, on_error=warn))
+    return services
+
+
+def outage_figures(health: TargetHealth) -> dict[str, Any] | None:
+    """The ``--stats`` keys of the target's outages (None: it had none). An outage still
+    going on counts up to now."""
+    if not health.outages:
+        return None
+    downtime = health.downtime_s
+    if health.down and health.since is not None:
+        downtime += max(0.0, time.time() - health.since)
+    return {"outages": health.outages, "downtime_s": round(downtime, 3), "probes": health.probes}
 
 
 def _target(plan: Plan) -> AbstractAsyncContextManager[tuple[Target, Credentials]]:
@@ -269,6 +356,7 @@ async def _pump(
     sinks: Sinks,
     end: End,
     err: TextIO,
+    services: list[Ticker],
 ) -> None:
     ledger, failed = sinks.ledger, sinks.failed
     backpressure = plan.backpressure
@@ -293,7 +381,7 @@ async def _pump(
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(interrupts.listen)
-            for ticker in hooks.tickers(live):
+            for ticker in [*services, *hooks.tickers(live)]:
                 tg.start_soon(ticker)
             with interrupts.scope:
                 task = asyncio.current_task()
@@ -313,6 +401,7 @@ async def _pump(
         end.interrupted = interrupts.interrupted
         end.cut_off = interrupts.cut_off
         end.stopped_early = interrupts.draining or sender.stopping or end.error is not None
+        end.outages = outage_figures(sender.health)
         stats.rate_changes = sender.rate_changes
 
 
@@ -364,6 +453,8 @@ async def _finish(
 
     stats.finish()
     snapshot = stats.snapshot()
+    if end.outages:
+        snapshot.update(end.outages)
     if sinks.begun:
         try:
             hooks.finish(snapshot, end)  # may still write to a line file (the last seconds)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 
 from bulksend.adaptive import AIMD
@@ -60,7 +60,8 @@ class Sender:
     ``transport``: a ready transport (tests, proxies); by default one is opened for the
     target (``delivery.open_transport``). ``rng`` draws the backoff jitter. ``schedule``
     replaces the constant ``options.rate`` (load's stages). ``before_send(record)`` runs
-    before a record's first attempt, awaited when it returns an awaitable.
+    before a record's first attempt, awaited when it returns an awaitable. ``observers``
+    see every attempt's Result (``observers.AttemptObserver``; live metrics count them).
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class Sender:
         rng: random.Random | None = None,
         schedule: Pacer | None = None,
         before_send: BeforeSend | None = None,
+        observers: Sequence[AttemptObserver] = (),
     ) -> None:
         self.target = target
         self.credentials = credentials or Credentials()
@@ -85,19 +87,19 @@ class Sender:
             opts, rng, on_stop=self._target_unreachable, on_recover=self._target_back
         )
         self._auth = AuthStreak(opts.auth_failure_limit, self._auth_failed)
-        observers: list[AttemptObserver] = [self._auth]
+        attempt_observers: list[AttemptObserver] = [self._auth, *observers]
         self._adaptive: AdaptiveRate | None = None
         if opts.adaptive:
             aimd = AIMD(opts.rate, ceiling=opts.rate or float("inf"))
             self._adaptive = AdaptiveRate(aimd, self.counters, self.set_rate)
-            observers.append(self._adaptive)
+            attempt_observers.append(self._adaptive)
         self._delivery = Delivery(
             target,
             self.credentials,
             opts,
             counters=self.counters,
             rng=rng,
-            observers=observers,
+            observers=attempt_observers,
             before_send=before_send,
             health=self.health,
         )

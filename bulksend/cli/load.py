@@ -13,7 +13,8 @@ from bulksend.cli.options import (
     Resolver,
     add_target_options,
     help_epilog,
-    resolve_credentials,
+    resolve_auth,
+    resolve_metrics_addr,
     resolve_send_options,
     resolve_target,
     to_bool,
@@ -119,6 +120,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="S",
         help="on SIGINT/SIGTERM, seconds to let in-flight messages finish (default 30)",
     )
+    g.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics while running (:PORT: every"
+        " interface)",
+    )
     g = p.add_argument_group("requests")
     g.add_argument("--timeout", type=float, metavar="S", help="seconds per attempt (default 30)")
     g.add_argument("--max-retries", type=int, metavar="N", help="retries per message (default 0)")
@@ -181,10 +188,14 @@ def build_job(args: argparse.Namespace) -> LoadJob:
         backoff_base=sending.retry.backoff_base,
         backoff_max=sending.retry.backoff_max,
     )
+    target = None if embedded else resolve_target(r)
+    stages = _stages(r)
+    auth = resolve_auth(r)
     return LoadJob(
-        target=None if embedded else resolve_target(r),
-        stages=_stages(r),
-        credentials=resolve_credentials(r),
+        target=target,
+        stages=stages,
+        credentials=auth.credentials,
+        refresher=auth.refresher,
         options=dataclasses.replace(sending, concurrency=in_flight, rate=0.0, retry=retry),
         message=_message(r),
         thresholds=tuple(Threshold.parse(t) for t in r.get("threshold", _strings, _NONE)),
@@ -197,6 +208,7 @@ def build_job(args: argparse.Namespace) -> LoadJob:
         progress_interval_s=r.get("progress_interval", float, 5.0),
         drain_timeout_s=r.get("drain_timeout", float, 30.0),
         overwrite=r.get("overwrite", to_bool, False),
+        metrics_addr=resolve_metrics_addr(r),
     )
 
 

@@ -295,6 +295,17 @@ def resolve_auth(r: Resolver) -> credentials.Auth:
     return r.auth
 
 
+def resolve_metrics_addr(r: Resolver) -> str | None:
+    """``--metrics-addr HOST:PORT``, its form checked now: a typo is one line before
+    anything else happens (the port is bound by the run, before its first send)."""
+    addr = r.get("metrics_addr", str, None)
+    if addr is not None:
+        from bulksend.metrics import parse_addr  # prometheus_client: only when asked for
+
+        parse_addr(addr)
+    return addr
+
+
 def resolve_send_options(r: Resolver, **extra: Any) -> SendOptions:
     """SendOptions from this subcommand's options. The pool is send's --concurrency or
     load's --max-in-flight, and this process is made to allow that many connections

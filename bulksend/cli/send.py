@@ -11,8 +11,9 @@ from bulksend.cli.options import (
     add_pipeline_options,
     add_target_options,
     help_epilog,
-    resolve_credentials,
+    resolve_auth,
     resolve_engine,
+    resolve_metrics_addr,
     resolve_send_options,
     resolve_target,
     to_bool,
@@ -64,6 +65,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="S",
         help="on SIGINT/SIGTERM, seconds to let in-flight records finish (default 30)",
     )
+    g.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics while running (:PORT: every"
+        " interface)",
+    )
     g = p.add_argument_group("reliability")
     g.add_argument(
         "--resume",
@@ -109,11 +116,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def build_job(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> SendJob:
     r = Resolver.build(args, os.environ)
     embedded = r.get("embedded", to_bool, False)
+    target = None if embedded else resolve_target(r)
+    engine = resolve_engine(r)
+    auth = resolve_auth(r)
     return SendJob(
         inputs=tuple(args.inputs),
-        target=None if embedded else resolve_target(r),
-        engine=resolve_engine(r),
-        credentials=resolve_credentials(r),
+        target=target,
+        engine=engine,
+        credentials=auth.credentials,
+        refresher=auth.refresher,
         options=resolve_send_options(
             r,
             key_from_id=r.get("key_from_id", to_bool, False),
@@ -134,6 +145,7 @@ def build_job(args: argparse.Namespace, parser: argparse.ArgumentParser | None =
         resume=r.get("resume", to_bool, False),
         force=r.get("force", to_bool, False),
         overwrite=r.get("overwrite", to_bool, False),
+        metrics_addr=resolve_metrics_addr(r),
         command_line=command_line(parser, args) if parser is not None else None,
     )
 
