@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shlex
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,13 +24,20 @@ import anyio.to_thread
 from bulksend.config import Credentials, SendOptions, Target
 from bulksend.credentials import CredentialRefresher
 from bulksend.errors import BulksendError
+from bulksend.progress import (
+    Display,
+    RateWindow,
+    ReadCounter,
+    SendView,
+    count_lines,
+    estimate_total,
+)
 from bulksend.record import Item
 from bulksend.result import FAILED, INVALID, OK
 from bulksend.run import End, Hooks, Live, Outputs, Plan, Ticker, run
 from bulksend.sinks import STDOUT
 from bulksend.sources import Inputs
 from bulksend.stats import Stats
-from bulksend.summary import progress_line
 
 #: After an interrupt, the inputs are read again to count the records not sent, for at
 #: most this long (about a million JSONL records); past it the count is a lower bound.
@@ -169,19 +177,22 @@ async def run_send(job: SendJob, *, stderr: TextIO | None = None) -> Outcome:
     outputs = job.outputs()  # checked before the inputs are opened
     stats = Stats()
     with Inputs(job.inputs, fmt=job.fmt, default_topic=job.topic) as inputs:
-        end = await run(job.plan(), outputs, inputs, stats, _SendHooks(job, inputs), stderr=stderr)
+        counter = ReadCounter(inputs)  # the progress line's count of the records read
+        end = await run(
+            job.plan(), outputs, counter, stats, _SendHooks(job, counter), stderr=stderr
+        )
     return Outcome(stats, end.interrupted)
 
 
 class _SendHooks(Hooks):
-    def __init__(self, job: SendJob, inputs: Inputs) -> None:
+    def __init__(self, job: SendJob, counter: ReadCounter) -> None:
         self.job = job
-        self.inputs = inputs
+        self.counter = counter
 
     def tickers(self, live: Live) -> list[Ticker]:
         if self.job.progress == "off":
             return []
-        return [_Progress(live, self.inputs).run]
+        return [_Progress(live, self.counter, self.job.inputs).run]
 
     async def epilogue(self, snapshot: dict[str, Any], end: End) -> list[str]:
         if not end.interrupted or self.job.progress == "off":
@@ -197,53 +208,69 @@ class _SendHooks(Hooks):
 
 
 class _Progress:
-    """A live bar on a terminal, a status line every few seconds elsewhere."""
+    """The live line on a terminal, a status line every few seconds elsewhere (see
+    ``bulksend.progress``)."""
 
-    def __init__(self, live: Live, inputs: Inputs) -> None:
+    def __init__(self, live: Live, counter: ReadCounter, paths: tuple[str, ...]) -> None:
         stream, mode = live.err, live.outputs.progress
         self.mode = ("bar" if stream.isatty() else "lines") if mode == "auto" else mode
         self.interval = 0.25 if self.mode == "bar" else live.outputs.progress_interval_s
-        self.live, self.inputs, self.stream = live, inputs, stream
+        self.live, self.counter, self.paths, self.stream = live, counter, paths, stream
+        self.rates = RateWindow()
+        self.rates.add(time.monotonic(), 0)  # the first line has a rate: since the start
+        self.lines: int | None = None
+        self._stop_counting = threading.Event()
 
-    def fraction(self) -> float | None:
-        """Share of the inputs' bytes read. Reading runs at most a bounded buffer (the work
-        queue, one parse batch, one 1 MiB chunk) ahead of sending, so on the inputs a
-        backfill has (megabytes to gigabytes) this tracks the records done; the total
-        number of records is not known before the end of a stream."""
-        total_bytes = self.inputs.bytes_total
-        return self.inputs.bytes_read / total_bytes if total_bytes else None
-
-    def line(self) -> str:
-        stats, sender = self.live.stats, self.live.sender
+    def view(self, now: float) -> SendView:
+        stats, sender, counter = self.live.stats, self.live.sender, self.counter
         assert isinstance(stats, Stats)
-        c = sender.counters
-        return progress_line(
+        counts = stats.counts
+        self.rates.add(now, counts[OK] + counts[FAILED])
+        total, exact = estimate_total(
+            counter.read,
+            counter.finished,
+            self.lines,
+            counter.aligned,
+            counter.inputs.bytes_total,
+        )
+        return SendView(
             done=stats.total,
-            ok=stats.counts[OK],
-            failed=stats.counts[FAILED],
-            invalid=stats.counts[INVALID],
-            retrying=c.retrying,
-            in_flight=c.in_flight,
+            ok=counts[OK],
+            failed=counts[FAILED],
+            invalid=counts[INVALID],
+            retrying=sender.counters.retrying,
+            in_flight=sender.counters.in_flight,
             elapsed=stats.elapsed(),
-            fraction=self.fraction(),
-            rate_target=sender.schedule.rate,
-            bar=self.mode == "bar",
+            rate=self.rates.rate(),
+            target_rate=sender.schedule.rate,
+            total=total,
+            exact=exact,
             note=sender.health.note(),
         )
 
+    async def _count_lines(self) -> None:
+        self.lines = await anyio.to_thread.run_sync(
+            lambda: count_lines(self.paths, stop=self._stop_counting)
+        )
+
     async def run(self) -> None:
+        display = Display(self.stream, terminal=self.mode == "bar")
+        # Rates are sampled at least twice a second, whatever the interval between lines.
+        tick = min(self.interval, 0.25)
         try:
-            while True:
-                await anyio.sleep(self.interval)
-                if self.mode == "bar":
-                    self.stream.write("\r\x1b[2K" + self.line())
-                else:
-                    self.stream.write(self.line() + "\n")
-                self.stream.flush()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._count_lines)
+                shown = time.monotonic()
+                while True:
+                    await anyio.sleep(tick)
+                    now = time.monotonic()
+                    view = self.view(now)
+                    if now - shown >= self.interval - 1e-3:
+                        shown = now
+                        display.show(view.parts(), view.share, view.status_line())
         finally:
-            if self.mode == "bar":
-                self.stream.write("\r\x1b[2K")
-                self.stream.flush()
+            self._stop_counting.set()
+            display.close()
 
 
 def _rereadable(path: str) -> bool:

@@ -26,6 +26,7 @@ import orjson
 from bulksend.config import Credentials, RetryPolicy, SendOptions, Target
 from bulksend.credentials import CredentialRefresher
 from bulksend.job import public_url
+from bulksend.progress import Display, LoadView
 from bulksend.result import FAILED, Result
 from bulksend.run import End, Hooks, Live, Outputs, Plan, Ticker, run
 from bulksend.sinks import LineWriter
@@ -241,26 +242,6 @@ class _Live:
                     self.failing = (row.t, failed)
 
 
-def _progress_line(
-    elapsed: float,
-    duration: float,
-    target: float,
-    sent_rate: float,
-    recent: Bucket | None,
-    failed: int,
-    in_flight: int,
-    late: int,
-) -> str:
-    if recent is not None and recent.latency.count:
-        lat = f"p50 {recent.latency.percentile(50):,.1f} ms  p99 {recent.latency.percentile(99):,.1f} ms"
-    else:
-        lat = "p50 - ms  p99 - ms"
-    return (
-        f"{elapsed:6.1f}/{duration:g} s  target {target:,.0f}/s  sent {sent_rate:,.0f}/s  {lat}  "
-        f"errors {failed:,}  in-flight {in_flight:,}  late {late:,}"
-    )
-
-
 async def run_load(job: LoadJob, *, stderr: TextIO | None = None) -> LoadOutcome:
     """Run one load to the schedule's end (or a drain); write every output; the outcome.
 
@@ -344,6 +325,7 @@ async def _tick(job: LoadJob, run_: Live, live: _Live, outcome: LoadOutcome) -> 
     assert isinstance(stats, LoadStats)
     tty = job.progress != "off" and err.isatty()
     every = 1.0 if tty else job.progress_interval_s
+    display = Display(err, terminal=tty) if job.progress != "off" else None
     start = time.monotonic()
     shown_at = start
     last_dispatched, last_at = 0, start
@@ -360,21 +342,28 @@ async def _tick(job: LoadJob, run_: Live, live: _Live, outcome: LoadOutcome) -> 
                 dispatched = sender.counters.dispatched
                 sent_rate = (dispatched - last_dispatched) / (now - last_at)
                 last_dispatched, last_at = dispatched, now
-            if job.progress != "off" and now - shown_at >= every:
+            if display is not None and now - shown_at >= every:
                 shown_at = now
-                line = _progress_line(
-                    now - start,
-                    live.pacer.duration,
-                    live.pacer.rate_at(now - start),
-                    sent_rate,
-                    live.recent(int(time.time())),
-                    stats.base.counts[FAILED],
-                    sender.counters.in_flight,
-                    stats.late,
-                )
-                err.write(("\r\x1b[2K" + line) if tty else line + "\n")
-                err.flush()
+                view = _view(now - start, live, sent_rate, stats, sender.counters.in_flight)
+                display.show(view.parts(), view.share, view.status_line())
     finally:
-        if tty:
-            err.write("\r\x1b[2K")
-            err.flush()
+        if display is not None:
+            display.close()
+
+
+def _view(
+    elapsed: float, live: _Live, sent_rate: float, stats: LoadStats, in_flight: int
+) -> LoadView:
+    recent = live.recent(int(time.time()))
+    latency = recent.latency if recent is not None and recent.latency.count else None
+    return LoadView(
+        elapsed=elapsed,
+        duration=live.pacer.duration,
+        target_rate=live.pacer.rate_at(elapsed),
+        sent_rate=sent_rate,
+        p50=latency.percentile(50) if latency is not None else None,
+        p99=latency.percentile(99) if latency is not None else None,
+        failed=stats.base.counts[FAILED],
+        in_flight=in_flight,
+        late=stats.late,
+    )

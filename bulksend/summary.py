@@ -1,5 +1,5 @@
-"""Reporters only format: the end-of-run table, the live progress line, and ``printable``
-for any text that came from a server before it reaches a terminal."""
+"""Reporters only format: the end-of-run table, and ``printable`` for any text that came
+from a server before it reaches a terminal (the live line is ``bulksend.progress``)."""
 
 from __future__ import annotations
 
@@ -27,16 +27,16 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub(_escape, text)
 
 
-def _fmt_duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
-
-
 def _latency(lat: dict[str, float]) -> str:
+    # p99.9 and p99.99: the tail a load test is about (a stats document written before
+    # they existed lacks them: shown only when there).
+    tail = "".join(
+        f"  {name} {lat[key]:.1f}"
+        for key, name in (("p99_9", "p99.9"), ("p99_99", "p99.99"))
+        if key in lat
+    )
     return (
-        f"p50 {lat['p50']:.1f}  p90 {lat['p90']:.1f}  p99 {lat['p99']:.1f}  "
+        f"p50 {lat['p50']:.1f}  p90 {lat['p90']:.1f}  p99 {lat['p99']:.1f}{tail}  "
         f"max {lat['max']:.1f}  mean {lat['mean']:.1f}"
     )
 
@@ -66,6 +66,15 @@ def summary_table(stats: dict[str, Any], *, title: str = "bulksend") -> str:
         )
     for code, count in list(stats.get("errors", {}).items())[:8]:
         rows.append(("error", f"{printable(str(code))}: {count:,}"))
+    if stats.get("outages"):
+        n = stats["outages"]
+        rows.append(
+            (
+                "outages",
+                f"{n:,} (target unreachable {stats['downtime_s']:,.1f} s in all; "
+                f"{stats['probes']:,} probe{'s' if stats['probes'] != 1 else ''})",
+            )
+        )
     return _table(title, rows)
 
 
@@ -105,44 +114,3 @@ def summary_text(snapshot: dict[str, Any], *, title: str) -> str:
         lines[at] += "  (from the intended send time)"
     extra = [f"  {k:<{width}}  {v}" for k, v in rows]
     return "\n".join([*lines[: at + 1], *extra, *lines[at + 1 :]])
-
-
-def progress_line(
-    *,
-    done: int,
-    ok: int,
-    failed: int,
-    invalid: int,
-    retrying: int,
-    in_flight: int,
-    elapsed: float,
-    fraction: float | None,
-    rate_target: float = 0.0,
-    width: int = 24,
-    bar: bool = True,
-    note: str | None = None,
-) -> str:
-    """One progress line: bar (when the inputs' size is known), counts, rate, ETA; then
-    ``note`` (``target unreachable since ..., probing``) when there is one."""
-    rate = done / elapsed if elapsed > 0 else 0.0
-    parts = []
-    if fraction is not None:
-        fraction = min(1.0, max(0.0, fraction))
-        if bar:
-            filled = int(fraction * width)
-            parts.append(
-                "[" + "#" * filled + "-" * (width - filled) + f"] read {fraction * 100:5.1f}%"
-            )
-        else:
-            parts.append(f"read {fraction * 100:5.1f}%")
-    parts.append(f"{done:,} done")
-    parts.append(f"{rate:,.0f} msg/s" + (f" (target {rate_target:,.0f})" if rate_target else ""))
-    parts.append(
-        f"ok {ok:,} failed {failed:,} invalid {invalid:,} retrying {retrying:,} in-flight {in_flight:,}"
-    )
-    if fraction and 0 < fraction < 1 and elapsed > 0:
-        parts.append(f"ETA {_fmt_duration(elapsed * (1 - fraction) / fraction)}")
-    parts.append(f"elapsed {_fmt_duration(elapsed)}")
-    if note:
-        parts.append(note)
-    return "  ".join(parts)
