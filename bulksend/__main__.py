@@ -1,5 +1,8 @@
 import sys
 
-from bulksend.cli import main
+try:
+    from bulksend.cli import main
+except KeyboardInterrupt:  # a SIGINT while the program itself loads: exit as one does
+    sys.exit(130)
 
 sys.exit(main())

@@ -274,6 +274,12 @@ async def run(
             )
     except BulksendError as exc:
         end.error = end.error or exc
+    except asyncio.CancelledError:
+        # Cancelled from outside: a SIGINT that came before the run's own handlers were
+        # in (asyncio's runner then cancels the main task), or a library caller. What was
+        # written is summed up as an interrupted run's.
+        end.interrupted = True
+        raise
     finally:
         if endpoint is not None:
             endpoint.close()

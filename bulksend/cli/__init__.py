@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from bulksend import __version__
 from bulksend.errors import BulksendError
+from bulksend.summary import printable
 
 T = TypeVar("T")
 
@@ -83,20 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
         code: int = args.func(args)
     except BulksendError as exc:
-        print(f"bulksend: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _error(exc)
     except BaseExceptionGroup as group:
         # A task group may wrap our error; one BulksendError inside is still just that.
         first = group.exceptions[0]
         if len(group.exceptions) == 1 and isinstance(first, BulksendError):
-            print(f"bulksend: error: {first}", file=sys.stderr)
-            return first.exit_code
+            return _error(first)
+        if group.subgroup(KeyboardInterrupt) is not None:
+            return EXIT_INTERRUPTED
         raise
     except KeyboardInterrupt:
+        # A SIGINT before a run's own handlers are in (while modules load, the target
+        # starts): nothing was sent yet, nothing to say.
         return EXIT_INTERRUPTED
     return code
+
+
+def _error(exc: BulksendError) -> int:
+    # A message may quote a server (an authentication failure carries its error_msg):
+    # its control characters are shown, never obeyed by the terminal.
+    print(f"bulksend: error: {printable(str(exc))}", file=sys.stderr)
+    return exc.exit_code
