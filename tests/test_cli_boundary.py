@@ -50,9 +50,9 @@ def test_a_sigint_during_start_up_exits_130_without_a_traceback(
 ) -> None:
     data = write_jsonl(tmp_path / "in.jsonl", [{"topic": "t", "body": f"m{i}"} for i in range(50)])
     out = tmp_path / "out.jsonl"
+    args = ["send", str(data), "--embedded", "--out", str(out)]
     proc = subprocess.run(
-        [sys.executable, "-c", _SIGINT_ON_IMPORT, module,
-         "send", str(data), "--embedded", "--out", str(out)],  # fmt: skip
+        [sys.executable, "-c", _SIGINT_ON_IMPORT, module, *args],
         capture_output=True,
         text=True,
         timeout=60,
