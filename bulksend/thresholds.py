@@ -2,8 +2,8 @@
 
 A threshold is ``METRIC OP VALUE``:
 
-* latency metrics ``p50``, ``p90``, ``p99``, ``p99.9`` (or ``p99_9``), ``max``, ``mean``: the
-  corrected latency (from each message's intended send time), in ``ms`` (the default) or
+* latency metrics ``p50``, ``p90``, ``p99``, ``p99.9`` (or ``p99_9``), ``p99.99`` (or
+  ``p99_99``), ``max``, ``mean``: the corrected latency (from each message's intended send time), in ``ms`` (the default) or
   ``s``;
 * ``error_rate``: failed / (ok + failed), a fraction (``0.01`` is 1%);
 * ``rate``: answers (ok + failed) per second;
@@ -24,7 +24,7 @@ from typing import Any
 
 from bulksend.errors import ConfigError
 
-LATENCY_METRICS = ("p50", "p90", "p99", "p99_9", "max", "mean")
+LATENCY_METRICS = ("p50", "p90", "p99", "p99_9", "p99_99", "max", "mean")
 METRICS = (*LATENCY_METRICS, "error_rate", "rate")
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,

@@ -86,12 +86,13 @@ class LatencyBins:
         return self.sum_ms / self.count if self.count else 0.0
 
     def summary(self) -> dict[str, float]:
-        """The threshold/stats keys: p50, p90, p99, p99_9, max, mean (ms)."""
+        """The threshold/stats keys: p50, p90, p99, p99_9, p99_99, max, mean (ms)."""
         return {
             "p50": _round(self.percentile(50)),
             "p90": _round(self.percentile(90)),
             "p99": _round(self.percentile(99)),
             "p99_9": _round(self.percentile(99.9)),
+            "p99_99": _round(self.percentile(99.99)),
             "max": _round(self.max_ms),
             "mean": _round(self.mean),
         }

@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 
 from bulksend.errors import ConfigError
-from bulksend.thresholds import Threshold, check, figures_of
+from bulksend.thresholds import LATENCY_METRICS, Threshold, check, figures_of
+from bulksend.timeseries import Bucket, Row
 
 FIGURES = {
     "p50": 2.0,
     "p90": 50.0,
     "p99": 150.0,
     "p99_9": 400.0,
+    "p99_99": 700.0,
     "max": 900.0,
     "mean": 8.0,
     "error_rate": 0.005,
@@ -31,6 +33,8 @@ FIGURES = {
         ("p50<0.001s", "p50", "<", 1.0, False),
         ("p99.9<500", "p99_9", "<", 500.0, True),  # bare number: ms
         ("p99_9<0.3s", "p99_9", "<", 300.0, False),
+        ("p99.99<800", "p99_99", "<", 800.0, True),
+        ("p99_99<=0.5s", "p99_99", "<=", 500.0, False),
         ("max<1s", "max", "<", 1000.0, True),
         ("max < 800ms", "max", "<", 800.0, False),
         ("mean<10ms", "mean", "<", 10.0, True),
@@ -91,3 +95,16 @@ def test_figures_of_a_snapshot() -> None:
     }
     empty = {**snapshot, "ok": 0, "failed": 0}
     assert figures_of(empty)["error_rate"] == 0.0
+
+
+def test_a_window_has_every_latency_metric_a_threshold_names() -> None:
+    """--abort-on-fail judges each second's figures: a latency metric missing there would
+    fail every window (nothing measured it) and stop a healthy run."""
+    bucket = Bucket(ok=10_000)
+    for i in range(10_000):
+        bucket.latency.add(1.0 + i / 100)
+    figures = Row(t=0, width=1, bucket=bucket, in_flight=0).figures()
+    assert set(LATENCY_METRICS) <= set(figures)
+    assert figures["p99_9"] <= figures["p99_99"] <= figures["max"]
+    [verdict] = check((Threshold.parse("p99.99<1s"),), figures)
+    assert verdict.passed and verdict.actual == figures["p99_99"]

@@ -80,7 +80,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="append",
         metavar="EXPR",
         help="e.g. 'p99<200ms', 'p90<=50ms', 'error_rate<0.01', 'rate>=950' (also p50, "
-        "p99.9, max, mean; units ms or s); repeatable; any fail: exit 99",
+        "p99.9, p99.99, max, mean; units ms or s); repeatable; any fail: exit 99",
     )
     g.add_argument(
         "--abort-on-fail",
