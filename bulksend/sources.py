@@ -137,6 +137,9 @@ class _Input:
     owned: list[io.IOBase] = field(default_factory=list)  # to close
     broken: str | None = None  # why the rest of the file could not be read
     tail: bytes = b""  # the partial line before the break, or an over-long line's start
+    # A stream's last whole line from what it has handed over so far is being read: the
+    # next one may wait for its writer (``Inputs.batches`` ends its batch there).
+    drained: bool = False
     line0: int = 0  # physical lines before the first one read (a Span's first_line - 1)
     seq0: int | None = None  # the first record's seq (a Span's); None: carry on
     bom: bool = True  # at the file's start: a UTF-8 BOM there is dropped
@@ -278,6 +281,7 @@ class Inputs:
             raise InputOpenError("stdin (-) is given more than once")
         self._default_topic = default_topic
         self._inputs: list[_Input] = []
+        self._current: _Input | None = None  # the input being read
         self._started = False
         # A span is part of its file's first reading; plain paths count their repeats.
         keys = iter(input_keys(p for p in paths if isinstance(p, str)))
@@ -318,16 +322,30 @@ class Inputs:
         return self._items()
 
     def batches(self, n: int) -> Iterator[list[Item]]:
-        """The same stream as ``iter(self)``, ``n`` items at a time (the last may be short)."""
+        """The same stream as ``iter(self)``, ``n`` items at a time (the last may be short).
+        From stdin or a pipe a batch also ends with the last record its writer has handed
+        over so far: ``tail -f log | bulksend send -`` sends each record as it comes, not
+        when enough others have come to fill a batch."""
         if n < 1:
             raise ValueError(f"batch size must be at least 1, not {n}")
         items = iter(self)
-        while batch := list(islice(items, n)):
+        if all(inp.size is not None for inp in self._inputs):
+            while batch := list(islice(items, n)):
+                yield batch
+            return
+        batch = []
+        for item in items:
+            batch.append(item)
+            if len(batch) >= n or (self._current is not None and self._current.drained):
+                yield batch
+                batch = []
+        if batch:
             yield batch
 
     def _items(self) -> Iterator[Item]:
         seq = 0
         for inp in self._inputs:
+            self._current = inp
             base = self.bytes_read
             if inp.seq0 is not None:
                 seq = inp.seq0
@@ -441,7 +459,14 @@ class Inputs:
                 lines[0] = b"".join(parts)
                 if len(lines[0]) > MAX_LINE_BYTES:
                     inp.tail, lines[0] = lines[0][:_RAW_PREFIX], _MARK
-            yield from lines
+            if inp.size is None:
+                final = lines.pop()
+                yield from lines
+                inp.drained = True
+                yield final
+                inp.drained = False
+            else:
+                yield from lines
             parts, pending = ([last], len(last)) if last else ([], 0)
         if inp.broken is not None:
             inp.tail = b"".join(parts)[:_RAW_PREFIX]

@@ -25,7 +25,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bulksend.errors import ConfigError
 from bulksend.metrics import BUCKETS_S, histogram_buckets, parse_addr
-from bulksend.pool import READ_BATCH
 from bulksend.stats import Latencies
 from tests.cli_helpers import SECRET_ENV, bulksend, read_jsonl, target, write_jsonl
 from tests.serve_helpers import start_server_subprocess
@@ -178,10 +177,9 @@ def _lines(first: int, n: int) -> str:
 def test_send_metrics_move_during_the_run_and_end_as_stats(tmp_path: Path) -> None:
     """The input is a pipe the test holds open: the run cannot end before the test has
     scraped the figures of every record, then it closes the pipe and compares them with
-    what --stats and the ledger say. The pool takes records from a pipe a batch of
-    READ_BATCH at a time, so the test writes whole batches before each wait."""
+    what --stats and the ledger say."""
     stats_path, ledger = tmp_path / "stats.json", tmp_path / "out.jsonl"
-    first_n, last_n = 2 * READ_BATCH, 3 * READ_BATCH  # the last one invalid
+    first_n, last_n = 150, 230  # the last one invalid
     faults = ("--error-rate", "0.2", "--latency", "40", "--seed", "3")
     outputs = ("--stats", str(stats_path), "--out", str(ledger), "--concurrency", "8")
     retry = ("--backoff-base", "0.01", "--backoff-max", "0.05", "--max-retries", "8")
@@ -235,6 +233,26 @@ def test_send_metrics_move_during_the_run_and_end_as_stats(tmp_path: Path) -> No
     )
     assert last["bulksend_in_flight"] == 0 and last["bulksend_target_rate"] == 0
     assert "bulksend_late_total" not in last
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_record_from_a_pipe_goes_out_while_the_pipe_stays_open(fmt: str) -> None:
+    """``tail -f app.log | bulksend send -``: a record is sent once the pipe has handed it
+    over, not when enough others have come to fill a batch of the reader's."""
+    first = '{"topic": "t", "body": "one"}\n' if fmt == "jsonl" else "topic,body\nt,one\n"
+    with start_server_subprocess() as (_, url), _send_from_stdin(url, "--format", fmt) as proc:
+        assert proc.stdin is not None and proc.stderr is not None
+        metrics = _metrics_url(proc.stderr)
+        proc.stdin.write(first)
+        proc.stdin.flush()
+        sent = _wait(metrics, 'bulksend_records_total{status="ok"}', 1, deadline_s=30)
+        assert scrape_accepted(url) == 1 and proc.poll() is None
+        proc.stdin.write('{"topic": "t", "body": "two"}\n' if fmt == "jsonl" else "t,two\n")
+        proc.stdin.close()
+        proc.wait(timeout=60)
+        assert proc.returncode == 0
+        assert scrape_accepted(url) == 2
+    assert sent['bulksend_records_total{status="ok"}'] == 1
 
 
 def test_load_metrics_have_the_schedule_and_late_sends(tmp_path: Path) -> None:
