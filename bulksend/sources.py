@@ -460,10 +460,13 @@ class Inputs:
                 if len(lines[0]) > MAX_LINE_BYTES:
                     inp.tail, lines[0] = lines[0][:_RAW_PREFIX], _MARK
             if inp.size is None:
-                final = lines.pop()
-                yield from lines
+                # From the last line with a record on it (blank lines after it hold none).
+                k = len(lines) - 1
+                while k and not lines[k].strip():
+                    k -= 1
+                yield from lines[:k]
                 inp.drained = True
-                yield final
+                yield from lines[k:]
                 inp.drained = False
             else:
                 yield from lines

@@ -235,11 +235,17 @@ def test_send_metrics_move_during_the_run_and_end_as_stats(tmp_path: Path) -> No
     assert "bulksend_late_total" not in last
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
-def test_a_record_from_a_pipe_goes_out_while_the_pipe_stays_open(fmt: str) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "first"),
+    [
+        ("jsonl", '{"topic": "t", "body": "one"}\n'),
+        ("jsonl", '{"topic": "t", "body": "one"}\n\n  \n'),  # blank lines after it
+        ("csv", "topic,body\nt,one\n"),
+    ],
+)
+def test_a_record_from_a_pipe_goes_out_while_the_pipe_stays_open(fmt: str, first: str) -> None:
     """``tail -f app.log | bulksend send -``: a record is sent once the pipe has handed it
     over, not when enough others have come to fill a batch of the reader's."""
-    first = '{"topic": "t", "body": "one"}\n' if fmt == "jsonl" else "topic,body\nt,one\n"
     with start_server_subprocess() as (_, url), _send_from_stdin(url, "--format", fmt) as proc:
         assert proc.stdin is not None and proc.stderr is not None
         metrics = _metrics_url(proc.stderr)
