@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from tests.cli_helpers import no_traceback, target, write_jsonl
+from tests.raw_server import Exchange, RawServer, response
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -74,31 +75,13 @@ NASTY_MSG = "Incorrect IAM authentication information\x1b]0;pwned\x07\x1b[2J\u20
 async def refusing_server() -> AsyncIterator[str]:
     """Answers every request 401 with an error_msg full of terminal escapes."""
     body = orjson.dumps({"error_code": "APIGW.0301", "error_msg": NASTY_MSG})
-    answer = (
-        b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
-        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-    )
+    answer = response("401 Unauthorized", body, "Content-Type: application/json")
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    int(line.split(b":", 1)[1])
-                    for line in head.lower().split(b"\r\n")
-                    if line.startswith(b"content-length:")
-                )
-                await reader.readexactly(length)
-                writer.write(answer)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def handle(exchange: Exchange) -> None:
+        await exchange.write(answer)
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    async with server:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with RawServer(handle) as server:
+        yield server.url
 
 
 async def test_an_authentication_failure_prints_the_servers_text_escaped(
