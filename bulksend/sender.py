@@ -41,6 +41,7 @@ from bulksend.pool import (
 )
 from bulksend.record import Item, Record
 from bulksend.result import Result
+from bulksend.writeahead import WriteAhead
 
 __all__ = [
     "USER_AGENT",
@@ -60,7 +61,9 @@ class Sender:
     ``transport``: a ready transport (tests, proxies); by default one is opened for the
     target (``delivery.open_transport``). ``rng`` draws the backoff jitter. ``schedule``
     replaces the constant ``options.rate`` (load's stages). ``before_send(record)`` runs
-    before a record's first attempt, awaited when it returns an awaitable.
+    before a record's first attempt, awaited when it returns an awaitable. ``write_ahead``:
+    --exactly-once's intents and checks (``bulksend.writeahead``; ``options.exactly_once``
+    is what the harness builds it for).
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class Sender:
         rng: random.Random | None = None,
         schedule: Pacer | None = None,
         before_send: BeforeSend | None = None,
+        write_ahead: WriteAhead | None = None,
     ) -> None:
         self.target = target
         self.credentials = credentials or Credentials()
@@ -100,6 +104,7 @@ class Sender:
             observers=observers,
             before_send=before_send,
             health=self.health,
+            write_ahead=write_ahead,
         )
         self._pool = Pool(
             opts,
