@@ -58,7 +58,7 @@ waits for the target, or a backoff); when the run stops, the check gives up
 from __future__ import annotations
 
 import asyncio
-import base64
+import binascii
 import hashlib
 import os
 import random
@@ -110,6 +110,7 @@ KEY_PREFIX = "bs"
 #: BLAKE2b personalised with the derivation's version, so another derivation never
 #: yields the same keys.
 _KEY_HASH = hashlib.blake2b(digest_size=15, person=b"bulksend-key-v1")
+_URL_SAFE = bytes.maketrans(b"+/", b"-_")
 #: The error_code of an ok line whose key more than one stored message carries.
 DUPLICATE_AT_SERVER = "DUPLICATE_AT_SERVER"
 
@@ -128,7 +129,10 @@ def derive_key(material: str | bytes) -> str:
     if isinstance(material, str):
         material = material.encode("utf-8", "surrogateescape")
     digest.update(material)
-    return KEY_PREFIX + base64.urlsafe_b64encode(digest.digest()).decode("ascii")
+    # binascii and a translation table rather than base64.urlsafe_b64encode: the same bytes
+    # without its two Python-level calls (~0.3 µs of the ~1 µs a key costs).
+    b64 = binascii.b2a_base64(digest.digest(), newline=False).translate(_URL_SAFE)
+    return KEY_PREFIX + b64.decode("ascii")
 
 
 def record_key(record: Record, salt: str) -> str:

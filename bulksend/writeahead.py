@@ -105,6 +105,8 @@ class Figures:
     #: them were found stored.
     resumed_intents: int = 0
     resumed_found: int = 0
+    #: Wall seconds the --resume spent on them (the --reconcile-after wait included).
+    resume_s: float = 0.0
     #: Crashed intents found stored whose input line now holds another record (the input
     #: changed; --force): the stored copy is of a record no longer in the input.
     stale: int = 0
@@ -134,7 +136,9 @@ class WriteAhead:
         self._resumed: dict[str, Outcome] = {}
         self._probed: set[str] = set()
         self._probing = asyncio.Lock()
-        self._waiting: dict[asyncio.Future[None], list[Written]] = {}
+        #: The latest ledger write records wait on, and their callbacks (see ``after``).
+        self._turn_of: asyncio.Future[None] | None = None
+        self._turn: list[Written] = []
 
     # --- the hot path -----------------------------------------------------------------
 
@@ -161,19 +165,30 @@ class WriteAhead:
         return at, self._write(line)
 
     def after(self, written: asyncio.Future[None], callback: Written) -> None:
-        """``callback(error or None)`` once ``written`` is done."""
-        waiting = self._waiting.get(written)
-        if waiting is None:
-            self._waiting[written] = [callback]
-            written.add_done_callback(self._written)
-        else:
-            waiting.append(callback)
+        """``callback(error or None)`` once ``written`` (a loop turn's ledger write, from
+        ``intent``) is done.
 
-    def _written(self, written: asyncio.Future[None]) -> None:
-        callbacks = self._waiting.pop(written, [])
+        Not by ``written.add_done_callback`` alone: a done callback is scheduled only when
+        the future is resolved, one loop iteration after the write. The ledger scheduled
+        its write (``call_soon``) when that write's first line was queued, before
+        ``intent`` returned; a ``call_soon`` made now runs after it in the same iteration
+        (the loop runs ready callbacks in the order they were scheduled), so the requests
+        leave in the iteration that writes their intents. One call per write, however
+        many records wait on it."""
+        if written is self._turn_of:
+            self._turn.append(callback)
+            return
+        self._turn_of, self._turn = written, [callback]
+        written.get_loop().call_soon(self._written, written, self._turn)
+
+    def _written(self, written: asyncio.Future[None], callbacks: list[Written]) -> None:
+        if written is self._turn_of:
+            self._turn_of = None
+        if not written.done():  # pragma: no cover - the write ran first (see ``after``)
+            written.add_done_callback(lambda _: self._written(written, callbacks))
+            return
         # Never cancelled by the ledger; if it were, the intent is not known written.
-        cancelled = written.cancelled()
-        error = asyncio.CancelledError() if cancelled else written.exception()
+        error = asyncio.CancelledError() if written.cancelled() else written.exception()
         for callback in callbacks:
             callback(error)
 
@@ -241,6 +256,7 @@ class WriteAhead:
         crashed, self._crashed = self._crashed, {}
         if not crashed:
             return
+        began = time.monotonic()
         intents = []
         for obj in crashed.values():
             try:
@@ -258,6 +274,7 @@ class WriteAhead:
         self._resumed = outcomes
         self.figures.resumed_intents = len(outcomes)
         self.figures.resumed_found = sum(not isinstance(o, NotFound) for o in outcomes.values())
+        self.figures.resume_s = time.monotonic() - began
 
     # --- reporting --------------------------------------------------------------------
 
@@ -273,6 +290,7 @@ class WriteAhead:
             "reconcile_in_doubt": f.in_doubt,
             "reconcile_resumed_intents": f.resumed_intents,
             "reconcile_resumed_found": f.resumed_found,
+            "reconcile_resume_s": round(f.resume_s, 3),
         }
 
     def lines(self, *, summary: bool, complete: bool) -> list[str]:

@@ -19,6 +19,7 @@ def as_orjson_writes_it(result: Result) -> bytes:
         del fields["reconciled"]
     return orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
 
+
 texts = st.text()  # any code point but lone surrogates, which no JSON encoder accepts
 maybe_text = st.none() | texts
 ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)  # orjson's range
