@@ -17,6 +17,10 @@
    ``--reconcile-after`` 0 and the default 3 s. (b) ``reconcile_all`` alone over 64
    intents (48 stored, 16 not) at several concurrencies, wall and CPU time, on an empty
    store and on one holding more messages.
+4. **The kill -9 matrix.** Crashes (0, 1, 2 kills at random moments, then ``--resume``) ×
+   answers lost after the store (0, 6 %) → duplicates at the server, at least once (before)
+   and ``--exactly-once`` (after). ``--reconcile-after 0.5`` there: the built-in server
+   lists a message as soon as it stores it.
 
 Timings on a shared machine are noisy: read the CPU-per-message figures and ratios, which
 are measured against a baseline in the same run.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -309,6 +314,68 @@ def resume_64(url: str, reconcile_after: str) -> None:
     )
 
 
+# --- 4. the kill -9 matrix -----------------------------------------------------------------
+
+
+def ok_once(ledger: Path, n: int) -> bool:
+    """Whether the ledger holds each of the n records ok exactly once."""
+    ok = Counter(
+        obj["identity"]
+        for obj in map(orjson.loads, ledger.read_bytes().splitlines())
+        if obj.get("status") == "ok"
+    )
+    return len(ok) == n and max(ok.values()) == 1
+
+
+def crash_cell(n: int, crashes: int, lose: str, exactly_once: bool, seed: int) -> int:
+    """Duplicates at the server: ``n`` records sent, killed (-9) ``crashes`` times at random
+    moments, then ``--resume`` to the end, against a server losing ``lose`` of its answers
+    (stored, then the connection dropped)."""
+    rng = random.Random(seed)
+    env = {**os.environ, "HUAWEICLOUD_SDK_AK": AK, "HUAWEICLOUD_SDK_SK": SK}
+    flags = ["--resume", "--timeout", "1", "--backoff-base", "0.01", "--backoff-max", "0.2"]
+    flags += ["--max-retries", "10"]
+    if exactly_once:
+        flags += ["--exactly-once", "--reconcile-after", "0.5"]
+    proc, url = start_server("--latency", "2", "--lose-answer-rate", lose, "--seed", str(seed))
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-eo-") as d:
+            data, ledger = Path(d) / "in.jsonl", Path(d) / "ledger.jsonl"
+            write_messages(data, n, topic=TOPIC)
+            cmd = send_cmd(url, data, ledger, 16, *flags)
+            for _ in range(crashes):
+                run = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+                have = ledger.read_bytes().count(b"\n") if ledger.exists() else 0
+                want, deadline = have + rng.randint(200, n // 2), time.monotonic() + 60
+                while not ledger.exists() or ledger.read_bytes().count(b"\n") < want:
+                    if time.monotonic() > deadline or run.poll() is not None:
+                        break  # finished before the moment drawn: no crash this time
+                    time.sleep(0.01)
+                run.kill()
+                run.wait(timeout=30)
+            done = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, text=True, timeout=600)
+            if done.returncode != 0 or not ok_once(ledger, n):
+                raise SystemExit(f"the last --resume exited {done.returncode}: {done.stderr}")
+            return accepted(url) - n
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def kill_matrix(n: int) -> None:
+    print(
+        f"4. kill -9 matrix: {n:,} records, --concurrency 16, killed at random moments, then"
+        " --resume to the end (each ok exactly once in the ledger every time);"
+        " duplicates at the server"
+    )
+    print(f"   {'crashes':>7} {'lost answers':>12} {'at least once':>14} {'--exactly-once':>15}")
+    for lose in ("0", "0.06"):
+        for crashes in (0, 1, 2):
+            plain = crash_cell(n, crashes, lose, False, 10 + crashes)
+            once = crash_cell(n, crashes, lose, True, 10 + crashes)
+            print(f"   {crashes:>7} {float(lose):>12.0%} {plain:>14} {once:>15}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -320,6 +387,9 @@ def main() -> None:
     ap.add_argument("--key-records", type=int, default=200_000, help="records of part 1")
     ap.add_argument(
         "--prefill", type=int, default=10_000, help="messages in the store for part 3's 2nd table"
+    )
+    ap.add_argument(
+        "--matrix", type=int, default=3_000, help="records of part 4's runs (0: skip part 4)"
     )
     args = ap.parse_args()
     # SIGTERM runs the finally blocks below, so no server outlives the benchmark.
@@ -343,6 +413,8 @@ def main() -> None:
             # A fresh server each: the built-in one lists by scanning all it holds, so the
             # second table shows that server cost, not the reconciler's.
             run_async(reconcile_64(server(), prefill))
+        if args.matrix:
+            kill_matrix(args.matrix)
     finally:
         for proc in servers:
             proc.terminate()
