@@ -252,7 +252,7 @@ async def reconcile_64(url: str, prefill: int) -> None:
         async for result in sender.send(records):
             assert result.status == "ok"
     print(
-        f"3. --resume reconciling 64 in-flight records (48 stored, 16 not); the built-in server holds {prefill + 48:,} messages"
+        f"3b. reconcile_all alone over 64 in-flight records (48 stored, 16 not); the built-in server holds {prefill + 48:,} messages"
     )
     print(
         f"   {'concurrency':>11} {'wall ms':>9} {'CPU ms':>8} {'queries':>8} {'found':>6} {'not found':>10}"
