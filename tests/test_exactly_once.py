@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from collections import Counter, defaultdict
@@ -278,3 +279,46 @@ def test_exactly_once_needs_a_ledger_file(tmp_path: Path, out: str | None, says:
     assert proc.returncode == 2 and no_traceback(proc)
     assert proc.stderr.count("\n") == 1 and says in proc.stderr
     assert sent == 0
+
+
+def crash_with_all_in_flight(url: str, data: Path, out: Path, n: int) -> None:
+    """An --exactly-once run killed (-9) once the server (answers held 60 s) stored all n."""
+    proc = spawn_send(str(data), *target(url), "--out", str(out), "--exactly-once", "--quiet")
+    deadline = time.monotonic() + 60
+    while accepted(url) < n:
+        assert time.monotonic() < deadline and proc.poll() is None, "never had n in flight"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+
+
+def test_resume_reconciles_crashed_intents_before_sending(tmp_path: Path) -> None:
+    n = 40
+    data = write_jsonl(tmp_path / "in.jsonl", records(n))
+    out = tmp_path / "ledger.jsonl"
+    with start_server_subprocess("--latency", "60000") as (_, url):
+        crash_with_all_in_flight(url, data, out, n)
+        results, intents = ledger(out)
+        assert (len(results), len(intents)) == (0, n)  # every record in doubt
+        # Against the same (slow) server: every record found stored, nothing sent again.
+        resumed = bulksend(
+            *["send", str(data), *target(url), "--out", str(out), "--resume"],
+            *["--exactly-once", "--reconcile-after", "0.2", "--quiet"],
+        )
+        assert resumed.returncode == 0, resumed.stderr
+        assert accepted(url) == n
+        by_body = assert_each_stored_once(url, n)
+    results, _ = ledger(out)
+    assert assert_ok_lines_name_the_stored_copy(results, by_body, n) == n
+
+
+def test_resume_without_exactly_once_warns_of_the_records_in_doubt(tmp_path: Path) -> None:
+    n = 10
+    data = write_jsonl(tmp_path / "in.jsonl", records(n))
+    out = tmp_path / "ledger.jsonl"
+    with start_server_subprocess("--latency", "60000") as (_, slow):
+        crash_with_all_in_flight(slow, data, out, n)
+    with start_server_subprocess() as (_, url):
+        resumed = bulksend("send", str(data), *target(url), "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"holds {n} records in doubt from an --exactly-once run" in resumed.stderr
