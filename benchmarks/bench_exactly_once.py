@@ -1,23 +1,26 @@
 """What --exactly-once costs: the key, the intents, and a resume's reconciliation.
 
-    python benchmarks/bench_exactly_once.py [--messages 20000] [--key-records 200000]
-
-Phase 1 (the reconciler exists, the delivery does not call it yet) measures:
+    python benchmarks/bench_exactly_once.py [--messages 60000] [--key-records 200000]
 
 1. **Key strategy.** The issue's order (the record's own KEYS if unique in the input, else
    its id, else a derived key) needs a pre-pass over the input holding every key: its time
-   and memory, against deriving bulksend's key for every record.
-2. **Hot-path cost, projected.** The sender's CPU µs per message sending N records to the
-   built-in server (a subprocess: its CPU is not counted) plain, against the same with the
-   per-record work --exactly-once adds: the derived key added to KEYS (a longer body to
-   sign and send) and an intent line serialised and written, one write per record (an
-   upper bound of the one write per loop turn the delivery will make) or per 16. Rounds
-   alternate the variants; medians and minima. The bar (issue 8): at most 10 % more CPU
-   per message. Phase 2 replaces this projection with ``bulksend send --exactly-once``.
-3. **A resume's reconciliation of 64 in-flight records**: ``reconcile_all`` over 64
-   intents (stored and not) at several concurrencies, wall and CPU time, with the crash
-   long past (no index-lag wait) and with the default 3 s ``--reconcile-after`` counted
-   from the resume's start.
+   and memory, against deriving bulksend's key (``record_key``) for every record.
+2. **Hot-path cost.** ``bulksend send`` as a user runs it (a subprocess, AK/SK signed,
+   ``--out`` ledger) to the built-in server (another subprocess: its CPU is not counted),
+   plain against ``--exactly-once`` (a key in KEYS, an intent line per record in the loop
+   turn's one ledger write, the topic's ListMessages probed once). CPU µs per message is
+   the difference between a long and a short run (Python's start-up cancelled out). Rounds
+   alternate the variants; medians and minima. The bar (issue 8): at most 10 % more.
+3. **A resume's reconciliation of 64 in-flight records.** (a) The real thing: a
+   ``--exactly-once`` run killed (-9) with 64 requests stored and unanswered, then
+   ``--resume``: the time it spent reconciling (its stats' ``reconcile_resume_s``), with
+   ``--reconcile-after`` 0 and the default 3 s. (b) ``reconcile_all`` alone over 64
+   intents (48 stored, 16 not) at several concurrencies, wall and CPU time, on an empty
+   store and on one holding more messages.
+4. **The kill -9 matrix.** Crashes (0, 1, 2 kills at random moments, then ``--resume``) ×
+   answers lost after the store (0, 6 %) → duplicates at the server, at least once (before)
+   and ``--exactly-once`` (after). ``--reconcile-after 0.5`` there: the built-in server
+   lists a message as soon as it stores it.
 
 Timings on a shared machine are noisy: read the CPU-per-message figures and ratios, which
 are measured against a baseline in the same run.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -35,11 +39,12 @@ import sys
 import tempfile
 import time
 import tracemalloc
+import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
+from common import write_messages
 
 from bulksend.cli import run_async
 from bulksend.config import Credentials, RetryPolicy, SendOptions, Target
@@ -51,6 +56,7 @@ from bulksend.reconcile import (
     Reconciler,
     derive_key,
     intent_line,
+    record_key,
     with_key,
 )
 from bulksend.record import Record
@@ -63,11 +69,20 @@ AK, SK = "BENCHAK0000000000000", "bench-secret-key"
 CREDENTIALS = Credentials(ak=AK, sk=SK)
 
 
-def start_server() -> tuple[subprocess.Popen[str], str]:
+def accepted(url: str) -> int:
+    """Messages the built-in server at ``url`` has stored (its /metrics)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("bulksend_serve_messages_accepted_total "):
+                return int(float(line.split()[1]))
+    raise SystemExit("the built-in server reports no accepted messages")
+
+
+def start_server(*flags: str) -> tuple[subprocess.Popen[str], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUAWEICLOUD_SDK_")}
     env.update(HUAWEICLOUD_SDK_AK=AK, HUAWEICLOUD_SDK_SK=SK)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bulksend", "serve", "--port", "0", "--keep", "0"],
+        [sys.executable, "-m", "bulksend", "serve", "--port", "0", "--keep", "0", *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=env,
@@ -116,16 +131,19 @@ def key_strategy(records: int) -> None:
         current, _ = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         del held
-        identities = [f"v1:{path}:{line}" for line in range(1, records + 1)]
+        with Inputs([str(path)], fmt="jsonl", default_topic=None) as items:
+            read = [item for item in items if isinstance(item, Record)]
+        salt = str(time.time_ns() // 1_000_000)
         c = time.process_time()
-        for identity in identities:
-            derive_key(identity)
+        for record in read:
+            record_key(record, salt)
         derive_cpu = time.process_time() - c
+        del read
         size = path.stat().st_size
     print(f"1. key strategy over {records:,} records ({size / records:.0f} bytes a line)")
     print(f"   pre-pass (read, parse, count KEYS): {wall:.2f} s wall, {cpu / records * 1e6:.2f} µs CPU/record, "
           f"keys held {current / 2**20:.1f} MiB ({current / records:.0f} B/record); {unique:,} unique")  # fmt: skip
-    print(f"   derived key (BLAKE2b-120, base64): {derive_cpu / records * 1e6:.2f} µs CPU/record, "
+    print(f"   derived key (record_key: BLAKE2b-120 of salt, identity, content): {derive_cpu / records * 1e6:.2f} µs CPU/record, "
           f"no memory, no second read; +{1 + len(derive_key('x'))} bytes of KEYS per message")  # fmt: skip
     print(f"   pre-pass / derive CPU: {cpu / derive_cpu:.1f}x")
 
@@ -133,79 +151,84 @@ def key_strategy(records: int) -> None:
 # --- 2. hot-path cost ----------------------------------------------------------------------
 
 
-def plain_records(n: int) -> Iterator[Record]:
-    for i in range(n):
-        yield Record(i, f"in.jsonl:{i + 1}", TOPIC, BODY, (("KEYS", f"order-{i}"),), f"r{i}")
+def send_cmd(url: str, data: Path, ledger: Path, concurrency: int, *flags: str) -> list[str]:
+    return [
+        *[sys.executable, "-m", "bulksend", "send", str(data), "--endpoint", url],
+        *["--project-id", PROJECT, "--instance-id", INSTANCE, "--out", str(ledger)],
+        *["--concurrency", str(concurrency), "--quiet", *flags],
+    ]
 
 
-def keyed_records(n: int, ledger: int, batch: int) -> Iterator[Record]:
-    """The same records with what --exactly-once adds before each first attempt; intent
-    lines written ``batch`` at a time (the delivery writes one loop turn's at once)."""
-    pending: list[bytes] = []
-    for i in range(n):
-        identity = f"v1:/data/in.jsonl:{i + 1}"
-        key = derive_key(identity)
-        pending.append(intent_line(i, identity, TOPIC, key, int(time.time() * 1000)))
-        if len(pending) >= batch:
-            os.write(ledger, b"".join(pending))
-            pending.clear()
-        keys = with_key((("KEYS", f"order-{i}"),), key)
-        yield Record(i, f"in.jsonl:{i + 1}", TOPIC, BODY, keys, f"r{i}")
-    if pending:
-        os.write(ledger, b"".join(pending))
+#: Runs the CLI's ``main`` and prints the CPU seconds it took, imports left out (they
+#: differ: --exactly-once imports aiohttp for ListMessages, a fixed cost per run).
+CPU_OF_MAIN = (
+    "import sys, time\n"
+    "from bulksend.cli import main\n"
+    "c = time.process_time()\n"
+    "code = main(sys.argv[1:])\n"
+    "print(time.process_time() - c, code)\n"
+)
 
 
-async def send_cpu(url: str, records: Iterator[Record], n: int, concurrency: int) -> float:
-    """CPU µs per message of this process sending ``records`` (signed, as users send)."""
-    ok = 0
-    target = Target(url, PROJECT, INSTANCE)
-    options = SendOptions(concurrency=concurrency)
-    async with Sender(target, CREDENTIALS, options) as sender:
-        c = time.process_time()
-        async for result in sender.send(records):
-            ok += result.status == "ok"
-        cpu = time.process_time() - c
-    if ok != n:
-        raise SystemExit(f"only {ok} of {n} ok")
-    return cpu / n * 1e6
+def cpu_of_send(cmd: list[str], env: dict[str, str]) -> float:
+    """CPU seconds of ``bulksend send`` (``cmd`` from ``send_cmd``) past its imports."""
+    argv = [sys.executable, "-c", CPU_OF_MAIN, *cmd[3:]]
+    out = subprocess.run(argv, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    cpu, code = out.split()
+    if code != "0":
+        raise SystemExit(f"{' '.join(cmd[3:])}: exited {code}")
+    return float(cpu)
 
 
-def hot_path(url: str, n: int, concurrency: int, rounds: int) -> None:
-    variants: dict[str, Callable[[int], Iterator[Record]]] = {
-        "plain": plain_records,
-        "+ key, intents written 1 a write": lambda m: keyed_records(m, ledger, 1),
-        "+ key, intents written 16 a write": lambda m: keyed_records(m, ledger, 16),
-    }
+def hot_path(url: str, n: int, small: int, concurrency: int, rounds: int) -> None:
+    """``bulksend send`` as a user runs it (a subprocess, AK/SK signed, a ledger file), plain
+    and with --exactly-once. The CPU of the CLI's ``main`` (imports left out), and per
+    message the difference of a run of ``n`` and one of ``small`` messages: what each
+    message costs, the run's fixed set-up cancelled out."""
+    env = {**os.environ, "HUAWEICLOUD_SDK_AK": AK, "HUAWEICLOUD_SDK_SK": SK}
+    variants = {"plain": (), "--exactly-once": ("--exactly-once",)}
     cpu: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory(prefix="bench-eo-") as d:
-        ledger = os.open(Path(d) / "ledger.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            run_async(send_cpu(url, plain_records(1000), 1000, concurrency))  # warm up
-            for _ in range(rounds):  # alternate, so drift in the machine's load hits all
-                for name, records in variants.items():
-                    cpu[name].append(run_async(send_cpu(url, records(n), n, concurrency)))
-        finally:
-            os.close(ledger)
-    base = statistics.median(cpu["plain"])
+        files = {m: Path(d) / f"in-{m}.jsonl" for m in (n, small)}
+        for m, path in files.items():
+            write_messages(path, m, topic=TOPIC)
+        ledger = Path(d) / "ledger.jsonl"
+
+        def run(name: str, m: int) -> float:
+            ledger.unlink(missing_ok=True)
+            cmd = send_cmd(url, files[m], ledger, concurrency, *variants[name])
+            return cpu_of_send(cmd, env)
+
+        run("plain", small)  # warm up (page cache, server)
+        for _ in range(rounds):  # alternate, so drift in the machine's load hits both
+            for name in variants:
+                cpu[name].append((run(name, n) - run(name, small)) / (n - small) * 1e6)
+            lines = ledger.read_bytes().count(b"\n")
+            if lines != 1 + 2 * small:  # the run line, an intent and a result per message
+                raise SystemExit(f"--exactly-once ledger holds {lines} lines, not {1 + 2 * small}")
+    base, best = statistics.median(cpu["plain"]), min(cpu["plain"])
     print(
-        f"2. hot path, {n:,} messages x {rounds} rounds, --concurrency {concurrency}, AK/SK signed"
+        f"2. hot path: bulksend send (subprocess, AK/SK signed, --out ledger) to the built-in"
+        f" server, --concurrency {concurrency}; CPU of ({n:,} - {small:,}) messages, {rounds} rounds"
     )
-    best = min(cpu["plain"])
-    print(f"   {'µs CPU/msg':34} {'median':>7} {'ratio':>6} {'min':>7} {'ratio':>6}")
+    print(f"   {'µs CPU/msg':16} {'median':>7} {'ratio':>6} {'min':>7} {'ratio':>6}")
     for name, values in cpu.items():
         median, low = statistics.median(values), min(values)
         rounds_text = ", ".join(f"{x:.1f}" for x in values)
-        print(f"   {name:34} {median:7.1f} {median / base:6.3f} {low:7.1f} {low / best:6.3f}   rounds: {rounds_text}")  # fmt: skip
+        print(f"   {name:16} {median:7.1f} {median / base:6.3f} {low:7.1f} {low / best:6.3f}   rounds: {rounds_text}")  # fmt: skip
     print("   bar (issue 8): x1.100")
     # The added steps alone, to see where the difference goes.
-    identity, m = "v1:/data/in.jsonl:123456", 200_000
+    record = Record(1, "in.jsonl:2", TOPIC, BODY, (("KEYS", "order-1"),), "r1", identity="x:2")
+    m = 200_000
     c = time.process_time()
     for i in range(m):
-        key = derive_key(identity)
-        with_key((("KEYS", "order-1"),), key)
-        intent_line(i, identity, TOPIC, key, 1_700_000_000_000)
+        key = record_key(record, "1700000000000")
+        with_key(record.properties, key)
+        intent_line(i, "x:2", TOPIC, key, 1_700_000_000_000)
     steps = (time.process_time() - c) / m * 1e6
-    print(f"   the added steps without I/O (derive, with_key, intent line): {steps:.2f} µs/record")
+    print(
+        f"   the added steps without I/O (record_key, with_key, intent line): {steps:.2f} µs/record"
+    )
 
 
 # --- 3. a resume's reconciliation ----------------------------------------------------------
@@ -229,7 +252,7 @@ async def reconcile_64(url: str, prefill: int) -> None:
         async for result in sender.send(records):
             assert result.status == "ok"
     print(
-        f"3. --resume reconciling 64 in-flight records (48 stored, 16 not); the built-in server holds {prefill + 48:,} messages"
+        f"3b. reconcile_all alone over 64 in-flight records (48 stored, 16 not); the built-in server holds {prefill + 48:,} messages"
     )
     print(
         f"   {'concurrency':>11} {'wall ms':>9} {'CPU ms':>8} {'queries':>8} {'found':>6} {'not found':>10}"
@@ -255,16 +278,118 @@ async def reconcile_64(url: str, prefill: int) -> None:
           f"concurrency 8: {wall * 1000:.0f} ms wall")  # fmt: skip
 
 
+def resume_64(url: str, reconcile_after: str) -> None:
+    """The real thing: ``bulksend send --exactly-once --concurrency 64`` of 64 records killed
+    (-9) once the server has stored all 64 and answered none (it holds every answer 60 s),
+    then ``--resume`` (which finds them all, so sends nothing to that slow server): how long the resume spent reconciling them (its stats'
+    ``reconcile_resume_s``, the --reconcile-after wait included) and its whole wall time."""
+    env = {**os.environ, "HUAWEICLOUD_SDK_AK": AK, "HUAWEICLOUD_SDK_SK": SK}
+    with tempfile.TemporaryDirectory(prefix="bench-eo-") as d:
+        data, ledger, stats = Path(d) / "in.jsonl", Path(d) / "ledger.jsonl", Path(d) / "s.json"
+        write_messages(data, 64, topic=TOPIC)
+        crashed = subprocess.Popen(
+            send_cmd(url, data, ledger, 64, "--exactly-once"), env=env, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 60
+        while accepted(url) < 64:  # all 64 stored, none answered: the worst case
+            if time.monotonic() > deadline or crashed.poll() is not None:
+                crashed.kill()
+                raise SystemExit("the crashed run never had 64 requests in flight")
+            time.sleep(0.05)
+        crashed.kill()  # SIGKILL: no drain, no result line
+        crashed.wait(timeout=30)
+        flags = ("--exactly-once", "--resume", "--reconcile-after", reconcile_after)
+        cmd = [*send_cmd(url, data, ledger, 64, *flags), "--stats", str(stats)]
+        t = time.perf_counter()
+        done = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, text=True, timeout=120)
+        wall = time.perf_counter() - t
+        if done.returncode != 0:
+            raise SystemExit(f"the resume exited {done.returncode}: {done.stderr.strip()}")
+        figures = orjson.loads(stats.read_bytes())
+    print(
+        f"   --reconcile-after {reconcile_after:>3} s: {figures['reconcile_resumed_intents']} intents"
+        f" checked ({figures['reconcile_resumed_found']} found stored) in"
+        f" {figures['reconcile_resume_s'] * 1000:.0f} ms, {figures['reconcile_queries']} queries;"
+        f" the whole resume (process start to exit) {wall:.2f} s, {figures['ok']} ok lines"
+    )
+
+
+# --- 4. the kill -9 matrix -----------------------------------------------------------------
+
+
+def ok_once(ledger: Path, n: int) -> bool:
+    """Whether the ledger holds each of the n records ok exactly once."""
+    ok = Counter(
+        obj["identity"]
+        for obj in map(orjson.loads, ledger.read_bytes().splitlines())
+        if obj.get("status") == "ok"
+    )
+    return len(ok) == n and max(ok.values()) == 1
+
+
+def crash_cell(n: int, crashes: int, lose: str, exactly_once: bool, seed: int) -> int:
+    """Duplicates at the server: ``n`` records sent, killed (-9) ``crashes`` times at random
+    moments, then ``--resume`` to the end, against a server losing ``lose`` of its answers
+    (stored, then the connection dropped)."""
+    rng = random.Random(seed)
+    env = {**os.environ, "HUAWEICLOUD_SDK_AK": AK, "HUAWEICLOUD_SDK_SK": SK}
+    flags = ["--resume", "--timeout", "1", "--backoff-base", "0.01", "--backoff-max", "0.2"]
+    flags += ["--max-retries", "10"]
+    if exactly_once:
+        flags += ["--exactly-once", "--reconcile-after", "0.5"]
+    proc, url = start_server("--latency", "2", "--lose-answer-rate", lose, "--seed", str(seed))
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-eo-") as d:
+            data, ledger = Path(d) / "in.jsonl", Path(d) / "ledger.jsonl"
+            write_messages(data, n, topic=TOPIC)
+            cmd = send_cmd(url, data, ledger, 16, *flags)
+            for _ in range(crashes):
+                run = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+                have = ledger.read_bytes().count(b"\n") if ledger.exists() else 0
+                want, deadline = have + rng.randint(200, n // 2), time.monotonic() + 60
+                while not ledger.exists() or ledger.read_bytes().count(b"\n") < want:
+                    if time.monotonic() > deadline or run.poll() is not None:
+                        break  # finished before the moment drawn: no crash this time
+                    time.sleep(0.01)
+                run.kill()
+                run.wait(timeout=30)
+            done = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, text=True, timeout=600)
+            if done.returncode != 0 or not ok_once(ledger, n):
+                raise SystemExit(f"the last --resume exited {done.returncode}: {done.stderr}")
+            return accepted(url) - n
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def kill_matrix(n: int) -> None:
+    print(
+        f"4. kill -9 matrix: {n:,} records, --concurrency 16, killed at random moments, then"
+        " --resume to the end (each ok exactly once in the ledger every time);"
+        " duplicates at the server"
+    )
+    print(f"   {'crashes':>7} {'lost answers':>12} {'at least once':>14} {'--exactly-once':>15}")
+    for lose in ("0", "0.06"):
+        for crashes in (0, 1, 2):
+            plain = crash_cell(n, crashes, lose, False, 10 + crashes)
+            once = crash_cell(n, crashes, lose, True, 10 + crashes)
+            print(f"   {crashes:>7} {float(lose):>12.0%} {plain:>14} {once:>15}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--messages", type=int, default=20_000, help="per round of part 2")
+    ap.add_argument("--messages", type=int, default=60_000, help="per run of part 2")
+    ap.add_argument("--small", type=int, default=5_000, help="the short run of part 2")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--key-records", type=int, default=200_000, help="records of part 1")
     ap.add_argument(
         "--prefill", type=int, default=10_000, help="messages in the store for part 3's 2nd table"
+    )
+    ap.add_argument(
+        "--matrix", type=int, default=3_000, help="records of part 4's runs (0: skip part 4)"
     )
     args = ap.parse_args()
     # SIGTERM runs the finally blocks below, so no server outlives the benchmark.
@@ -272,17 +397,24 @@ def main() -> None:
     key_strategy(args.key_records)
     servers: list[subprocess.Popen[str]] = []
 
-    def server() -> str:
-        proc, url = start_server()
+    def server(*flags: str) -> str:
+        proc, url = start_server(*flags)
         servers.append(proc)
         return url
 
     try:
-        hot_path(server(), args.messages, args.concurrency, args.rounds)
+        hot_path(server(), args.messages, args.small, args.concurrency, args.rounds)
+        print(
+            "3a. bulksend send --exactly-once killed (-9) with 64 requests in flight, then --resume"
+        )
+        for after in ("0", "3"):
+            resume_64(server("--latency", "60000"), after)
         for prefill in (0, args.prefill):
             # A fresh server each: the built-in one lists by scanning all it holds, so the
             # second table shows that server cost, not the reconciler's.
             run_async(reconcile_64(server(), prefill))
+        if args.matrix:
+            kill_matrix(args.matrix)
     finally:
         for proc in servers:
             proc.terminate()

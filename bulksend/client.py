@@ -481,8 +481,11 @@ class H1Connection:
 
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         if not self.try_send(extra.encode("latin-1"), body, on_answer):
-            # Closed by the peer between the connect and now (nothing else is outstanding).
-            raise ProtocolError("connection closed before a complete answer")
+            # Closed by the peer between the connect and now (nothing else is outstanding):
+            # nothing of this request went out.
+            closed = ProtocolError("connection closed before the request was sent")
+            closed.request_written = False
+            raise closed
         try:
             outcome = await waiter
         finally:

@@ -90,6 +90,8 @@ LIMITS: dict[str, Range] = {
     "keys": Range(0, 1_000_000_000, integer=True),
     # A SendMessage answer is a few hundred bytes; the cap only stops a runaway one.
     "max_answer_bytes": Range(1, 1 << 40, integer=True, unit="bytes"),
+    # --exactly-once's wait for a broker's key index; an hour is already no backfill.
+    "reconcile_after": Range(0, 3_600, unit="s"),
 }
 
 
@@ -273,6 +275,13 @@ class SendOptions:
     #: Seconds the target may stay unreachable mid-run (dispatch paused, probed with
     #: backoff) before the run stops, TargetUnreachable (see health.py).
     outage_timeout: float = 300.0
+    #: Each record carries bulksend's key in KEYS, the ledger holds an intent before its
+    #: first request, and an attempt whose answer was lost is checked with ListMessages
+    #: before any re-send (see writeahead.py). Needs a ledger file (``Outputs.out``).
+    exactly_once: bool = False
+    #: Seconds an attempt must have ended before ListMessages is asked about it (a broker
+    #: indexes keys asynchronously).
+    reconcile_after: float = 3.0
 
     def __post_init__(self) -> None:
         if self.on_key_failure not in ("continue", "skip"):
@@ -282,6 +291,7 @@ class SendOptions:
         check_number("timeout", self.timeout)
         check_number("max_answer_bytes", self.max_answer_bytes)
         check_number("outage_timeout", self.outage_timeout)
+        check_number("reconcile_after", self.reconcile_after)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")

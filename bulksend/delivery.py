@@ -19,6 +19,16 @@ reported; it is left for --resume.
 Credentials can change during a run (``set_credentials``: temporary AK/SK refreshed from a
 metadata service). Each attempt takes the credentials current when it starts, whole; a
 request already written keeps the headers it was sent with.
+
+**--exactly-once** (a ``WriteAhead``, writeahead.py): before a record's first attempt its
+intent goes into the ledger, and the request leaves only once that write is done; every
+attempt carries bulksend's key in KEYS. An attempt in doubt (``reconcile.attempt_in_doubt``:
+the request was written, and no usable answer says what became of it) is checked with
+ListMessages before anything else happens to the record: found stored, it is ok
+(``reconciled``); not stored, it goes on as any failed attempt, and may be retried whatever
+the answer was (nothing stored, so a re-send cannot duplicate). A check is made for the
+last attempt too, so a ``failed`` line always means not stored. While the record is being
+checked it is out of ``health``'s count of records that may bring news of the target.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from bulksend.health import Admit, TargetHealth, Verdict
 from bulksend.observers import AttemptObserver
 from bulksend.outcome import interpret
 from bulksend.pool import Counters, Done
+from bulksend.reconcile import NotFound, attempt_in_doubt, with_key
 from bulksend.record import KEYS, Record
 from bulksend.result import FAILED, OK, Result, result_for
 from bulksend.retry import (
@@ -48,6 +59,7 @@ from bulksend.retry import (
     parse_retry_after,
 )
 from bulksend.signing import FastSigner
+from bulksend.writeahead import WriteAhead
 
 USER_AGENT = f"bulksend/{__version__}"
 
@@ -57,6 +69,8 @@ WITHHELD: Final = "withheld"
 
 #: Awaited (when it returns an awaitable) before a record's first attempt.
 BeforeSend = Callable[[Record], Awaitable[None] | None]
+#: --exactly-once: a record's key and its intent's time (ms), once the intent is written.
+Ahead = tuple[str, int]
 
 
 def fixed_headers(target: Target) -> dict[str, str]:
@@ -142,6 +156,7 @@ class Delivery:
         observers: Sequence[AttemptObserver] = (),
         before_send: BeforeSend | None = None,
         health: TargetHealth | None = None,
+        write_ahead: WriteAhead | None = None,
     ) -> None:
         self.target = target
         self.options = options
@@ -150,6 +165,7 @@ class Delivery:
         self._rng = rng
         self._observers = tuple(o.on_attempt for o in observers)
         self._before_send = before_send
+        self.write_ahead = write_ahead
         self.health = health or TargetHealth(options, rng, on_stop=lambda: None)
         self._auth = Auth(target, credentials)
         self._current_secrets = self._secrets = credentials.secrets()
@@ -163,6 +179,8 @@ class Delivery:
         current = credentials.secrets()
         self._secrets = tuple(dict.fromkeys((*current, *self._current_secrets)))
         self._current_secrets = current
+        if self.write_ahead is not None:
+            self.write_ahead.reconciler.set_credentials(credentials)
 
     def halt(self) -> None:
         self.halted = True
@@ -170,11 +188,14 @@ class Delivery:
     def courier(self, conn: Connection) -> Courier:
         return Courier(self, conn)
 
-    def body_of(self, record: Record) -> bytes:
-        """The SendMessage request body (compact JSON)."""
+    def body_of(self, record: Record, key: str | None = None) -> bytes:
+        """The SendMessage request body (compact JSON); ``key`` (--exactly-once's) goes
+        into KEYS beside the record's own (and --key-from-id's)."""
         props = record.properties
         if self.options.key_from_id and record.id is not None and record.keys is None:
             props = (*props, (KEYS, record.id))
+        if key is not None:
+            props = with_key(props, key)
         return orjson.dumps(
             {
                 "topic": record.topic,
@@ -190,19 +211,37 @@ class Delivery:
         intended: float = 0.0,
         *,
         first: FirstAttempt | None = None,
+        ahead: Ahead | None = None,
     ) -> Result:
         """Every attempt for one record, retries and backoff included; always a Result
         (status ``WITHHELD`` when the run stopped for an unreachable target first).
         ``intended``: the monotonic time the pacer meant it to go (0.0 = unpaced).
         ``first``: the first attempt, already made (by a ``Courier``'s callback, which
-        entered the record into ``health`` when it sent it)."""
+        entered the record into ``health`` when it sent it). ``ahead``: --exactly-once,
+        the record's intent is already written (``first.ahead`` when ``first`` is given)."""
         before = self._before_send if first is None else None
         if before is not None and (pending := before(record)) is not None:
             await pending
+        wa = self.write_ahead
+        key: str | None = None
+        at = 0
+        if wa is not None:
+            if first is not None:
+                ahead = first.ahead
+            if ahead is None:
+                prepared = await wa.prepare(record)
+                if isinstance(prepared, Result):
+                    return prepared  # found stored by a crashed run's intent, or no identity
+                key = prepared
+                at, written = wa.intent(record, key)
+                if written is not None:
+                    await written  # the request leaves only once its intent is written
+            else:
+                key, at = ahead
         health = self.health
         policy = self.options.retry
         observers = self._observers
-        body = self.body_of(record)
+        body = self.body_of(record, key)
         started = time.monotonic()
         started_at = time.time()
         if first is not None:
@@ -230,6 +269,7 @@ class Delivery:
                 attempts += 1
                 retry_after: str | None = None
                 verdict = Verdict.OWN
+                doubt = False
                 try:
                     if first is None:
                         resp = await conn.post(self._auth.headers(body), body)
@@ -244,15 +284,42 @@ class Delivery:
                     result.error_msg = str(exc)
                     retryable = is_retryable_error(exc)
                     verdict = health.on_failure(exc, conn, probe)
+                    doubt = wa is not None and exc.request_written
                 else:
                     if not health.quiet:
                         health.on_answer(probe)
                     result = interpret(record, resp, self._secrets)
                     retryable = result.status != OK and is_retryable_status(resp.status, policy)
                     retry_after = resp.retry_after
+                    doubt = (
+                        wa is not None
+                        and result.status != OK
+                        and attempt_in_doubt(resp.status, result.error_code, request_written=True)
+                    )
                 probe = False
                 for observe in observers:
                     observe(result)
+                if doubt:
+                    assert wa is not None and key is not None
+                    # Checked before anything else: a retry, a give-up and a halt alike
+                    # would each be wrong for a stored record.
+                    health.leave()  # a record in its check brings no news of the target
+                    try:
+                        checked = await wa.check(record, key, at, health)
+                    finally:
+                        health.enter()
+                    if checked is None:
+                        result = _withheld(record, health)
+                        break
+                    if not health.quiet:
+                        # ListMessages answered: the target is reachable. Timeouts of lost
+                        # answers on several connections at once look like an outage, and
+                        # a record found stored waits for no probe that could end it.
+                        health.on_answer()
+                    if not isinstance(checked, NotFound):
+                        result = wa.reconciled(result, checked)
+                        break
+                    retryable = True  # nothing stored: a re-send cannot duplicate
                 if not retryable or self.halted:
                     break
                 if health.stopping:
@@ -305,6 +372,13 @@ class FirstAttempt:
     outcome: Response | TransportError
     started: float
     started_at: float
+    #: --exactly-once: the record's key and intent time.
+    ahead: Ahead | None = None
+
+
+async def _raise(exc: BaseException) -> Result:
+    """For a callback that must stop the run: the pool awaits this in its task group."""
+    raise exc
 
 
 def _withheld(record: Record, health: TargetHealth) -> Result:
@@ -320,14 +394,22 @@ class Courier:
     ``try_start`` is the hot path: the first attempt by callback (``H1Connection.try_send``),
     and an ok answer completes the record right there, with no task and no Future. Anything
     else (no open connection yet, an answer that is not ok, a transport error, a
-    write-ahead ``before_send``) goes on in ``Delivery.send_one``, so retries, backoff and
-    every rule about them live in one place.
+    ``before_send``) goes on in ``Delivery.send_one``, so retries, backoff and every rule
+    about them live in one place.
+
+    With --exactly-once the callback path holds: ``try_start`` queues the record's intent
+    into the loop turn's ledger write and sends from that write's callback (``_go``), once
+    the intent is on disk — no task either. A record the write-ahead must prepare first
+    (a topic not yet probed, a crashed run's outcome to apply) goes by ``send_one``.
     """
 
     __slots__ = (
+        "_ahead",
+        "_body",
         "_conn",
         "_delivery",
         "_done",
+        "_go",
         "_intended",
         "_on_answer",
         "_record",
@@ -343,9 +425,12 @@ class Courier:
             conn, "try_send", None
         )
         self._on_answer: OnAnswer = self._answered  # one bound method, not one per record
+        self._go: Callable[[BaseException | None], None] = self._intent_written
         self._record: Record | None = None
         self._done: Done | None = None
         self._intended = self._started = self._started_at = 0.0
+        self._ahead: Ahead | None = None
+        self._body = b""
 
     def deliver(self, record: Record, intended: float) -> Awaitable[Result]:
         return self._delivery.send_one(self._conn, record, intended)
@@ -359,6 +444,9 @@ class Courier:
             return False
         if health.stopping:
             return False
+        wa = d.write_ahead
+        if wa is not None:
+            return self._write_ahead(wa, record, intended, done)
         body = d.body_of(record)
         started_at = time.time()
         started = time.monotonic()
@@ -367,7 +455,49 @@ class Courier:
         health.enter()  # left on an ok answer below, else by send_one(first=...)
         self._record, self._done, self._intended = record, done, intended
         self._started, self._started_at = started, started_at
+        self._ahead = None
         return True
+
+    def _write_ahead(self, wa: WriteAhead, record: Record, intended: float, done: Done) -> bool:
+        """--exactly-once's ``try_start``: queue the intent; ``_intent_written`` sends."""
+        if not wa.fast(record):
+            return False
+        key = wa.key(record)
+        at, written = wa.intent(record, key)
+        if written is None:  # pragma: no cover - no running loop: the pool always has one
+            return False
+        self._record, self._done, self._intended = record, done, intended
+        self._ahead = (key, at)
+        self._body = self._delivery.body_of(record, key)
+        wa.after(written, self._go)
+        return True
+
+    def _intent_written(self, error: BaseException | None) -> None:
+        """The record's intent is written (or its write failed: the run stops): send now,
+        by callback when the connection and the target allow, else by ``send_one``."""
+        d, record, done, ahead = self._delivery, self._record, self._done, self._ahead
+        assert record is not None and done is not None
+        if error is not None:
+            self._record = self._done = None
+            done(_raise(error))
+            return
+        health = d.health
+        body = self._body
+        started_at = time.time()
+        started = time.monotonic()
+        try_send = self._try_send
+        assert try_send is not None
+        if (
+            d.halted
+            or health.down
+            or health.stopping
+            or not try_send(d._auth.header_lines(body, started_at), body, self._on_answer)
+        ):
+            self._record = self._done = None
+            done(d.send_one(self._conn, record, self._intended, ahead=ahead))
+            return
+        health.enter()  # left on an ok answer, else by send_one(first=...)
+        self._started, self._started_at = started, started_at
 
     def _answered(self, outcome: Response | TransportError) -> None:
         d, record, done = self._delivery, self._record, self._done
@@ -384,7 +514,7 @@ class Courier:
                     observe(result)
                 done(stamp(result, 1, self._started, self._started_at, self._intended))
                 return
-        first = FirstAttempt(outcome, self._started, self._started_at)
+        first = FirstAttempt(outcome, self._started, self._started_at, self._ahead)
         done(d.send_one(self._conn, record, self._intended, first=first))
 
     def close(self) -> None:

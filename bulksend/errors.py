@@ -9,6 +9,9 @@
     ├── TargetUnreachable         refused/unresolved/untrusted from the start, or
     │                             down past --outage-timeout: stop (drain)      -> exit 2
     ├── SinkError                 a results/stats/failed file cannot be written  -> exit 2
+    ├── ReconcileError            --exactly-once: ListMessages cannot say whether a
+    │   │                         message is stored (intents stay for --resume) -> exit 2
+    │   └── ListMessagesUnavailable   no usable ListMessages (404/405, 401/403, ...)
     └── TransportError            one HTTP attempt failed below HTTP (internal: the client
         ├── ConnectError          turns it into a retry or a failed Result, never escapes
         ├── RequestTimeout        a Sender)
@@ -16,6 +19,9 @@
         ├── ProtocolError
         │   └── ConnectionClosed  closed or reset before a complete answer
         └── AnswerTooLarge        an answer over --max-answer-bytes (not retried)
+
+``TransportError.request_written`` says whether the request may have reached the server:
+False only where nothing was sent (no connection); --exactly-once checks the others.
 
 aiohttp, httptools, ssl and OS errors are translated into TransportError in exactly one
 place per transport (``client.py``); the CLI translates BulksendError into a one-line
@@ -62,10 +68,25 @@ class SinkError(BulksendError):
     """An output file could not be written."""
 
 
+class ReconcileError(BulksendError):
+    """ListMessages could not say whether a message is stored, so the run stops rather
+    than guess (a guess is either a loss or a duplicate). Exit 2; the records' intents stay
+    in the ledger for ``--resume``."""
+
+
+class ListMessagesUnavailable(ReconcileError):
+    """The endpoint has no usable ListMessages (404/405, no such API), refuses our
+    credentials for it (401/403) or the query (another 4xx), answers something that is not
+    a ListMessages answer, or its certificate does not verify."""
+
+
 class TransportError(BulksendError):
-    """One HTTP attempt failed below the HTTP layer. ``code`` is the stable error_code."""
+    """One HTTP attempt failed below the HTTP layer. ``code`` is the stable error_code.
+    ``request_written``: whether any of the request may have reached the server (then the
+    message may be stored although no answer says so)."""
 
     code = "TRANSPORT_ERROR"
+    request_written = True
 
 
 class ConnectError(TransportError):
@@ -74,6 +95,7 @@ class ConnectError(TransportError):
     ``connect`` (anything else: unreachable network, ...)."""
 
     code = "CONNECT_ERROR"
+    request_written = False
 
     def __init__(self, message: str, cause: str = "connect") -> None:
         super().__init__(message)
@@ -86,6 +108,8 @@ class RequestTimeout(TransportError):
 
 class ConnectTimeout(RequestTimeout):
     """No connection within the timeout: nothing was sent (the same error_code)."""
+
+    request_written = False
 
 
 class ProtocolError(TransportError):

@@ -129,6 +129,8 @@ class SendJob:
             "order_by": o.order_by,
             "on_key_failure": o.on_key_failure if o.ordered else None,
             "adaptive": o.adaptive,
+            "exactly_once": o.exactly_once,
+            "reconcile_after": o.reconcile_after if o.exactly_once else None,
             "key_from_id": o.key_from_id,
             "insecure": o.tls.insecure,
             "ca_bundle": o.tls.ca_bundle,

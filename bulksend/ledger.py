@@ -55,6 +55,7 @@ __all__ = [
     "check_inputs",
     "fingerprint",
     "fingerprints_path",
+    "first_run_at",
     "read_ledger",
     "read_results",
     "write_fingerprints",
@@ -226,6 +227,29 @@ def read_ledger(path: str, *, repair: bool = True) -> LedgerState:
                 f"cannot cut the torn last line of {path}: {exc.strerror or exc}"
             ) from None
     return state
+
+
+def first_run_at(path: str) -> int | None:
+    """``at`` of the ledger's first run line: when the run that began it started (ms since
+    the epoch), the same for every ``--resume`` of it and new for a ledger started again.
+    None when the ledger has no run line (older than run lines) or cannot be read. The
+    first run line is the first line of any ledger begun since run lines exist, so this
+    reads one line; an older ledger is read up to the run line its first resume wrote."""
+    try:
+        with open(path, "rb") as fh:
+            for line in fh:
+                if b'"run"' not in line or not line.endswith(b"\n"):
+                    continue
+                try:
+                    obj = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(obj, dict) and obj.get("status") == RUN:
+                    at = obj.get("at")
+                    return at if type(at) is int else None
+    except OSError:
+        return None
+    return None
 
 
 # --- bulksend report ---------------------------------------------------------------------

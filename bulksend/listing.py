@@ -11,7 +11,8 @@ environment, TLS and pooling for free. The request is signed with ``bulksend.sig
 steps and its query string is sent in canonical form, as the SDK sends it (the SDK's
 ``Signer.process_request_uri``), so what is signed is byte for byte what goes out.
 
-Errors are translated here, and only here, for ListMessages::
+Errors are translated here, and only here, for ListMessages (``ReconcileError`` and
+``ListMessagesUnavailable`` live in ``bulksend.errors``, the one tree)::
 
     BulksendError
     └── ReconcileError            ListMessages cannot say whether a message is stored:
@@ -41,9 +42,10 @@ from yarl import URL
 from bulksend import __version__
 from bulksend.config import Credentials, Target, TLSOptions
 from bulksend.errors import (
-    BulksendError,
     ConnectError,
+    ListMessagesUnavailable,
     ProtocolError,
+    ReconcileError,
     RequestTimeout,
     TransportError,
 )
@@ -51,24 +53,22 @@ from bulksend.outcome import scrub
 from bulksend.record import KEYS
 from bulksend.signing import canonical_query, sign
 
+__all__ = [
+    "ListMessagesBusy",
+    "ListMessagesClient",
+    "ListMessagesUnavailable",
+    "ListQuery",
+    "ListedMessage",
+    "Page",
+    "ReconcileError",
+]
+
 USER_AGENT = f"bulksend/{__version__}"
 #: How much of a refusal's text goes into the one-line error.
 ERROR_TEXT_CHARS = 200
 #: The largest ListMessages answer read. A page of 10 messages of RocketMQ's 4 MiB bodies,
 #: JSON-escaped, fits; an endless answer must not take the process's memory.
 MAX_ANSWER_BYTES = 128 << 20
-
-
-class ReconcileError(BulksendError):
-    """ListMessages could not say whether a message is stored, so the run stops rather
-    than guess (a guess is either a loss or a duplicate). Exit 2; the records' intents stay
-    in the ledger for ``--resume``."""
-
-
-class ListMessagesUnavailable(ReconcileError):
-    """The endpoint has no usable ListMessages (404/405, no such API), refuses our
-    credentials for it (401/403) or the query (another 4xx), answers something that is not
-    a ListMessages answer, or its certificate does not verify."""
 
 
 class ListMessagesBusy(TransportError):
@@ -219,26 +219,32 @@ class ListMessagesClient:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.target = target
-        self.credentials = creds = credentials or Credentials()
         self.timeout = timeout
         self._connections = connections
         self._clock = clock
-        self._secrets = creds.secrets()
         https = target.url.startswith("https")
         self._ssl: ssl.SSLContext | None = (tls or TLSOptions()).context() if https else None
         self._host = target.url.split("/", 3)[2]  # as typed: what Host carries and is signed
+        self._secrets: tuple[str, ...] = ()
+        self.set_credentials(credentials or Credentials())
+        self._session: aiohttp.ClientSession | None = None
+
+    def set_credentials(self, credentials: Credentials) -> None:
+        """Sign (or authenticate) every request from now on with ``credentials`` (temporary
+        AK/SK refreshed during a run); the previous secrets stay scrubbed from answers."""
+        self.credentials = creds = credentials
+        self._secrets = tuple(dict.fromkeys((*creds.secrets(), *self._secrets)))
         fixed = {
             "Host": self._host,
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
-            "X-Project-Id": target.project_id,
+            "X-Project-Id": self.target.project_id,
         }
         if creds.mode == "aksk" and creds.security_token:
             fixed["X-Security-Token"] = creds.security_token
         elif creds.mode == "token":
             fixed["X-Auth-Token"] = creds.auth_token or ""
         self._fixed = fixed
-        self._session: aiohttp.ClientSession | None = None
 
     @property
     def where(self) -> str:

@@ -56,6 +56,7 @@ from bulksend.sinks import (
 )
 from bulksend.stats import LoadStats, Stats
 from bulksend.summary import summary_text
+from bulksend.writeahead import WriteAhead, check_ledger, open_write_ahead
 
 if TYPE_CHECKING:
     from bulksend.metrics import AttemptCounts, MetricsEndpoint
@@ -204,6 +205,8 @@ class End:
     done: Callable[[Item], bool] | None = None
     #: The target's outages, when it had any: ``outages``, ``downtime_s``, ``probes``.
     outages: dict[str, Any] | None = None
+    #: --exactly-once: the run's intents and checks (their figures go in the stats).
+    write_ahead: WriteAhead | None = None
 
 
 Ticker = Callable[[], Coroutine[Any, Any, None]]
@@ -260,14 +263,17 @@ async def run(
         observers = [*hooks.observers(), *([report.add] if report is not None else [])]
         async with (
             _target(plan) as (target, creds),
+            _write_ahead(plan, sinks, target, creds) as write_ahead,
             Sender(
                 target,
                 creds,
                 plan.options,
                 schedule=plan.schedule,
                 observers=[attempts] if attempts is not None else (),
+                write_ahead=write_ahead,
             ) as sender,
         ):
+            end.write_ahead = write_ahead
             services = _services(plan, sender, stats, err, endpoint, attempts)
             await _pump(
                 plan, outputs, sender, items, stats, observers, hooks, sinks, end, err, services
@@ -342,6 +348,18 @@ def outage_figures(health: TargetHealth) -> dict[str, Any] | None:
     return {"outages": health.outages, "downtime_s": round(downtime, 3), "probes": health.probes}
 
 
+def _write_ahead(
+    plan: Plan, sinks: Sinks, target: Target, creds: Credentials
+) -> AbstractAsyncContextManager[WriteAhead | None]:
+    """--exactly-once's WriteAhead (None without it), on the ledger Sinks checked."""
+    if not plan.options.exactly_once:
+        return contextlib.nullcontext(None)
+    assert sinks.ledger is not None and sinks.ledger_place is not None
+    return open_write_ahead(
+        target, creds, plan.options, sinks.ledger, sinks.ledger_place.real, sinks.intents
+    )
+
+
 def _target(plan: Plan) -> AbstractAsyncContextManager[tuple[Target, Credentials]]:
     if plan.target is not None:
         return contextlib.nullcontext((plan.target, plan.credentials))
@@ -393,6 +411,8 @@ async def _pump(
                 task = asyncio.current_task()
                 requests = task.cancelling() if task is not None else 0
                 try:
+                    if end.write_ahead is not None:
+                        await end.write_ahead.resume()  # before anything new is sent
                     await sender.run(items, on_result, done=end.done)
                 except BulksendError as exc:
                     # Kept, not raised through the task group: the CLI's boundary
@@ -461,6 +481,8 @@ async def _finish(
     snapshot = stats.snapshot()
     if end.outages:
         snapshot.update(end.outages)
+    if end.write_ahead is not None:
+        snapshot.update(end.write_ahead.snapshot())
     if sinks.begun:
         try:
             hooks.finish(snapshot, end)  # may still write to a line file (the last seconds)
@@ -488,6 +510,10 @@ async def _finish(
     if outputs.progress != "off":
         title = plan.title + (" (interrupted)" if end.interrupted else "")
         err.write(summary_text(snapshot, title=title) + "\n")
+    if end.write_ahead is not None:
+        complete = not end.stopped_early
+        for line in end.write_ahead.lines(summary=outputs.progress != "off", complete=complete):
+            err.write(line + "\n")
     for line in await hooks.epilogue(snapshot, end):
         err.write(line + "\n")
     err.flush()
@@ -505,11 +531,15 @@ class Sinks:
         self.timeseries: LineWriter | None = None
         self.stats: DocumentWriter | None = None
         self.html: DocumentWriter | None = None
+        #: --resume: intents no result followed (identity -> intent line), for --exactly-once.
+        self.intents: dict[str, dict[str, Any]] = {}
         #: The run line is written: from here on the run has outputs to finish.
         self.begun = False
         self._created: list[str] = []
         try:
             places = {flag: locate(path) for flag, path in outputs.paths()}
+            if plan.options.exactly_once:
+                check_ledger(places.get("--out"))
             _check_apart(places, plan.inputs)
             if outputs.out:
                 self._open_ledger(outputs, plan, places["--out"])
@@ -579,6 +609,14 @@ class Sinks:
                 check_inputs(place.real, plan.inputs, force=plan.force)
                 state = await anyio.to_thread.run_sync(read_ledger, place.real)
                 done = state.done if state.done_identities else None
+                self.intents = state.intents
+                if state.intents and not plan.options.exactly_once:
+                    err.write(
+                        f"bulksend: warning: {place.path} holds {len(state.intents):,} records"
+                        " in doubt from an --exactly-once run that crashed; without"
+                        " --exactly-once they are sent again, and the server may then hold"
+                        " them twice\n"
+                    )
                 if state.torn_bytes and outputs.progress != "off":
                     err.write(
                         f"bulksend: ignored a torn last line ({state.torn_bytes} bytes) in {place.path}\n"

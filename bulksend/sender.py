@@ -41,6 +41,7 @@ from bulksend.pool import (
 )
 from bulksend.record import Item, Record
 from bulksend.result import Result
+from bulksend.writeahead import WriteAhead
 
 __all__ = [
     "USER_AGENT",
@@ -62,6 +63,8 @@ class Sender:
     replaces the constant ``options.rate`` (load's stages). ``before_send(record)`` runs
     before a record's first attempt, awaited when it returns an awaitable. ``observers``
     see every attempt's Result (``observers.AttemptObserver``; live metrics count them).
+    ``write_ahead``: --exactly-once's intents and checks (``bulksend.writeahead``;
+    ``options.exactly_once`` is what the harness builds it for).
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class Sender:
         schedule: Pacer | None = None,
         before_send: BeforeSend | None = None,
         observers: Sequence[AttemptObserver] = (),
+        write_ahead: WriteAhead | None = None,
     ) -> None:
         self.target = target
         self.credentials = credentials or Credentials()
@@ -102,6 +106,7 @@ class Sender:
             observers=attempt_observers,
             before_send=before_send,
             health=self.health,
+            write_ahead=write_ahead,
         )
         self._pool = Pool(
             opts,

@@ -161,7 +161,7 @@ def test_report_reader_skips_run_and_intent_lines_and_keeps_run_settings(tmp_pat
     state = ReadState()
     results = list(read_results([str(ledger)], state))
     assert results == [
-        Result(seq=0, source="f:1", id=None, identity="k:1", status="ok"),
+        Result(seq=0, source="f:1", id=None, identity="k:1", status="ok", reconciled=True),
         Result(seq=1, source="f:2", id="7", status="failed"),
     ]
     assert state.runs == [RUN_LINE] and state.intents == 1 and state.lines == 2

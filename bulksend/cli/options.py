@@ -366,7 +366,8 @@ exit codes:
   0    every record ok
   1    some record failed or was invalid
   2    usage, config, input, ledger or output error; authentication failed;
-       target unreachable (one line on stderr, no traceback)
+       target unreachable; --exactly-once without a usable ListMessages (one
+       line on stderr, no traceback)
   130  interrupted (the first Ctrl-C drains, the second stops at once)
 """,
     "load": """\

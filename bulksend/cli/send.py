@@ -110,6 +110,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="on 429, lower the rate multiplicatively and recover additively (AIMD)",
     )
+    g.add_argument(
+        "--exactly-once",
+        action="store_true",
+        default=None,
+        help="each record stored once, lost answers and crashes included: an intent in"
+        " the --out ledger before each send, a ListMessages check before any re-send",
+    )
+    g.add_argument(
+        "--reconcile-after",
+        type=float,
+        metavar="S",
+        help="with --exactly-once: seconds after an attempt before ListMessages is asked"
+        " about it, for the broker's key index (default 3)",
+    )
     p.set_defaults(func=lambda args: run(args, p))
 
 
@@ -132,6 +146,8 @@ def build_job(args: argparse.Namespace, parser: argparse.ArgumentParser | None =
             order_by=r.get("order_by", str, None),
             on_key_failure=r.get("on_key_failure", str, "continue"),
             adaptive=r.get("adaptive", to_bool, False),
+            exactly_once=r.get("exactly_once", to_bool, False),
+            reconcile_after=r.get("reconcile_after", float, 3.0),
         ),
         fmt=r.get("format", str, None),
         topic=r.get("topic", str, None),
