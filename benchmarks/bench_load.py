@@ -109,6 +109,7 @@ NOTE = "(latency ms: p50/p99 from the intended send time; svc = from the actual 
 def load(url: str, rate: float, duration: float, workdir: Path, *extra: str) -> Run:
     """``bulksend load`` on core 0 as its own process; its stats and CPU time."""
     stats, ledger = workdir / f"stats-{rate:g}.json", workdir / f"ledger-{rate:g}.jsonl"
+    ledger.unlink(missing_ok=True)  # a load refuses a ledger that holds results
     wrapper = (
         "import resource,subprocess,sys;rc=subprocess.call(sys.argv[1:]);"
         "u=resource.getrusage(resource.RUSAGE_CHILDREN);print(rc,u.ru_utime+u.ru_stime)"

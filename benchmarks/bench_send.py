@@ -179,6 +179,9 @@ class Bench:
         self, url: str, name: str, rate: float, seconds: float, program: Sequence[str] = ()
     ) -> Row:
         stats_path = self.work / "load-stats.json"
+        (self.work / "load.jsonl").unlink(
+            missing_ok=True
+        )  # a load refuses a ledger that holds results
         cmd = [*CORE, *(program or [sys.executable, "-m", "bulksend"]), "load", "--endpoint", url]
         cmd += TARGET
         cmd += ["--rate", f"{rate:g}", "--duration", f"{seconds:g}s", "--quiet"]
