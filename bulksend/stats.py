@@ -209,7 +209,12 @@ class LoadStats:
             first = base.first_start
             if first is None or started < first:
                 base.first_start = started
-            self.sent.add(started)
+            sent = self.sent  # _Span.add, written out
+            sent.count += 1
+            if started < sent.first:
+                sent.first = started
+            if started > sent.last:
+                sent.last = started
         done = result.done_at
         if done is not None:
             last = base.last_done
@@ -217,7 +222,12 @@ class LoadStats:
                 base.last_done = done
         intended = result.intended_at
         if intended is not None:
-            self.intended.add(intended)
+            span = self.intended
+            span.count += 1
+            if intended < span.first:
+                span.first = intended
+            if intended > span.last:
+                span.last = intended
         if result.attempts > 1:
             base.retries += result.attempts - 1
         http = result.http_status

@@ -194,9 +194,12 @@ class Timeseries:
         self._cursor: int | None = None
         self._sent_so_far = 0
         self._done_so_far = 0
-        #: The bucket last looked up, and its key (-1: none; keys are >= 0).
-        self._hot_key = -1
-        self._hot = Bucket()
+        #: The bucket the last intended, sent and done time fell in, by the time's own key
+        #: (-1: none; keys are >= 0): a key moved to the cursor still finds its bucket.
+        self._intended_key: int = -1
+        self._sent_key: int = -1
+        self._done_key: int = -1
+        self._intended = self._sent = self._done = Bucket()
 
     def _bucket(self, key: int) -> Bucket:
         """The bucket of ``key`` (epoch ms // (1000 * width)), made if need be."""
@@ -211,7 +214,6 @@ class Timeseries:
                 self._first = key
             if self._last is None or key > self._last:
                 self._last = key
-        self._hot_key, self._hot = key, bucket
         return bucket
 
     def add(self, result: Result) -> None:
@@ -219,21 +221,28 @@ class Timeseries:
         status = result.status
         if status != OK and status != FAILED:
             return
-        # A message's times nearly always fall in one second, the one the previous
-        # message's did: that bucket is kept at hand (``_hot``), the dict left alone.
+        # Each of a message's times nearly always falls in the bucket the same time of the
+        # previous message did: those buckets are kept at hand, one per kind of time (a
+        # load behind its schedule has its intended times seconds before its answers).
         scale = 1000 * self.width
         at = result.intended_at
         if at is not None:
             key = at // scale
-            (self._hot if key == self._hot_key else self._bucket(key)).intended += 1
+            if key != self._intended_key:
+                self._intended_key, self._intended = key, self._bucket(key)
+            self._intended.intended += 1
         at = result.started_at
         if at is not None:
             key = at // scale
-            (self._hot if key == self._hot_key else self._bucket(key)).sent += 1
+            if key != self._sent_key:
+                self._sent_key, self._sent = key, self._bucket(key)
+            self._sent.sent += 1
         at = result.done_at
         if at is not None:
             key = at // scale
-            b = self._hot if key == self._hot_key else self._bucket(key)
+            if key != self._done_key:
+                self._done_key, self._done = key, self._bucket(key)
+            b = self._done
             http = result.http_status
             b.statuses[_STATUS_KEYS.get(http) or _status_key(http)] += 1
             if status == OK:
@@ -248,6 +257,10 @@ class Timeseries:
         if self.max_points is not None:
             while self.span > self.max_points:
                 self._coarsen()
+
+    def _forget_buckets_at_hand(self) -> None:
+        self._intended_key = self._sent_key = self._done_key = -1
+        self._intended = self._sent = self._done = Bucket()
 
     @property
     def span(self) -> int:
@@ -266,7 +279,7 @@ class Timeseries:
                 into.merge(bucket)
         self._buckets = merged
         self.width *= 2
-        self._hot_key = -1
+        self._forget_buckets_at_hand()
         assert self._first is not None and self._last is not None
         self._first //= 2
         self._last //= 2
@@ -297,8 +310,8 @@ class Timeseries:
         if self._cursor is None:
             self._cursor = self._first
         last = self._last if before_ms is None else before_ms // (1000 * self.width) - 1
-        if self._hot_key <= last:
-            self._hot_key = -1  # popped below: a later time lands in the cursor's bucket
+        if self._cursor <= last:
+            self._forget_buckets_at_hand()  # some may be popped below
         out = []
         while self._cursor <= last:
             bucket = self._buckets.pop(self._cursor, None) or Bucket()
