@@ -250,7 +250,9 @@ class Pace:
     max_lag_s: float = 0.0
 
 
-def behind_schedule(snapshot: dict[str, Any], pace: Pace, *, max_in_flight: int) -> str | None:
+def behind_schedule(
+    snapshot: dict[str, Any], pace: Pace, *, max_in_flight: int, embedded: bool = False
+) -> str | None:
     """A line saying that the sends fell behind the schedule and what held them back, or
     None while at most ``BEHIND_LATE_SHARE`` of them went late.
 
@@ -260,6 +262,7 @@ def behind_schedule(snapshot: dict[str, Any], pace: Pace, *, max_in_flight: int)
     figures mean: a process busy on a whole core could not keep up (its CPU); one waiting
     with every request in flight (``--max-in-flight``) busy met a target too slow for the
     rate; neither means something else held its event loop up (another process, say).
+    ``embedded``: the built-in server ran in the process too, and its CPU counts.
     """
     total, late = snapshot["total"], snapshot["late"]
     if not total or late <= BEHIND_LATE_SHARE * total:
@@ -272,10 +275,11 @@ def behind_schedule(snapshot: dict[str, Any], pace: Pace, *, max_in_flight: int)
     cpu = pace.cpu_s / pace.wall_s if pace.wall_s > 0 else 0.0
     full = pace.pool_full / pace.samples if pace.samples else 0.0
     if cpu >= BUSY_CPU_SHARE:
+        who = "the client and its --embedded server were" if embedded else "the client was"
         cause = (
-            f"the client was the bottleneck: it used {100 * cpu:.0f} % of a CPU core, and the"
-            " latency from the intended time includes its own lag; lower --rate, or spread the"
-            " load over several processes"
+            f"{who} the bottleneck: it used {100 * cpu:.0f} % of a CPU core, and the latency"
+            " from the intended time includes its own lag; lower --rate, or spread the load"
+            " over several processes"
         )
     elif full >= 0.5:
         cause = (
@@ -387,7 +391,12 @@ class _LoadHooks(Hooks):
             else ""
         )
         lines += [f"threshold {verdict.line()}{note}" for verdict in outcome.verdicts]
-        behind = behind_schedule(snapshot, self.pace, max_in_flight=self.job.options.concurrency)
+        behind = behind_schedule(
+            snapshot,
+            self.pace,
+            max_in_flight=self.job.options.concurrency,
+            embedded=self.job.target is None,
+        )
         if behind is not None:
             lines.append(behind)
         return lines

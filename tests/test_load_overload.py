@@ -65,6 +65,12 @@ def test_behind_schedule_names_the_cause(pace: Pace, cause: str) -> None:
     assert "99.9 % of sends late" in line and "sent 13,549/s of 20,000/s" in line
 
 
+def test_an_embedded_server_shares_the_blame_for_the_cpu() -> None:
+    busy = Pace(cpu_s=10.0, wall_s=10.0, samples=40, pool_full=40)
+    line = behind_schedule(_snapshot(1000, 999), busy, max_in_flight=256, embedded=True)
+    assert line is not None and "the client and its --embedded server were the bottleneck" in line
+
+
 @pytest.mark.parametrize(("total", "late"), [(0, 0), (1000, 0), (1000, 10)])
 def test_within_one_percent_late_is_on_schedule(total: int, late: int) -> None:
     busy = Pace(cpu_s=10.0, wall_s=10.0, samples=40, pool_full=40)
