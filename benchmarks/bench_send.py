@@ -21,7 +21,9 @@ user + system time (getrusage), start-up included, divided by the messages it se
   here (a paced client sleeps between messages: on a VM this is most of its extra CPU).
 
 ``--baseline CMD`` also measures another bulksend executable (say, main's installed in a
-venv of its own) on the unpaced, TLS, --rate 8,000 and load rows.
+venv of its own) on the unpaced, TLS, --rate 8,000 and load rows, and at every step of the
+load ladder, right after this tree's run of it (a list such as ``--ladder
+20000,20000,20000`` repeats a step: this machine's noise is best read over several).
 """
 
 from __future__ import annotations
