@@ -244,8 +244,8 @@ class Timeseries:
                 self._done_key, self._done = key, self._bucket(key)
             b = self._done
             http = result.http_status
-            statuses, key = b.statuses, _STATUS_KEYS.get(http) or _status_key(http)
-            statuses[key] = statuses.get(key, 0) + 1  # a Counter's ``+= 1`` costs twice this
+            statuses, named = b.statuses, _STATUS_KEYS.get(http) or _status_key(http)
+            statuses[named] = statuses.get(named, 0) + 1  # a Counter's ``+= 1`` costs twice
             if status == OK:
                 b.ok += 1
                 latency = result.latency_ms
