@@ -1,6 +1,17 @@
-"""bulksend load against bulksend serve: achieved rate vs target, and latency under stalls.
+"""bulksend load against bulksend serve: achieved rate vs target, and latency under stalls;
+and what the load path's own parts cost per message.
 
     python benchmarks/bench_load.py [--duration 30] [--screenshot docs/report-screenshot.png]
+    python benchmarks/bench_load.py --parts [--baseline-src DIR]
+
+``--parts`` measures only the load path's own work per message, on core 0, in a process
+of its own, best of 7 rounds of CPU time: the pacer's due time, the synthetic message, the
+stats (``LoadStats.add``), the live series (``_Live.add``, on whenever progress, a
+``--timeseries`` file or ``--abort-on-fail`` is) and the HTML report's observer
+(``RunReport.add``, with ``--html``). With ``--baseline-src DIR`` (a directory holding
+another ``bulksend`` package, say main's: ``git archive main bulksend | tar -x -C DIR``)
+the same parts of that version are measured in the same run, alternately, and the ratio
+printed.
 
 The server (``bulksend serve``) runs on core 1 and the load on core 0 (taskset), each a
 process of its own. Three measurements:
@@ -98,6 +109,7 @@ NOTE = "(latency ms: p50/p99 from the intended send time; svc = from the actual 
 def load(url: str, rate: float, duration: float, workdir: Path, *extra: str) -> Run:
     """``bulksend load`` on core 0 as its own process; its stats and CPU time."""
     stats, ledger = workdir / f"stats-{rate:g}.json", workdir / f"ledger-{rate:g}.jsonl"
+    ledger.unlink(missing_ok=True)  # a load refuses a ledger that holds results
     wrapper = (
         "import resource,subprocess,sys;rc=subprocess.call(sys.argv[1:]);"
         "u=resource.getrusage(resource.RUSAGE_CHILDREN);print(rc,u.ru_utime+u.ru_stime)"
@@ -158,6 +170,115 @@ def screenshot(html: Path, png: Path) -> None:
                        check=True, capture_output=True, env={**os.environ, "HOME": profile})  # fmt: skip
 
 
+#: Run in a process of its own with PYTHONPATH at the version measured: prints one JSON
+#: object, µs of CPU per message for each part (the parts' API is the same in every version).
+PARTS_PROBE = """
+import itertools, json, sys, time
+from bulksend.html import RunReport
+from bulksend.load import LoadJob, _Live
+from bulksend.result import Result
+from bulksend.stages import RampPacer, Stages
+from bulksend.stats import LoadStats
+from bulksend.synthetic import MessageSpec, Synthetic
+
+N = 50_000
+T0 = 1_764_540_000_000
+stages = Stages.constant(20_000, 30)
+# What a load at 20,000/s reports: ok answers, a few ms each, 20 per ms of wall time.
+results = [Result(seq=i, source="load", id=None, identity=f"load:{i}", status="ok", http_status=200,
+                  msg_id="0123456789ABCDEF0123456789ABCDEF", queue_id=0, queue_offset=0,
+                  broker_name="broker-0", attempts=1, latency_ms=1.234 + (i % 100) / 10,
+                  request_id="abcdef0123456789abcdef0123456789", started_at=T0 + i // 20,
+                  done_at=T0 + i // 20 + 2, intended_at=T0 + i // 20, queue_ms=0.123)
+           for i in range(N)]
+
+def pacer():
+    due = RampPacer(stages).due_at
+    for n in range(N):
+        due(n)
+
+def synthetic():
+    p = RampPacer(stages)
+    for _ in itertools.islice(Synthetic(MessageSpec()).records(lambda: p.total), N):
+        pass
+
+def observer(make):
+    def run():
+        add = make().add
+        for r in results:
+            add(r)
+    return run
+
+parts = {
+    "pacer due time": pacer,
+    "synthetic message": synthetic,
+    "stats (LoadStats.add)": observer(LoadStats),
+    "live series (_Live.add)": observer(lambda: _Live(LoadJob(None, stages), RampPacer(stages), None)),
+    "HTML report (RunReport.add)": observer(RunReport),
+}
+import bulksend
+assert bulksend.__file__.startswith(sys.argv[2]), bulksend.__file__
+out = {}
+for name, run in parts.items():
+    best = float("inf")
+    for _ in range(int(sys.argv[1])):
+        t = time.process_time()
+        run()
+        best = min(best, time.process_time() - t)
+    out[name] = best / N * 1e6
+print(json.dumps(out))
+"""
+
+
+def parts(src: Path, rounds: int) -> dict[str, float]:
+    """The load path's parts of the ``bulksend`` package in ``src``: µs CPU per message."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    cmd = ["taskset", "-c", "0", sys.executable, "-c", PARTS_PROBE, str(rounds), str(src)]
+    # cwd too: ``python -c`` puts the working directory first on sys.path, before PYTHONPATH.
+    out = subprocess.run(
+        cmd, env=env, cwd=src, check=True, stdout=subprocess.PIPE, text=True
+    ).stdout
+    return dict(orjson.loads(out))
+
+
+def parts_table(ours: dict[str, float], base: dict[str, float] | None) -> str:
+    head = f"{'part (µs CPU per message)':30} {'this tree':>10}"
+    if base is not None:
+        head += f" {'baseline':>10} {'ratio':>7}"
+    lines = [head, "-" * len(head)]
+    totals = [0.0, 0.0]
+    for name, us in ours.items():
+        line = f"{name:30} {us:>10.2f}"
+        totals[0] += us
+        if base is not None:
+            totals[1] += base[name]
+            line += f" {base[name]:>10.2f} {us / base[name]:>6.2f}×"
+        lines.append(line)
+    total = f"{'all of them':30} {totals[0]:>10.2f}"
+    if base is not None:
+        total += f" {totals[1]:>10.2f} {totals[0] / totals[1]:>6.2f}×"
+    return "\n".join([*lines, total])
+
+
+def main_parts(baseline_src: Path | None, repeats: int) -> None:
+    """Each version ``repeats`` times, alternately; the best figure of each part."""
+    here = Path(__file__).resolve().parent.parent
+    load_before = os.getloadavg()[0]
+    ours: dict[str, float] = {}
+    base: dict[str, float] | None = {} if baseline_src is not None else None
+    for _ in range(repeats):
+        for name, us in parts(here, 7).items():
+            ours[name] = min(us, ours.get(name, us))
+        if base is not None and baseline_src is not None:
+            for name, us in parts(baseline_src, 7).items():
+                base[name] = min(us, base.get(name, us))
+    print(parts_table(ours, base))
+    print(
+        f"(load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; CPU time,"
+        " best of 7 rounds x {repeats} processes per version)".replace("{repeats}", str(repeats))
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -186,7 +307,18 @@ def main() -> None:
     ap.add_argument(
         "--screenshot", type=Path, help="write the stall run's HTML report screenshot here (PNG)"
     )
+    ap.add_argument(
+        "--parts", action="store_true", help="only the load path's parts, per message (CPU)"
+    )
+    ap.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="with --parts: a directory holding another bulksend package to measure too",
+    )
     args = ap.parse_args()
+    if args.parts:
+        main_parts(args.baseline_src, 3)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-load-") as d:
         work = Path(d)
         with server() as (url, _):

@@ -21,7 +21,9 @@ user + system time (getrusage), start-up included, divided by the messages it se
   here (a paced client sleeps between messages: on a VM this is most of its extra CPU).
 
 ``--baseline CMD`` also measures another bulksend executable (say, main's installed in a
-venv of its own) on the unpaced, TLS, --rate 8,000 and load rows.
+venv of its own) on the unpaced, TLS, --rate 8,000 and load rows, and at every step of the
+load ladder, right after this tree's run of it (a list such as ``--ladder
+20000,20000,20000`` repeats a step: this machine's noise is best read over several).
 """
 
 from __future__ import annotations
@@ -179,6 +181,9 @@ class Bench:
         self, url: str, name: str, rate: float, seconds: float, program: Sequence[str] = ()
     ) -> Row:
         stats_path = self.work / "load-stats.json"
+        (self.work / "load.jsonl").unlink(
+            missing_ok=True
+        )  # a load refuses a ledger that holds results
         cmd = [*CORE, *(program or [sys.executable, "-m", "bulksend"]), "load", "--endpoint", url]
         cmd += TARGET
         cmd += ["--rate", f"{rate:g}", "--duration", f"{seconds:g}s", "--quiet"]
@@ -193,6 +198,8 @@ class Bench:
             "p99": s["latency_ms"]["p99"],
             "svc_p99": s["service_latency_ms"]["p99"],
             "failed": s["failed"],
+            # The machine's 1-minute load average as the run ended: beside each figure.
+            "load_avg": os.getloadavg()[0],
         }
         row.notes = (
             f"max in flight 256; sent {s['send_rate_msg_s']:,.0f}/s"
@@ -300,18 +307,21 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def ladder_table(rows: list[Row]) -> str:
+def ladder_table(rows: list[Row], hey: Row | None = None) -> str:
+    """One line per step; ``× hey`` is CPU per message against hey's unpaced run."""
     head = (
-        f"{'target msg/s':>12} {'achieved':>9} {'vs target':>9} {'late %':>7}"
-        f" {'CPU µs/msg':>10} {'p99 ms':>9} {'svc p99':>8} {'failed':>7}"
+        f"{'client':>9} {'target msg/s':>12} {'achieved':>9} {'vs target':>9} {'late %':>7}"
+        f" {'CPU µs/msg':>10} {'× hey':>6} {'p99 ms':>9} {'svc p99':>8} {'failed':>7}  load avg"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         e = r.extra
+        vs_hey = f"{r.cpu_us / hey.cpu_us:6.2f}" if hey else "     -"
         lines.append(
-            f"{e['rate']:>12,.0f} {e['achieved']:>9,.0f} {100 * (e['achieved'] / e['rate'] - 1):>+8.2f}%"
-            f" {100 * e['late']:>7.2f} {r.cpu_us:>10.1f} {e['p99']:>9,.1f} {e['svc_p99']:>8,.1f}"
-            f" {e['failed']:>7,.0f}"
+            f"{r.name:>9} {e['rate']:>12,.0f} {e['achieved']:>9,.0f}"
+            f" {100 * (e['achieved'] / e['rate'] - 1):>+8.2f}% {100 * e['late']:>7.2f}"
+            f" {r.cpu_us:>10.1f} {vs_hey} {e['p99']:>9,.1f} {e['svc_p99']:>8,.1f}"
+            f" {e['failed']:>7,.0f}  {e['load_avg']:.2f}"
         )
     return "\n".join(lines)
 
@@ -401,8 +411,12 @@ def main() -> None:
                     name = f"baseline load {args.load_rate:,.0f}/s"
                     b.rows.append(b.load(url, name, args.load_rate, args.load_seconds, base))
             if not b.skip("ladder"):
+                # With --baseline each step runs both, back to back: a shared machine's
+                # noise then moves the two alike.
                 for rate in (float(r) for r in args.ladder.split(",")):
-                    b.ladder.append(b.load(url, f"load {rate:g}", rate, args.ladder_seconds))
+                    b.ladder.append(b.load(url, "bulksend", rate, args.ladder_seconds))
+                    if args.baseline:
+                        b.ladder.append(b.load(url, "baseline", rate, args.ladder_seconds, base))
             if not b.skip("aiohttp"):
                 b.aiohttp(url)
             if not b.skip("sdk"):
@@ -421,7 +435,7 @@ def main() -> None:
     print(table(b.rows))
     if b.ladder:
         print(f"\nload ladder ({args.ladder_seconds:g} s each, bulksend load, max in flight 256):")
-        print(ladder_table(b.ladder))
+        print(ladder_table(b.ladder, next((r for r in b.rows if r.name == "hey"), None)))
     print("\ntargets (issue 9):")
     print("\n".join(verdicts(b)))
     print()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -71,9 +72,10 @@ class RunReport:
 
     def __init__(self, *, max_points: int = MAX_POINTS, late_after_ms: float = LATE_MS) -> None:
         self.timeseries = Timeseries(max_points=max_points)
-        #: Corrected (from the intended time) and service (from the actual send) latency.
-        self.latency = LatencyBins()
-        self.service = LatencyBins()
+        #: Latencies of ok results the timeseries has no time for (no done_at): the
+        #: buckets hold every other one (see ``latency``).
+        self._latency_untimed = LatencyBins()
+        self._service_untimed = LatencyBins()
         #: Whether any record carried an intended send time (a paced run).
         self.paced = False
         self.records = 0
@@ -85,18 +87,50 @@ class RunReport:
         self.late: dict[int, int] = {}
         self._late_width = 1
         #: The first and last time (epoch ms) of any bucketed event: the run's span.
-        self.first_ms: int | None = None
-        self.last_ms: int | None = None
+        #: Sentinels until the first: one comparison per time, not two.
+        self._first: float = math.inf
+        self._last: float = -math.inf
+
+    @property
+    def first_ms(self) -> int | None:
+        """The first time (epoch ms) of any bucketed event; None before any."""
+        return int(self._first) if self._first != math.inf else None
+
+    @property
+    def last_ms(self) -> int | None:
+        """The last time (epoch ms) of any bucketed event; None before any."""
+        return int(self._last) if self._last != -math.inf else None
+
+    @property
+    def latency(self) -> LatencyBins:
+        """Corrected latency (from the intended time) of the whole run."""
+        return self._whole("latency", self._latency_untimed)
+
+    @property
+    def service(self) -> LatencyBins:
+        """Service latency (from the actual send) of the whole run."""
+        return self._whole("service", self._service_untimed)
+
+    def _whole(self, which: str, untimed: LatencyBins) -> LatencyBins:
+        # The buckets' bins, merged when asked: each ok latency is in exactly one bucket
+        # (its done_at's), so a second set of bins fed per result would only cost time.
+        whole = LatencyBins()
+        whole.merge(untimed)
+        for row in self.timeseries.rows():
+            whole.merge(getattr(row.bucket, which))
+        return whole
 
     def add(self, result: Result) -> None:
         self.records += 1
         self.timeseries.add(result)
         status = result.status
-        if result.intended_at is not None:
+        intended, started, done = result.intended_at, result.started_at, result.done_at
+        if intended is not None:
             self.paced = True
-        if status == OK and result.latency_ms is not None:
-            self.service.add(result.latency_ms)
-            self.latency.add(result.latency_ms + (result.queue_ms or 0.0))
+        if status == OK:
+            if done is None and result.latency_ms is not None:
+                self._service_untimed.add(result.latency_ms)
+                self._latency_untimed.add(result.latency_ms + (result.queue_ms or 0.0))
         elif status in (FAILED, INVALID):
             code = result.error_code or "UNKNOWN"
             example = self.errors.get(code)
@@ -110,12 +144,12 @@ class RunReport:
                 self.other_errors += 1
         if status != OK and status != FAILED:
             return  # no times: the timeseries leaves it out too
-        for at in (result.intended_at, result.started_at, result.done_at):
+        for at in (intended, started, done):
             if at is not None:
-                if self.first_ms is None or at < self.first_ms:
-                    self.first_ms = at
-                if self.last_ms is None or at > self.last_ms:
-                    self.last_ms = at
+                if at < self._first:
+                    self._first = at
+                if at > self._last:
+                    self._last = at
         width = self.timeseries.width
         if width != self._late_width:
             merged: dict[int, int] = {}
@@ -124,8 +158,8 @@ class RunReport:
                     merged.get(key * self._late_width // width, 0) + n
                 )
             self.late, self._late_width = merged, width
-        if result.started_at is not None and (result.queue_ms or 0.0) > self.late_after_ms:
-            key = result.started_at // (1000 * width)
+        if started is not None and (result.queue_ms or 0.0) > self.late_after_ms:
+            key = started // (1000 * width)
             self.late[key] = self.late.get(key, 0) + 1
 
 

@@ -40,6 +40,10 @@ from bulksend.timeseries import Bucket, Row, Timeseries
 EXIT_THRESHOLD = 99
 #: Seconds between the live hooks' looks at the run (series lines, threshold windows).
 TICK_S = 0.25
+#: Past this share of late sends a load is behind its schedule and says so, with the cause.
+BEHIND_LATE_SHARE = 0.01
+#: A process that used this share of a CPU core while it sent was held back by its own CPU.
+BUSY_CPU_SHARE = 0.9
 #: How far (ms) a message's intended time predicted from its neighbour's may be off: the
 #: ledger's times are whole ms, taken from two clocks a few µs apart.
 _PREDICTION_SLACK_MS = 2
@@ -242,6 +246,65 @@ class _Live:
                     self.failing = (row.t, failed)
 
 
+@dataclass
+class Pace:
+    """How the generator fared while it sent: its CPU time and the wall time it ran, and
+    every ``TICK_S`` whether all the requests allowed in flight were busy and how late the
+    event loop woke the look."""
+
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+    samples: int = 0
+    pool_full: int = 0
+    max_lag_s: float = 0.0
+
+
+def behind_schedule(
+    snapshot: dict[str, Any], pace: Pace, *, max_in_flight: int, embedded: bool = False
+) -> str | None:
+    """A line saying that the sends fell behind the schedule and what held them back, or
+    None while at most ``BEHIND_LATE_SHARE`` of them went late.
+
+    Subtleness ahead! Behind its schedule a load still sends every message (open model) and
+    measures each one's latency from its intended time, so the figures then hold the
+    generator's own lag as much as the target's. Which of the two it was decides what the
+    figures mean: a process busy on a whole core could not keep up (its CPU); one waiting
+    with every request in flight (``--max-in-flight``) busy met a target too slow for the
+    rate; neither means something else held its event loop up (another process, say).
+    ``embedded``: the built-in server ran in the process too, and its CPU counts.
+    """
+    total, late = snapshot["total"], snapshot["late"]
+    if not total or late <= BEHIND_LATE_SHARE * total:
+        return None
+    head = (
+        f"behind schedule: {100 * late / total:.1f} % of sends late (> "
+        f"{snapshot['late_after_ms']:g} ms after their intended time), sent "
+        f"{snapshot['send_rate_msg_s']:,.0f}/s of {snapshot['intended_rate_msg_s']:,.0f}/s"
+    )
+    cpu = pace.cpu_s / pace.wall_s if pace.wall_s > 0 else 0.0
+    full = pace.pool_full / pace.samples if pace.samples else 0.0
+    if cpu >= BUSY_CPU_SHARE:
+        who = "the client and its --embedded server were" if embedded else "the client was"
+        cause = (
+            f"{who} the bottleneck: it used {100 * cpu:.0f} % of a CPU core, and the latency"
+            " from the intended time includes its own lag; lower --rate, or spread the load"
+            " over several processes"
+        )
+    elif full >= 0.5:
+        cause = (
+            f"all requests allowed in flight (--max-in-flight {max_in_flight:,}) were busy"
+            f" {100 * full:.0f} % of the time: the target answered too slowly for this rate"
+            " with so few in flight; raise --max-in-flight, or this is the target's limit"
+        )
+    else:
+        cause = (
+            f"neither its CPU ({100 * cpu:.0f} % of a core) nor the in-flight limit was"
+            f" saturated: its event loop was held up (up to {1000 * pace.max_lag_s:,.0f} ms),"
+            " likely by other work on this machine"
+        )
+    return f"{head}; {cause}"
+
+
 async def run_load(job: LoadJob, *, stderr: TextIO | None = None) -> LoadOutcome:
     """Run one load to the schedule's end (or a drain); write every output; the outcome.
 
@@ -266,17 +329,19 @@ class _LoadHooks(Hooks):
         self.job, self.pacer, self.outcome = job, pacer, outcome
         need_live = bool(job.timeseries) or job.abort_on_fail or job.progress != "off"
         self.live: _Live | None = _Live(job, pacer, None) if need_live else None
+        self.pace = Pace()
 
     def observers(self) -> list[Callable[[Result], None]]:
         return [self.live.add] if self.live is not None else []
 
     def tickers(self, live: Live) -> list[Ticker]:
+        watch = [lambda: _watch(live, self.pace)]
         if self.live is None:
-            return []
+            return watch
         # The run opened the --timeseries file before the first send; the series writes it.
         self.live.writer = live.timeseries
         series = self.live
-        return [lambda: _tick(self.job, live, series, self.outcome)]
+        return [*watch, lambda: _tick(self.job, live, series, self.outcome)]
 
     def finish(self, snapshot: dict[str, Any], end: End) -> None:
         if self.live is not None:
@@ -315,7 +380,34 @@ class _LoadHooks(Hooks):
             else ""
         )
         lines += [f"threshold {verdict.line()}{note}" for verdict in outcome.verdicts]
+        behind = behind_schedule(
+            snapshot,
+            self.pace,
+            max_in_flight=self.job.options.concurrency,
+            embedded=self.job.target is None,
+        )
+        if behind is not None:
+            lines.append(behind)
         return lines
+
+
+async def _watch(run_: Live, pace: Pace) -> None:
+    """Every TICK_S, how the generator fares (``Pace``); its CPU over the whole send."""
+    cpu0, start = time.process_time(), time.monotonic()
+    last = start
+    sender, limit = run_.sender, run_.plan.options.concurrency
+    try:
+        while True:
+            await anyio.sleep(TICK_S)
+            now = time.monotonic()
+            pace.max_lag_s = max(pace.max_lag_s, now - last - TICK_S)
+            last = now
+            pace.samples += 1
+            if sender.counters.in_flight >= limit:
+                pace.pool_full += 1
+    finally:
+        pace.cpu_s = time.process_time() - cpu0
+        pace.wall_s = time.monotonic() - start
 
 
 async def _tick(job: LoadJob, run_: Live, live: _Live, outcome: LoadOutcome) -> None:

@@ -42,6 +42,12 @@ class Stages:
     points: tuple[tuple[float, float], ...]
     #: Messages expected before each point (the running integral), computed once.
     _cumulative: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    #: Each segment as ``(t0, t1, r0, slope)``, and ``total``: computed once, since the
+    #: pacer asks for a due time per message (a load of 20,000/s asks 20,000 times a second).
+    _segments: tuple[tuple[float, float, float, float], ...] = field(
+        init=False, repr=False, compare=False
+    )
+    _total: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         points = self.points
@@ -63,6 +69,11 @@ class Stages:
         for (t0, r0), (t1, r1) in itertools.pairwise(points):
             cumulative.append(cumulative[-1] + (r0 + r1) / 2 * (t1 - t0))
         object.__setattr__(self, "_cumulative", tuple(cumulative))
+        segments = tuple(
+            (t0, t1, r0, (r1 - r0) / (t1 - t0)) for (t0, r0), (t1, r1) in itertools.pairwise(points)
+        )
+        object.__setattr__(self, "_segments", segments)
+        object.__setattr__(self, "_total", max(0, math.ceil(cumulative[-1] - _EPSILON)))
         if self.total == 0:
             raise ConfigError("these stages send no message: every rate is 0")
 
@@ -100,7 +111,7 @@ class Stages:
     @property
     def total(self) -> int:
         """Messages in the whole schedule."""
-        return max(0, math.ceil(self._cumulative[-1] - _EPSILON))
+        return self._total
 
     @property
     def mean_rate(self) -> float:
@@ -131,21 +142,48 @@ class Stages:
 
     def due_at(self, n: int) -> float:
         """Seconds after the start at which message ``n`` is due; ``math.inf`` past the end."""
+        if n >= self._total:
+            return math.inf
         if n < 0:
             raise ValueError(f"message numbers start at 0, got {n}")
-        if n >= self.total:
-            return math.inf
+        return self.segment(n).due(n)
+
+    def segment(self, n: int) -> Segment:
+        """The segment message ``n`` (``0 <= n < total``) is due in."""
         cumulative = self._cumulative
         # The last segment starting at or below n: zero-rate segments (equal cumulative
         # values) are skipped, since a message cannot be due inside one.
         i = bisect.bisect_right(cumulative, n) - 1
-        (t0, r0), (t1, r1) = self.points[i], self.points[i + 1]
-        m = n - cumulative[i]
+        t0, t1, r0, slope = self._segments[i]
+        return Segment(cumulative[i], min(cumulative[i + 1], self._total), t0, t1, r0, slope)
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """The messages ``lo <= n < hi`` of a schedule, due on the line from rate ``r0`` at
+    ``t0`` (rising ``slope`` messages/s per second) to ``t1``."""
+
+    lo: float
+    hi: float
+    t0: float
+    t1: float
+    r0: float
+    slope: float
+
+    def due(self, n: int) -> float:
+        """Seconds after the start at which message ``n`` (in this segment) is due."""
+        m = n - self.lo
         if m <= 0:
-            return t0
-        slope = (r1 - r0) / (t1 - t0)
-        tau = 2 * m / (r0 + math.sqrt(max(0.0, r0 * r0 + 2 * slope * m)))
-        return min(t0 + tau, t1)
+            return self.t0
+        r0, slope = self.r0, self.slope
+        # At a constant rate (slope 0, the common load) the root is r0 itself: no sqrt.
+        root = math.sqrt(max(0.0, r0 * r0 + 2 * slope * m)) if slope else r0
+        due = self.t0 + 2 * m / (r0 + root)
+        return due if due < self.t1 else self.t1
+
+
+#: No segment yet: holds no message.
+_NONE = Segment(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 class RampPacer:
@@ -154,27 +192,24 @@ class RampPacer:
     ``set_rate`` (adaptive control, a user's call) ends the ramp: from the later of now and
     the next message's due time the rate is constant until the schedule's end, so a change
     never releases a burst (as ``Schedule.set_rate``).
+
+    ``rate``, ``total`` and ``duration`` are plain attributes, set again by ``set_rate``:
+    the sender reads them once per message.
     """
 
     def __init__(self, stages: Stages) -> None:
+        self._use(stages, 0.0, 0)
+
+    def _use(self, stages: Stages, offset_s: float, offset_n: int) -> None:
         self.stages = stages
-        self._offset_s = 0.0
-        self._offset_n = 0
-
-    @property
-    def rate(self) -> float:
-        """Messages/s averaged over the schedule: always > 0, which tells the sender that
-        the run is paced even where the ramp's own rate is momentarily 0."""
-        return self.stages.mean_rate
-
-    @property
-    def total(self) -> int:
-        """Messages in the schedule; the load's message source stops there."""
-        return self._offset_n + self.stages.total
-
-    @property
-    def duration(self) -> float:
-        return self._offset_s + self.stages.duration
+        self._offset_s, self._offset_n = offset_s, offset_n
+        self._segment = _NONE
+        #: Messages/s averaged over the schedule: always > 0, which tells the sender that
+        #: the run is paced even where the ramp's own rate is momentarily 0.
+        self.rate: float = stages.mean_rate
+        #: Messages in the schedule; the load's message source stops there.
+        self.total: int = offset_n + stages.total
+        self.duration: float = offset_s + stages.duration
 
     def rate_at(self, elapsed: float) -> float:
         """The target rate ``elapsed`` seconds after the start."""
@@ -182,9 +217,16 @@ class RampPacer:
 
     def due_at(self, sent: int) -> float:
         """Seconds after the start at which message ``sent`` is due; inf past the end."""
-        if sent < self._offset_n:
-            raise ValueError(f"message {sent} was due before the last rate change")
-        return self._offset_s + self.stages.due_at(sent - self._offset_n)
+        n = sent - self._offset_n
+        segment = self._segment
+        if not segment.lo <= n < segment.hi:
+            if n < 0:
+                raise ValueError(f"message {sent} was due before the last rate change")
+            if n >= self.stages.total:
+                return math.inf
+            # Messages are asked for in order: the segment found here serves until the next.
+            segment = self._segment = self.stages.segment(n)
+        return self._offset_s + segment.due(n)
 
     def wait(self, elapsed: float, sent: int) -> float:
         """Seconds until message ``sent`` is due (<= 0: now)."""
@@ -196,5 +238,4 @@ class RampPacer:
         end = self.duration
         if rate <= 0 or not start < end:
             raise ValueError("a load's rate can only be changed to > 0 before its schedule ends")
-        self.stages = Stages(((0.0, rate), (end - start, rate)))
-        self._offset_s, self._offset_n = start, sent
+        self._use(Stages(((0.0, rate), (end - start, rate))), start, sent)

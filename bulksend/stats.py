@@ -16,9 +16,9 @@ rebuild exactly the same figures from a ledger.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
@@ -195,16 +195,55 @@ class LoadStats:
         self.sent = _Span()
 
     def add(self, result: Result) -> None:
-        self.base.add(result)
-        if result.intended_at is not None:
-            self.intended.add(result.intended_at)
-        if result.started_at is not None:
-            self.sent.add(result.started_at)
+        """``Stats.add`` and the load's own figures in one pass (the same figures as
+        ``base.add(result)`` plus the spans: ``tests/test_stats.py`` holds them equal).
+        Written out, not layered: a load adds every result on the event loop that also
+        sends, ~2 µs per message layered, a few per cent of a core at 20,000 msg/s."""
+        base = self.base
+        status = result.status
+        # get/set rather than ``+= 1``: a Counter's own subscript costs twice a dict's.
+        counts = base.counts
+        counts[status] = counts.get(status, 0) + 1
+        started = result.started_at
+        if started is not None:
+            first = base.first_start
+            if first is None or started < first:
+                base.first_start = started
+            sent = self.sent  # _Span.add, written out
+            sent.count += 1
+            if started < sent.first:
+                sent.first = started
+            if started > sent.last:
+                sent.last = started
+        done = result.done_at
+        if done is not None:
+            last = base.last_done
+            if last is None or done > last:
+                base.last_done = done
+        intended = result.intended_at
+        if intended is not None:
+            span = self.intended
+            span.count += 1
+            if intended < span.first:
+                span.first = intended
+            if intended > span.last:
+                span.last = intended
+        if result.attempts > 1:
+            base.retries += result.attempts - 1
+        http = result.http_status
+        if http is not None:
+            statuses = base.http_status
+            statuses[http] = statuses.get(http, 0) + 1
         queue = result.queue_ms or 0.0
         if queue > LATE_MS:
             self.late += 1
-        if result.status == OK and result.latency_ms is not None:
-            self.corrected.add_ms(result.latency_ms + queue)
+        if status == OK:
+            latency = result.latency_ms
+            if latency is not None:
+                base.latency.add_ms(latency)
+                self.corrected.add_ms(latency + queue)
+        elif result.error_code is not None:
+            base.errors[result.error_code] += 1
 
     @property
     def total(self) -> int:
@@ -233,23 +272,26 @@ class LoadStats:
         return snap
 
 
-@dataclass(slots=True)
 class _Span:
     """Count, first and last of a series of epoch-ms times."""
 
-    count: int = 0
-    first: int | None = None
-    last: int | None = None
+    __slots__ = ("count", "first", "last")
+
+    def __init__(self) -> None:
+        self.count = 0
+        # Sentinels rather than None: one comparison per time, not two.
+        self.first: float = math.inf
+        self.last: float = -math.inf
 
     def add(self, at: int) -> None:
         self.count += 1
-        if self.first is None or at < self.first:
+        if at < self.first:
             self.first = at
-        if self.last is None or at > self.last:
+        if at > self.last:
             self.last = at
 
     def rate(self) -> float:
         """Events per second between the first and the last (n events, n - 1 gaps)."""
-        if self.first is None or self.last is None or self.last <= self.first:
+        if not self.last > self.first:
             return 0.0
         return round((self.count - 1) / ((self.last - self.first) / 1000.0), 1)

@@ -13,7 +13,6 @@ tells a load ledger from a send ledger by it (a send's source is always ``path:l
 
 from __future__ import annotations
 
-import itertools
 import re
 import string
 import time
@@ -101,10 +100,24 @@ class Synthetic:
         topics = self.spec.topics
         keys = self.spec.keys
         ntopics = len(topics)
-        for seq in itertools.count():
-            if seq >= limit():
-                return
-            props = ((KEYS, f"k{seq % keys}"),) if keys else ()
+        # The common load (one topic, a fixed body, no keys) costs a Record and its identity
+        # per message, nothing more: at 20,000 messages/s every µs here is 2 % of a core.
+        topic = topics[0]
+        body = self._fixed
+        props: tuple[tuple[str, str], ...] = ()
+        seq = 0
+        while seq < limit():
+            if ntopics > 1:
+                topic = topics[seq % ntopics]
+            if keys:
+                props = ((KEYS, f"k{seq % keys}"),)
             yield Record(
-                seq, SOURCE, topics[seq % ntopics], self.body(seq), props, None, f"{SOURCE}:{seq}"
+                seq,
+                SOURCE,
+                topic,
+                body if body is not None else self.body(seq),
+                props,
+                None,
+                f"{SOURCE}:{seq}",
             )
+            seq += 1

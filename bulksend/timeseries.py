@@ -33,6 +33,7 @@ GROWTH = 1.02
 _LOG_GROWTH = math.log(GROWTH)
 #: Latencies below 1 µs count as 1 µs (the HdrHistogram floor in ``bulksend.stats``).
 _FLOOR_MS = 0.001
+_log = math.log
 
 
 def _round(ms: float) -> float:
@@ -52,8 +53,9 @@ class LatencyBins:
         self.max_ms = 0.0
 
     def add(self, ms: float) -> None:
-        ms = max(ms, _FLOOR_MS)
-        i = int(math.log(ms / _FLOOR_MS) / _LOG_GROWTH)
+        if ms < _FLOOR_MS:
+            ms = _FLOOR_MS
+        i = int(_log(ms / _FLOOR_MS) / _LOG_GROWTH)
         bins = self.bins
         bins[i] = bins.get(i, 0) + 1
         self.count += 1
@@ -169,6 +171,15 @@ class Row:
         }
 
 
+#: A bucket's ``statuses`` key for each HTTP status seen so far ("none": no HTTP answer).
+_STATUS_KEYS: dict[int | None, str] = {None: "none"}
+
+
+def _status_key(http_status: int | None) -> str:
+    key = _STATUS_KEYS[http_status] = str(http_status)
+    return key
+
+
 class Timeseries:
     """Buckets of ``width`` seconds (1, doubling past ``max_points`` when that is set)."""
 
@@ -184,9 +195,15 @@ class Timeseries:
         self._cursor: int | None = None
         self._sent_so_far = 0
         self._done_so_far = 0
+        #: The bucket the last intended, sent and done time fell in, by the time's own key
+        #: (-1: none; keys are >= 0): a key moved to the cursor still finds its bucket.
+        self._intended_key: int = -1
+        self._sent_key: int = -1
+        self._done_key: int = -1
+        self._intended = self._sent = self._done = Bucket()
 
-    def _bucket(self, at_ms: int) -> Bucket:
-        key = at_ms // (1000 * self.width)
+    def _bucket(self, key: int) -> Bucket:
+        """The bucket of ``key`` (epoch ms // (1000 * width)), made if need be."""
         if self._cursor is not None and key < self._cursor:
             # Only a clock step can bring a time from before a popped second: count it in
             # the oldest open bucket rather than lose it.
@@ -205,24 +222,47 @@ class Timeseries:
         status = result.status
         if status != OK and status != FAILED:
             return
-        if result.intended_at is not None:
-            self._bucket(result.intended_at).intended += 1
-        if result.started_at is not None:
-            self._bucket(result.started_at).sent += 1
-        if result.done_at is not None:
-            b = self._bucket(result.done_at)
-            b.statuses[str(result.http_status) if result.http_status is not None else "none"] += 1
+        # Each of a message's times nearly always falls in the bucket the same time of the
+        # previous message did: those buckets are kept at hand, one per kind of time (a
+        # load behind its schedule has its intended times seconds before its answers).
+        scale = 1000 * self.width
+        at = result.intended_at
+        if at is not None:
+            key = at // scale
+            if key != self._intended_key:
+                self._intended_key, self._intended = key, self._bucket(key)
+            self._intended.intended += 1
+        at = result.started_at
+        if at is not None:
+            key = at // scale
+            if key != self._sent_key:
+                self._sent_key, self._sent = key, self._bucket(key)
+            self._sent.sent += 1
+        at = result.done_at
+        if at is not None:
+            key = at // scale
+            if key != self._done_key:
+                self._done_key, self._done = key, self._bucket(key)
+            b = self._done
+            http = result.http_status
+            statuses, named = b.statuses, _STATUS_KEYS.get(http) or _status_key(http)
+            statuses[named] = statuses.get(named, 0) + 1  # a Counter's ``+= 1`` costs twice
             if status == OK:
                 b.ok += 1
-                if result.latency_ms is not None:
-                    b.service.add(result.latency_ms)
-                    b.latency.add(result.latency_ms + (result.queue_ms or 0.0))
+                latency = result.latency_ms
+                if latency is not None:
+                    b.service.add(latency)
+                    b.latency.add(latency + (result.queue_ms or 0.0))
             else:
                 b.failed += 1
                 b.errors[result.error_code or "UNKNOWN"] += 1
         if self.max_points is not None:
             while self.span > self.max_points:
                 self._coarsen()
+
+    def _forget_buckets_at_hand(self) -> None:
+        self._intended_key = self._sent_key = self._done_key = -1
+        self._intended = self._sent = self._done = Bucket()
 
     @property
     def span(self) -> int:
@@ -241,6 +281,7 @@ class Timeseries:
                 into.merge(bucket)
         self._buckets = merged
         self.width *= 2
+        self._forget_buckets_at_hand()
         assert self._first is not None and self._last is not None
         self._first //= 2
         self._last //= 2
@@ -271,6 +312,8 @@ class Timeseries:
         if self._cursor is None:
             self._cursor = self._first
         last = self._last if before_ms is None else before_ms // (1000 * self.width) - 1
+        if self._cursor <= last:
+            self._forget_buckets_at_hand()  # some may be popped below
         out = []
         while self._cursor <= last:
             bucket = self._buckets.pop(self._cursor, None) or Bucket()

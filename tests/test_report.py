@@ -340,6 +340,33 @@ def test_html_stays_small_for_a_very_long_run() -> None:
     assert len(series(late, "late/s")) == len(late["x"]) <= MAX_POINTS
 
 
+def test_whole_run_latency_and_span_hold_every_ok_answer() -> None:
+    """The whole-run histograms come from the buckets (coarsened ones too) plus the ok
+    answers that have no time to be bucketed by: each ok latency counted exactly once."""
+    from bulksend.timeseries import LatencyBins
+
+    report, corrected, service = RunReport(max_points=4), LatencyBins(), LatencyBins()
+    assert report.first_ms is None and report.last_ms is None and report.latency.count == 0
+    t0 = 1_700_000_000_000
+    for i in range(400):  # 20 s: past max_points, so the buckets merge along the way
+        at = t0 + i * 50
+        untimed = i % 50 == 0
+        queue = float(i % 9)
+        latency = 1.0 + i % 37
+        report.add(Result(seq=i, source=SOURCE, id=None, status=OK if i % 11 else FAILED, http_status=200,
+                          attempts=1, latency_ms=latency, started_at=None if untimed else at + 3,
+                          done_at=None if untimed else at + 40, intended_at=None if untimed else at,
+                          queue_ms=queue))  # fmt: skip
+        if i % 11:
+            service.add(latency)
+            corrected.add(latency + queue)
+    assert report.timeseries.width > 1
+    for whole, direct in ((report.latency, corrected), (report.service, service)):
+        assert (whole.bins, whole.count, whole.max_ms) == (direct.bins, direct.count, direct.max_ms)
+        assert whole.sum_ms == pytest.approx(direct.sum_ms)
+    assert report.first_ms == t0 + 50 and report.last_ms == t0 + 399 * 50 + 40
+
+
 def test_text_from_the_server_cannot_end_a_script() -> None:
     report = RunReport()
     evil = "</script><script>window.pwned=1</script>"

@@ -7,7 +7,14 @@ import random
 from hdrh.histogram import HdrHistogram
 
 from bulksend.result import Result
-from bulksend.stats import Latencies, Stats, histogram_summary, new_histogram
+from bulksend.stats import (
+    LATE_MS,
+    Latencies,
+    LoadStats,
+    Stats,
+    histogram_summary,
+    new_histogram,
+)
 
 
 def test_latencies_equal_recording_every_value_into_hdrh() -> None:
@@ -79,3 +86,51 @@ def test_stats_counts_and_latency_over_ok_only() -> None:
     assert snap["http_status"] == {"200": 1, "503": 1}
     assert snap["errors"] == {"DMS.00503001": 1, "INVALID_RECORD": 1}
     assert snap["elapsed_s"] == 2.0 and snap["throughput_msg_s"] == 1.0
+
+
+def _mixed_results(n: int) -> list[Result]:
+    """Every kind of Result a run reports, times out of order, some fields missing."""
+    rng = random.Random(3)
+    out = []
+    for seq in range(n):
+        status = rng.choice(["ok", "ok", "ok", "failed", "invalid", "skipped"])
+        timed = status in ("ok", "failed") and rng.random() > 0.05
+        intended = 1_700_000_000_000 + rng.randint(0, 5000) if timed else None
+        queue = rng.choice([0.0, 0.5, 12.0, 900.0]) if intended is not None else None
+        started = intended + int(queue or 0) if intended is not None else None
+        latency = rng.lognormvariate(0, 2) if status in ("ok", "failed") else None
+        out.append(
+            Result(
+                seq=seq,
+                source="load",
+                id=None,
+                status=status,
+                http_status=rng.choice([200, 503, None]) if status != "invalid" else None,
+                attempts=rng.choice([0, 1, 1, 3]),
+                latency_ms=latency,
+                error_code=rng.choice([None, "DMS.00503001", "TIMEOUT"]),
+                started_at=started,
+                done_at=started + int(latency or 0) if started is not None else None,
+                intended_at=intended,
+                queue_ms=queue,
+            )
+        )
+    return out
+
+
+def test_load_stats_base_is_exactly_stats_fed_the_same_results() -> None:
+    results = _mixed_results(3000)
+    load, plain = LoadStats(), Stats()
+    for r in results:
+        load.add(r)
+        plain.add(r)
+    expected = plain.snapshot()
+    assert plain.first_start is not None  # elapsed_s from the sends' span, not the clock
+    assert load.base.snapshot() == expected
+    snap = load.snapshot()
+    assert snap["service_latency_ms"] == expected["latency_ms"]
+    assert snap["late"] == sum(1 for r in results if (r.queue_ms or 0.0) > LATE_MS)
+    intended = sorted(r.intended_at for r in results if r.intended_at is not None)
+    assert snap["intended_rate_msg_s"] == round(
+        (len(intended) - 1) / ((intended[-1] - intended[0]) / 1000.0), 1
+    )
