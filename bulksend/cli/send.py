@@ -16,6 +16,7 @@ from bulksend.cli.options import (
     resolve_target,
     to_bool,
 )
+from bulksend.cluster import add_cluster_options, resolve_cluster, run_distributed
 from bulksend.job import SendJob, run_send
 
 
@@ -93,6 +94,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="on 429, lower the rate multiplicatively and recover additively (AIMD)",
     )
+    # --- scale-out (Dask): bulksend.cluster; distributed is imported only when used ---
+    add_cluster_options(p)
+    # --- end scale-out ---
     p.set_defaults(func=run)
 
 
@@ -128,4 +132,9 @@ def build_job(args: argparse.Namespace) -> SendJob:
 
 def run(args: argparse.Namespace) -> int:
     job = build_job(args)
+    # --- scale-out (Dask) ---
+    cluster = resolve_cluster(args, os.environ)
+    if cluster is not None:
+        return run_async(run_distributed(job, cluster)).exit_code
+    # --- end scale-out ---
     return run_async(run_send(job)).exit_code
