@@ -24,6 +24,7 @@ from bulksend.result import Result
 from bulksend.shard_task import ShardTask, run_shard_async
 from bulksend.shards import ShardPlan, SlotSchedule, first_slot, shard_rate, stable_hash
 from bulksend.stats import Stats
+from tests.cli_helpers import bulksend
 from tests.serve_helpers import INSTANCE_ID, PROJECT_ID, start_server_inprocess
 
 
@@ -394,3 +395,43 @@ async def test_a_stop_request_drains_the_shard(tmp_path: Path) -> None:
     assert 0 < len(lines) < 2000
     assert len(lines) == stored == report.stats.counts["ok"]  # whatever was sent has its line
     assert published[-1]["ok"] == stored  # the last report is the final count
+
+
+# --- the CLI --------------------------------------------------------------------------------
+
+
+def test_the_cli_does_not_load_dask_unless_asked() -> None:
+    code = (
+        "import sys; from bulksend.cli import build_parser; "
+        "build_parser().parse_args(['send', 'x.jsonl', '--embedded']); "
+        "print(sorted(m for m in ('distributed', 'dask', 'tornado') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--shards", "2"], "--shards needs --workers N or --cluster ADDRESS"),
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--workers", "2", "--cluster", "tcp://127.0.0.1:1"], "give one of --workers N and"),
+        (["--workers", "2", "--shards", "0"], "--shards must be >= 1"),
+        (["--cluster", "tcp://127.0.0.1:1"], "--cluster needs --out on storage every worker"),
+        (["--workers", "2", "--resume"], "--resume needs --out"),
+    ],
+)
+def test_cluster_usage_errors_exit_2_with_one_line(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    inputs = _inputs(tmp_path, 3)
+    proc = bulksend("send", str(inputs), "--embedded", *flags, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr
+
+
+def test_workers_cannot_read_stdin(tmp_path: Path) -> None:
+    proc = bulksend(
+        "send", "-", "--embedded", "--workers", "2", stdin=b'{"topic":"t","body":"b"}\n'
+    )
+    assert proc.returncode == 2 and "cannot read stdin" in proc.stderr
