@@ -48,7 +48,7 @@ from bulksend.html import RunReport, write_html_report
 from bulksend.interrupts import Interrupts
 from bulksend.job import Outcome, SendJob, target_or_embedded
 from bulksend.ledger import check_inputs, write_fingerprints
-from bulksend.merge import Parts, merge_parts, merge_stats, parts_dir, recover
+from bulksend.merge import Parts, merge_parts, merge_stats, parts_dir, recover, wait_for_writers
 from bulksend.result import FAILED, INVALID, OK
 from bulksend.shard_task import Progress, ShardReport, ShardTask, run_shard
 from bulksend.shards import ShardPlan, shard_rate
@@ -200,6 +200,7 @@ def _prepare(job: SendJob, err: TextIO) -> Parts:
         if recover(parts) and job.progress != "off":
             err.write(f"bulksend: undid a merge of {parts.directory} that was cut short\n")
         _cut_torn_tail(job.out, err)
+        wait_for_writers(parts, job.drain_timeout_s + REPORT_GRACE_S)
         merged = merge_parts(parts, out=job.out, failed=job.failed)
         if merged.lines and job.progress != "off":
             err.write(

@@ -25,9 +25,12 @@ shards' values.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shutil
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -106,6 +109,56 @@ class Parts:
         except OSError as exc:
             raise SinkError(f"cannot remove {self.directory}: {exc.strerror or exc}") from None
         shutil.rmtree(doomed, ignore_errors=True)
+
+
+class PartLock:
+    """An exclusive ``flock`` on a ledger part (on ``PART.lock`` beside it): held by the
+    shard that writes the part, so that a second attempt of the shard (its lost worker may
+    still be running) or a driver about to merge waits for the first to finish."""
+
+    def __init__(self, part: str) -> None:
+        self._path = f"{part}.lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> PartLock:
+        try:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LedgerError(f"cannot open {self._path}: {exc.strerror or exc}") from None
+        return self
+
+    def try_acquire(self) -> bool:
+        assert self._fd is not None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def acquire_blocking(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for the lock (LedgerError past it)."""
+        deadline = time.monotonic() + timeout
+        while not self.try_acquire():
+            if time.monotonic() > deadline:
+                raise self._busy()
+            time.sleep(0.2)
+
+    def _busy(self) -> LedgerError:
+        return LedgerError(f"{self._path}: a shard of an earlier attempt still writes this part")
+
+    def __exit__(self, et: object, e: object, tb: object) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)  # releases the lock
+            self._fd = None
+
+
+def wait_for_writers(parts: Parts, timeout: float) -> None:
+    """Wait until no shard holds a part of ``parts`` (one left running by a killed driver
+    would otherwise append behind a merge)."""
+    for _, path in parts.found("shard"):
+        with PartLock(path) as lock:
+            lock.acquire_blocking(timeout)
 
 
 # --- stats ------------------------------------------------------------------------------

@@ -27,8 +27,6 @@ span, and ``_identity_of`` reads the ledger line's ``identity``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +39,7 @@ from bulksend.config import Credentials, SendOptions, Target
 from bulksend.errors import BulksendError, LedgerError
 from bulksend.interrupts import Interrupts
 from bulksend.ledger import read_ledger
-from bulksend.merge import RESULT_STATUSES, ShardStats
+from bulksend.merge import RESULT_STATUSES, PartLock, ShardStats
 from bulksend.record import Item
 from bulksend.result import FAILED, INVALID, SKIPPED, Result
 from bulksend.sender import Sender
@@ -142,8 +140,8 @@ async def run_shard_async(
 ) -> ShardReport:
     """One shard on the running loop. ``publish`` gets a progress report every second;
     ``should_stop(timeout)`` is polled in a thread and must block up to ``timeout`` s."""
-    with _PartLock(task.part, task.drain_timeout_s + 5.0) as lock:
-        await lock.acquire()
+    with PartLock(task.part) as lock:
+        await asyncio.to_thread(lock.acquire_blocking, task.drain_timeout_s + 5.0)
         stats = Stats()
         earlier = _read_part(task.part, stats)
         before = (
@@ -295,40 +293,3 @@ def _read_part(path: str, stats: Stats) -> set[str]:
     if torn:
         os.truncate(path, good_end)
     return found
-
-
-class _PartLock:
-    """An exclusive ``flock`` on the part (on a file of its own beside it), waited for up to
-    ``timeout`` s: another attempt of this shard may still be draining."""
-
-    def __init__(self, part: str, timeout: float) -> None:
-        self._path = f"{part}.lock"
-        self._timeout = timeout
-        self._fd: int | None = None
-
-    def __enter__(self) -> _PartLock:
-        try:
-            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise LedgerError(f"cannot open {self._path}: {exc.strerror or exc}") from None
-        return self
-
-    async def acquire(self) -> None:
-        assert self._fd is not None
-        deadline = time.monotonic() + self._timeout
-        while True:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LedgerError(
-                        f"{self._path}: another process still writes this shard's part"
-                    ) from None
-                await asyncio.sleep(0.2)
-
-    def __exit__(self, et: object, e: object, tb: object) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)  # releases the lock
-            self._fd = None

@@ -249,3 +249,46 @@ async def test_cluster_survives_a_worker_killed_mid_run(tmp_path: Path) -> None:
     # Sent twice: at most what the lost worker had in flight.
     assert n <= len(stored) <= n + concurrency
     assert len({_seq(m) for m in stored}) == n
+
+
+def _part_lines(parts: Path) -> int:
+    return sum(p.read_bytes().count(b"\n") for p in parts.glob("shard-*.jsonl"))
+
+
+def test_resume_after_the_driver_is_killed(tmp_path: Path) -> None:
+    n, concurrency = 2000, 8
+    inputs = write_jsonl(tmp_path / "in.jsonl", _records(n))
+    out, parts = tmp_path / "out.jsonl", tmp_path / "out.jsonl.parts"
+    with start_server_subprocess() as (_, url):
+        args = ["send", str(inputs), *target(url), "--workers", "2", "--out", str(out)]
+        args += ["--concurrency", str(concurrency), "--quiet"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HUAWEICLOUD_SDK_")}
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "bulksend", *args, "--rate", "500"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # the driver and its worker processes: one group
+        )
+        try:
+            deadline = time.monotonic() + 90
+            while _part_lines(parts) < n // 4:
+                assert time.monotonic() < deadline and driver.poll() is None
+                time.sleep(0.05)
+        finally:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=30)
+        left = _part_lines(parts)
+        resumed = bulksend(*args, "--resume", "--stats", str(tmp_path / "stats.json"), timeout=180)
+        query = f"{url}{messages_path()}?topic=t&limit=10000"
+        with urllib.request.urlopen(query, timeout=30) as answer:
+            stored = orjson.loads(answer.read())
+    assert resumed.returncode == 0, resumed.stderr
+    lines = _ledger(out)
+    assert Counter(x["seq"] for x in lines) == Counter(range(n))  # each record ok once
+    assert {x["status"] for x in lines} == {"ok"}
+    figures = orjson.loads((tmp_path / "stats.json").read_bytes())
+    assert figures["skipped"] >= left and figures["skipped"] + figures["ok"] == n
+    # Sent twice: at most what every worker had in flight when the driver died.
+    assert n <= stored["total"] <= n + 2 * concurrency
+    assert not parts.exists()

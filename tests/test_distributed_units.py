@@ -18,7 +18,15 @@ import pytest
 
 from bulksend.config import Credentials, RetryPolicy, SendOptions, Target
 from bulksend.errors import LedgerError
-from bulksend.merge import Parts, ShardStats, merge_parts, merge_stats, recover
+from bulksend.merge import (
+    PartLock,
+    Parts,
+    ShardStats,
+    merge_parts,
+    merge_stats,
+    recover,
+    wait_for_writers,
+)
 from bulksend.record import Invalid, Item, Record
 from bulksend.result import Result
 from bulksend.shard_task import ShardTask, run_shard_async
@@ -267,6 +275,20 @@ def test_a_merge_cut_short_is_undone_then_done_once(tmp_path: Path) -> None:
     seqs = [orjson.loads(x)["seq"] for x in out.read_bytes().splitlines()]
     assert sorted(seqs) == [0, 1, 2, 3, 4, 7]
     assert recover(parts) is False
+
+
+def test_a_part_is_written_by_one_attempt_at_a_time(tmp_path: Path) -> None:
+    parts = Parts(str(tmp_path / "o.parts"))
+    parts.create()
+    part = parts.ledger(0, 1)
+    Path(part).write_bytes(_line(0))
+    with PartLock(part) as held:
+        held.acquire_blocking(1.0)
+        with PartLock(part) as second, pytest.raises(LedgerError, match="still writes"):
+            second.acquire_blocking(0.3)
+        with pytest.raises(LedgerError, match="still writes"):
+            wait_for_writers(parts, 0.3)
+    wait_for_writers(parts, 0.3)  # released with the first attempt's file
 
 
 # --- one shard, no cluster ----------------------------------------------------------------
