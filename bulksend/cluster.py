@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import multiprocessing
 import os
 import secrets
 import sys
@@ -254,10 +255,19 @@ def _cut_torn_tail(path: str, err: TextIO) -> None:
 async def _connect(cluster: ClusterSpec) -> AsyncIterator[tuple[Client, str, int, str | None]]:
     """A client of a new LocalCluster or of the scheduler at ``cluster.address``; the
     scheduler's address, the worker threads it has, and the dashboard address."""
+    import dask
     from distributed import Client, LocalCluster
 
     async with contextlib.AsyncExitStack() as stack:
         if cluster.workers is not None:
+            if "forkserver" in multiprocessing.get_all_start_methods():
+                # Worker processes forked from one process that imported Dask once,
+                # rather than each spawned to import it again: the cluster is up in about
+                # half the time (measured: 2.0-2.5 s against 3.5-4.4 s for 2 workers on a
+                # busy 2-core machine), and a restarted worker is back sooner too.
+                stack.enter_context(
+                    dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+                )
             local = await stack.enter_async_context(
                 LocalCluster(
                     n_workers=cluster.workers,
