@@ -12,8 +12,10 @@ this run, the single process (no ``--workers``) being the baseline:
 * **CPU-bound** (``--nginx``), against nginx answering at once on core 1: a sender is then
   limited by its own CPU; on a 2-core machine the second worker shares a core with nginx.
 * **Start-up**: seconds from launching the command to the first message stored at the
-  server (ListMessages, oldest first), and the driver's and each worker's peak RSS
-  (sampled every 50 ms with psutil, which distributed brings).
+  server (ListMessages, oldest first), wall and CPU seconds of a 200-message run, and the
+  driver's and each worker's peak RSS (sampled every 50 ms with psutil, which distributed
+  brings). CPU counts every process of the run (Dask's workers are children of its
+  forkserver, not of the command, so they are sampled too).
 
 Runs are interleaved, ``--rounds`` of each (the median shown), and the load average is
 printed: the machine's other processes move every figure, ratios least.
@@ -55,9 +57,13 @@ class Row:
     worker_mb: list[float] = field(default_factory=list)
 
 
-def _sample(pid: int, peaks: dict[int, float], done: threading.Event) -> None:
-    """Peak RSS (MB) of the process and each of its descendants, until ``done``. (Not
-    Popen.poll: that would reap the child before os.wait4 gets its resource usage.)"""
+def _sample(
+    pid: int, peaks: dict[int, float], cpu: dict[int, float], done: threading.Event
+) -> None:
+    """Peak RSS (MB) and CPU seconds of the process and each of its descendants, until
+    ``done``. Sampled, because the worker processes are children of Dask's forkserver,
+    not of the command, so its resource usage (os.wait4) does not hold them. (Not
+    Popen.poll: that would reap the child before os.wait4 could.)"""
     root = psutil.Process(pid)
     while not done.is_set():
         try:
@@ -66,10 +72,13 @@ def _sample(pid: int, peaks: dict[int, float], done: threading.Event) -> None:
             return
         for p in procs:
             try:
-                rss = p.memory_info().rss / 2**20
+                with p.oneshot():
+                    rss = p.memory_info().rss / 2**20
+                    times = p.cpu_times()
             except psutil.NoSuchProcess:
                 continue
             peaks[p.pid] = max(peaks.get(p.pid, 0.0), rss)
+            cpu[p.pid] = times.user + times.system
         done.wait(0.05)
 
 
@@ -89,11 +98,12 @@ def run(
     cmd += ["--quiet", *flags]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HUAWEICLOUD_", "BULKSEND_"))}
     peaks: dict[int, float] = {}
+    cpu: dict[int, float] = {}
     started = time.time()
     with (d / f"{topic}.err").open("wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
     done = threading.Event()
-    sampler = threading.Thread(target=_sample, args=(proc.pid, peaks, done), daemon=True)
+    sampler = threading.Thread(target=_sample, args=(proc.pid, peaks, cpu, done), daemon=True)
     sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
     done.set()
@@ -103,15 +113,18 @@ def run(
     if proc.returncode != 0:
         raise SystemExit(f"{name}: exit {proc.returncode}: {(d / f'{topic}.err').read_text()}")
     figures = orjson.loads(stats.read_bytes())
+    # The command's own CPU exactly (os.wait4), its descendants' as last sampled.
+    cpu.pop(proc.pid, None)
+    cpu_s = usage.ru_utime + usage.ru_stime + sum(cpu.values())
     driver = peaks.pop(proc.pid, 0.0)
-    # Workers: the big children (multiprocessing's resource tracker is a few MB).
+    # Workers and Dask's forkserver: the big children (the resource tracker is a few MB).
     workers = sorted((mb for mb in peaks.values() if mb > 30), reverse=True)
     return Row(
         name,
         figures["throughput_msg_s"],
         wall,
         _first_store_s(url, topic, started) if stores else None,
-        usage.ru_utime + usage.ru_stime,
+        cpu_s,
         driver,
         workers,
     )
@@ -122,7 +135,7 @@ def report(title: str, rows: list[Row], n: int) -> None:
     print(f"\n{title} ({n:,} messages)")
     print(
         f"{'':22} {'msg/s':>8} {'vs 1 proc':>9} {'wall s':>7} {'1st msg s':>9}"
-        f" {'CPU µs/msg':>10} {'driver MB':>9}  worker MB"
+        f" {'CPU µs/msg':>10} {'driver MB':>9}  children MB (workers, forkserver)"
     )
     for r in rows:
         first = f"{r.first_s:9.2f}" if r.first_s is not None else f"{'-':>9}"
@@ -192,10 +205,17 @@ def main() -> None:
             assert server.stdout is not None
             url = server.stdout.readline().strip()
             flags = ["--concurrency", str(args.concurrency)]
+            startup = series(url, 200, flags, "startup", d, stores=True, rounds=args.rounds)
             rows = series(url, args.messages, flags, "latency", d, stores=True, rounds=args.rounds)
         finally:
             server.terminate()
             server.wait(timeout=30)
+        print("\nstart-up: 200 messages (CPU: every process of the run)")
+        for r in startup:
+            print(
+                f"  {r.name:14} first message after {r.first_s or 0:.2f} s, done after"
+                f" {r.wall_s:.2f} s, {r.cpu_s:.2f} CPU s"
+            )
         report(
             f"network-bound: bulksend serve --latency 20, --concurrency {args.concurrency}"
             " per process",

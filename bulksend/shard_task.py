@@ -216,6 +216,10 @@ async def _pipeline(
                             helpers.append(tg.create_task(_watch(should_stop, interrupts, report)))
                         try:
                             await interrupts.guard(sender.run(own, on_result, done=done))
+                        except BulksendError as exc:
+                            # Kept, not raised through the task group (which would wrap
+                            # it in an ExceptionGroup): the shard reports it with its stats.
+                            report.error = exc
                         finally:
                             for helper in helpers:
                                 helper.cancel()

@@ -292,3 +292,93 @@ def test_resume_after_the_driver_is_killed(tmp_path: Path) -> None:
     # Sent twice: at most what every worker had in flight when the driver died.
     assert n <= stored["total"] <= n + 2 * concurrency
     assert not parts.exists()
+
+
+def test_ctrl_c_drains_every_shard_then_merges(tmp_path: Path) -> None:
+    n = 3000
+    inputs = write_jsonl(tmp_path / "in.jsonl", _records(n))
+    out, parts = tmp_path / "out.jsonl", tmp_path / "out.jsonl.parts"
+    # 200 ms answers at 300/s: ~60 requests in flight when Ctrl-C comes. The server
+    # stores a message before it waits, so a worker that died of the signal would leave
+    # stored messages with no ledger line.
+    with start_server_subprocess("--latency", "200") as (_, url):
+        cmd = [sys.executable, "-m", "bulksend", "send", str(inputs), *target(url)]
+        cmd += ["--workers", "2", "--rate", "300", "--out", str(out), "--progress-interval", "1"]
+        driver = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # a process group, as a terminal's foreground job is
+        )
+        try:
+            deadline = time.monotonic() + 90
+            while _part_lines(parts) < 300:
+                assert time.monotonic() < deadline and driver.poll() is None
+                time.sleep(0.05)
+            os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C: the driver and every worker get it
+            _, err = driver.communicate(timeout=90)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+                driver.wait(timeout=30)
+        query = f"{url}{messages_path()}?topic=t&limit=10000"
+        with urllib.request.urlopen(query, timeout=30) as answer:
+            stored = orjson.loads(answer.read())["total"]
+    stderr = err.decode()
+    assert driver.returncode == 130, stderr
+    assert "Traceback" not in stderr and "records" in stderr  # the summary
+    lines = _ledger(out)
+    seqs = Counter(x["seq"] for x in lines)
+    assert 300 <= len(seqs) < n and max(seqs.values()) == 1
+    assert {x["status"] for x in lines} == {"ok"}
+    assert stored == len(lines)  # every request in flight was answered and written
+    assert not parts.exists()  # merged
+
+
+async def test_a_shard_stopped_by_an_auth_failure_stops_the_run(tmp_path: Path) -> None:
+    from bulksend.config import Credentials
+    from bulksend.errors import AuthenticationFailed
+
+    inputs = write_jsonl(tmp_path / "in.jsonl", _records(400))
+    out, failed = tmp_path / "out.jsonl", tmp_path / "failed.jsonl"
+    async with start_server_inprocess(ak="AKRIGHT", sk="right-secret") as server:
+        job = dataclasses.replace(
+            _job(server.url, inputs, out, concurrency=4),
+            credentials=Credentials(ak="AKRIGHT", sk="wrong-secret"),
+            failed=str(failed),
+        )
+        with pytest.raises(AuthenticationFailed, match="401"):
+            await run_distributed(job, LOCAL2, stderr=io.StringIO())
+    lines = _ledger(out)
+    assert 20 <= len(lines) < 400 and {x["error_code"] for x in lines} == {"APIGW.0301"}
+    assert len(read_jsonl(failed)) == len(lines)  # the failed parts are merged too
+    figures = orjson.loads(out.with_suffix(".stats.json").read_bytes())
+    assert figures["failed"] == len(lines)
+    assert "wrong-secret" not in out.read_text() + failed.read_text()
+
+
+async def test_embedded_invalid_records_failed_file_and_html_report(tmp_path: Path) -> None:
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_bytes(
+        b"".join(
+            b"{not json\n" if i % 50 == 7 else orjson.dumps({"topic": "t", "body": f"m{i}"}) + b"\n"
+            for i in range(300)
+        )
+    )
+    out, failed, html = tmp_path / "out.jsonl", tmp_path / "failed.jsonl", tmp_path / "r.html"
+    # --embedded: the built-in server runs in the driver, the workers send to it.
+    job = dataclasses.replace(
+        _job("http://unused", inputs, out, concurrency=4),
+        target=None,
+        failed=str(failed),
+        html=str(html),
+    )
+    outcome = await run_distributed(job, LOCAL2, stderr=io.StringIO())
+    assert outcome.exit_code == 1
+    lines = _ledger(out)
+    assert Counter(x["status"] for x in lines) == {"ok": 294, "invalid": 6}
+    assert sorted(x["_source"] for x in read_jsonl(failed)) == sorted(
+        f"{inputs}:{i + 1}" for i in range(7, 300, 50)
+    )
+    page = html.read_text()
+    assert "<svg" in page and "294" in page
