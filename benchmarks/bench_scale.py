@@ -1,6 +1,6 @@
 """Scale-out: ``bulksend send --workers N`` against one process, on this machine.
 
-    python benchmarks/bench_scale.py [--messages 12000] [--concurrency 16] [--rounds 3] [--nginx]
+    python benchmarks/bench_scale.py [--messages 12000] [--concurrency 16] [--rounds 3] [--nginx] [--adaptive]
 
 Each run is a ``bulksend send`` subprocess with ``--stats``; every figure is measured in
 this run, the single process (no ``--workers``) being the baseline:
@@ -16,6 +16,9 @@ this run, the single process (no ``--workers``) being the baseline:
   driver's and each worker's peak RSS (sampled every 50 ms with psutil, which distributed
   brings). CPU counts every process of the run (Dask's workers are children of its
   forkserver, not of the command, so they are sampled too).
+
+* **Adaptive** (``--adaptive``): ``--adaptive`` against ``bulksend serve --rate-limit 500``,
+  one process and two workers (each shard runs its own AIMD): the rate each settles at.
 
 Runs are interleaved, ``--rounds`` of each (the median shown), and the load average is
 printed: the machine's other processes move every figure, ratios least.
@@ -179,6 +182,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--nginx", action="store_true", help="also the CPU-bound case")
     ap.add_argument("--rounds", type=int, default=3, help="runs of each configuration")
+    ap.add_argument(
+        "--adaptive", action="store_true", help="also --adaptive against a rate-limited server"
+    )
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")
     print("(medians of interleaved rounds; other processes' load moves every figure)")
@@ -233,6 +239,55 @@ def main() -> None:
                 )
             report("CPU-bound: nginx on core 1, --concurrency 64 per process", rows, n)
             print(f"--workers 2 / --workers 1: {rows[2].rate / rows[1].rate:.2f}x")
+        if args.adaptive:
+            adaptive(d)
+
+
+def adaptive(d: Path, limit: int = 500, n: int = 6000) -> None:
+    """``--adaptive`` against ``bulksend serve --rate-limit``: one process, then two
+    workers each running its own AIMD. The rate the run settles at is that of the second
+    half of its answers (ledger ``done_at``)."""
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bulksend",
+            "serve",
+            "--port",
+            "0",
+            "--rate-limit",
+            str(limit),
+            "--seed",
+            "4",
+            "--keep",
+            "1000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    print(f"\n--adaptive against bulksend serve --rate-limit {limit} ({n:,} messages)")
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().strip()
+        for name, config in CONFIGS[::2]:
+            topic = f"adaptive-{len(name)}"
+            inputs, out = d / f"{topic}.jsonl", d / f"{topic}.out.jsonl"
+            write_messages(inputs, n, topic=topic)
+            flags = [*config, "--adaptive", "--max-retries", "10", "--out", str(out)]
+            run(name, url, inputs, topic, flags, d, stores=False)
+            figures = orjson.loads((d / f"{topic}.stats.json").read_bytes())
+            done = sorted(orjson.loads(line)["done_at"] for line in out.read_bytes().splitlines())
+            half = done[len(done) // 2 :]
+            settled = len(half) / ((half[-1] - half[0]) / 1000)
+            print(
+                f"  {name:14} settled at {settled:,.0f} msg/s, ok {figures['ok']:,}, failed"
+                f" {figures['failed']:,}, 429s retried {figures['retries']:,},"
+                f" rate changes {figures['rate_changes']}"
+            )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 if __name__ == "__main__":
