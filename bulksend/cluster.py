@@ -1,6 +1,6 @@
 """One ``send`` run over many worker processes and machines, on Dask distributed.
 
-``run_distributed(job, ClusterSpec(workers=N))`` starts a LocalCluster of N single-threaded
+``run_distributed(job, ClusterSpec(workers=N))`` (``ClusterSpec`` is in ``shards``) starts a LocalCluster of N single-threaded
 worker processes on 127.0.0.1; ``ClusterSpec(address=...)`` uses a running scheduler (one
 shard per worker thread unless ``shards``). The driver (this module, the only one that
 imports Dask) then:
@@ -27,7 +27,6 @@ and the workers send to it over loopback.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import importlib.util
@@ -40,8 +39,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
 
@@ -54,7 +53,7 @@ from bulksend.ledger import check_inputs, write_fingerprints
 from bulksend.merge import Parts, merge_parts, merge_stats, parts_dir, recover, wait_for_writers
 from bulksend.result import FAILED, INVALID, OK
 from bulksend.shard_task import Progress, ShardReport, ShardTask, run_shard
-from bulksend.shards import ShardPlan, shard_rate
+from bulksend.shards import ClusterSpec, ShardPlan, shard_rate
 from bulksend.sinks import write_json
 from bulksend.sources import Inputs
 from bulksend.stats import Stats
@@ -77,70 +76,11 @@ QUIET_DASK = {
     "distributed.admin.tick.interval": "1s",
     "distributed.admin.system-monitor.interval": "2s",
 }
-#: Default dashboard address of --workers: loopback only (it shows the inputs' paths).
-DASHBOARD = "127.0.0.1:8787"
 
 
 class ClusterError(BulksendError):
     """The Dask cluster could not run the job: no scheduler, no worker, a worker without
     bulksend (or another version of it), a shard that kept losing its worker."""
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterSpec:
-    """Where a distributed run's shards go: a new LocalCluster of ``workers`` processes, or
-    the scheduler at ``address``. ``shards`` defaults to one per worker thread."""
-
-    workers: int | None = None
-    address: str | None = None
-    shards: int | None = None
-    #: --workers: the LocalCluster dashboard's host:port (port 0: any free one; None: off).
-    dashboard_address: str | None = DASHBOARD
-
-    def __post_init__(self) -> None:
-        if (self.workers is None) == (self.address is None):
-            raise ConfigError("give one of --workers N and --cluster ADDRESS")
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError("--workers must be >= 1")
-        if self.shards is not None and self.shards < 1:
-            raise ConfigError("--shards must be >= 1")
-
-
-def add_cluster_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("scale-out (Dask)")
-    g.add_argument(
-        "--workers",
-        type=int,
-        metavar="N",
-        help="run on a Dask LocalCluster of N single-threaded worker processes on 127.0.0.1",
-    )
-    g.add_argument(
-        "--cluster",
-        metavar="ADDRESS",
-        help="run on the Dask scheduler at ADDRESS (e.g. tcp://10.0.0.5:8786)",
-    )
-    g.add_argument(
-        "--shards",
-        type=int,
-        metavar="M",
-        help="split the job into M shards (default: one per worker thread)",
-    )
-
-
-def resolve_cluster(args: argparse.Namespace, env: Mapping[str, str]) -> ClusterSpec | None:
-    """The ClusterSpec the flags (or BULKSEND_WORKERS / _CLUSTER / _SHARDS, or the config
-    file) ask for; None for an ordinary single-process run."""
-    from bulksend.cli.options import Resolver
-
-    r = Resolver.build(args, env)
-    workers = r.get("workers", int, None)
-    address = r.get("cluster", str, None)
-    shards = r.get("shards", int, None)
-    if workers is None and address is None:
-        if shards is not None:
-            raise ConfigError("--shards needs --workers N or --cluster ADDRESS")
-        return None
-    return ClusterSpec(workers=workers, address=address, shards=shards)
 
 
 async def run_distributed(
@@ -173,16 +113,16 @@ async def run_distributed(
                 finished = await run.execute(tasks, reports)
                 outcome.interrupted = run.interrupted
                 stopped_by = run.error
-    finally:
         if finished:
             outcome.stats = _finish(job, parts, reports, err)
-        elif not job.out:
-            parts.remove()  # a temporary ledger: nothing can resume from it
-        elif started:
+        elif started and job.out:
             err.write(
                 f"bulksend: shards were abandoned mid-run; their parts stay in {parts.directory}"
                 " and --resume continues from them\n"
             )
+    finally:
+        if not job.out:
+            parts.remove()  # a temporary ledger (merging removed it already if it ran)
     if stopped_by is not None:
         raise stopped_by
     return outcome

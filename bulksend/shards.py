@@ -39,9 +39,33 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bulksend.errors import ConfigError
 from bulksend.ordering import key_function
 from bulksend.pacer import Schedule
 from bulksend.record import Item, Record
+
+#: Default dashboard address of --workers: loopback only (it shows the inputs' paths).
+DASHBOARD = "127.0.0.1:8787"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """Where a distributed run's shards go: a new LocalCluster of ``workers`` processes, or
+    the scheduler at ``address``. ``shards`` defaults to one per worker thread."""
+
+    workers: int | None = None
+    address: str | None = None
+    shards: int | None = None
+    #: --workers: the LocalCluster dashboard's host:port (port 0: any free one; None: off).
+    dashboard_address: str | None = DASHBOARD
+
+    def __post_init__(self) -> None:
+        if (self.workers is None) == (self.address is None):
+            raise ConfigError("give one of --workers N and --cluster ADDRESS")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError("--workers must be >= 1")
+        if self.shards is not None and self.shards < 1:
+            raise ConfigError("--shards must be >= 1")
 
 
 def stable_hash(key: str) -> int:

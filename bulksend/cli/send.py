@@ -6,6 +6,7 @@ import argparse
 import os
 
 from bulksend.cli import run_async
+from bulksend.cli._cluster import add_cluster_options, resolve_cluster
 from bulksend.cli.options import (
     Resolver,
     add_pipeline_options,
@@ -16,7 +17,6 @@ from bulksend.cli.options import (
     resolve_target,
     to_bool,
 )
-from bulksend.cluster import add_cluster_options, resolve_cluster, run_distributed
 from bulksend.job import SendJob, run_send
 
 
@@ -135,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     # --- scale-out (Dask) ---
     cluster = resolve_cluster(args, os.environ)
     if cluster is not None:
+        from bulksend.cluster import run_distributed
+
         return run_async(run_distributed(job, cluster)).exit_code
     # --- end scale-out ---
     return run_async(run_send(job)).exit_code
