@@ -100,6 +100,17 @@ async def run_distributed(
         async with _connect(cluster) as (client, address, threads, dashboard):
             shards = cluster.shards or threads
             err.write(_started_line(address, cluster, shards, dashboard))
+            if shards > threads:
+                # A shard holds its worker thread to the end: the rest wait their turn.
+                paced = (
+                    f", so the run paces at most {threads}/{shards} of --rate"
+                    if job.options.rate
+                    else ""
+                )
+                err.write(
+                    f"bulksend: {shards} shards on {threads} worker thread(s): at most {threads}"
+                    f" run at a time{paced}\n"
+                )
             err.flush()
             async with target_or_embedded(job.target, job.credentials, job.engine) as (
                 target,
