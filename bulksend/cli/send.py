@@ -6,6 +6,7 @@ import argparse
 import os
 
 from bulksend.cli import run_async
+from bulksend.cli._cluster import add_cluster_options, resolve_cluster
 from bulksend.cli.options import (
     Resolver,
     add_pipeline_options,
@@ -103,6 +104,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="on 429, lower the rate multiplicatively and recover additively (AIMD)",
     )
+    # --- scale-out (Dask): bulksend.cluster; distributed is imported only when used ---
+    add_cluster_options(p)
+    # --- end scale-out ---
     p.set_defaults(func=lambda args: run(args, p))
 
 
@@ -169,4 +173,11 @@ def _word(value: object) -> str:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
     job = build_job(args, parser)
+    # --- scale-out (Dask) ---
+    cluster = resolve_cluster(args, os.environ)
+    if cluster is not None:
+        from bulksend.cluster import run_distributed
+
+        return run_async(run_distributed(job, cluster)).exit_code
+    # --- end scale-out ---
     return run_async(run_send(job)).exit_code

@@ -1,0 +1,535 @@
+"""One ``send`` run over many worker processes and machines, on Dask distributed.
+
+``run_distributed(job, ClusterSpec(workers=N))`` (``ClusterSpec`` is in ``shards``) starts a LocalCluster of N single-threaded
+worker processes on 127.0.0.1; ``ClusterSpec(address=...)`` uses a running scheduler (one
+shard per worker thread unless ``shards``). The driver (this module, the only one that
+imports Dask) then:
+
+1. checks that every input opens, and prepares ``OUT.parts/`` (``merge.py``): a fresh run
+   clears it; ``--resume`` first finishes what a killed driver left (a merge cut short is
+   undone, leftover parts are merged into ``--out``);
+2. submits one plain Dask task per shard (``shard_task.run_shard``), each the normal
+   pipeline over its own records (``shards.py``) at its share of ``--rate``, and shows one
+   progress line from the counts the shards post to Dask's event log;
+3. merges the parts into ``--out`` (each line with ``"shard": i``) and ``--failed``, adds
+   the shards' stats (latency histograms added, never averaged), writes ``--stats`` and
+   ``--html``, prints the summary.
+
+A worker lost mid-run costs nothing but time: Dask runs its shard again elsewhere and the
+shard resumes from its part. The first SIGINT/SIGTERM asks every shard to drain (a
+``distributed.Event``), then merges; a second one, or a drain past its deadline, leaves
+the parts for ``--resume``. ``--embedded`` runs the built-in server here in the driver,
+and the workers send to it over loopback.
+
+``distributed`` is imported inside the functions that need it, so ``bulksend`` without
+``--workers``/``--cluster`` never loads it (~1.3 s of imports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import multiprocessing
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import urlsplit
+
+from bulksend.config import Credentials, Target
+from bulksend.errors import BulksendError, ConfigError, SinkError
+from bulksend.html import RunReport, write_html_report
+from bulksend.interrupts import Interrupts
+from bulksend.job import Outcome, SendJob, target_or_embedded
+from bulksend.ledger import check_inputs, write_fingerprints
+from bulksend.merge import Parts, merge_parts, merge_stats, parts_dir, recover, wait_for_writers
+from bulksend.result import FAILED, INVALID, OK
+from bulksend.shard_task import Progress, ShardReport, ShardTask, run_shard
+from bulksend.shards import ClusterSpec, ShardPlan, shard_rate
+from bulksend.sinks import write_json
+from bulksend.sources import Inputs
+from bulksend.stats import Stats
+from bulksend.summary import progress_line, summary_table
+
+if TYPE_CHECKING:
+    from distributed import Client, Future
+
+#: How long a driver waits for a scheduler's first worker, and for its comm to connect.
+CONNECT_TIMEOUT_S = 30.0
+#: Past the shards' own drain deadline, how long the driver waits for their reports.
+REPORT_GRACE_S = 10.0
+#: Dask's housekeeping, slowed to what a few long tasks need. A shard is one task that
+#: runs for the whole job: the statistical profiler (a stack sample every 10 ms), the
+#: 20 ms event-loop tick and the 0.5 s system monitor only cost CPU the senders need.
+#: Measured on a LocalCluster of 2 workers, each running one task: 12-14 % of a core with
+#: Dask's defaults, 3 % with these. (Set in the driver; Nannies hand it to their workers.)
+QUIET_DASK = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+}
+
+
+class ClusterError(BulksendError):
+    """The Dask cluster could not run the job: no scheduler, no worker, a worker without
+    bulksend (or another version of it), a shard that kept losing its worker."""
+
+
+async def run_distributed(
+    job: SendJob, cluster: ClusterSpec, *, stderr: TextIO | None = None
+) -> Outcome:
+    """Run ``job`` sharded over ``cluster``; every output as a single run writes it."""
+    err = stderr or sys.stderr
+    _check(job, cluster)
+    with Inputs(job.inputs, fmt=job.fmt, default_topic=job.topic):
+        pass  # every input opens (or the run stops, exit 2) before a cluster starts
+    parts = _prepare(job, err)
+    reports: list[ShardReport] = []
+    outcome = Outcome(merge_stats([]))
+    stopped_by: BaseException | None = None
+    started = finished = False
+    try:
+        async with _connect(cluster) as (client, address, threads, dashboard):
+            shards = cluster.shards or threads
+            err.write(_started_line(address, cluster, shards, dashboard))
+            if shards > threads:
+                # A shard holds its worker thread to the end: the rest wait their turn.
+                paced = (
+                    f", so the run paces at most {threads}/{shards} of --rate"
+                    if job.options.rate
+                    else ""
+                )
+                err.write(
+                    f"bulksend: {shards} shards on {threads} worker thread(s): at most {threads}"
+                    f" run at a time{paced}\n"
+                )
+            err.flush()
+            async with target_or_embedded(job.target, job.credentials, job.engine) as (
+                target,
+                credentials,
+            ):
+                if job.target is None:
+                    _check_embedded_reach(address)
+                run = _Run(client, job, shards, parts, err)
+                tasks = run.tasks(target, credentials)
+                started = True
+                finished = await run.execute(tasks, reports)
+                outcome.interrupted = run.interrupted
+                stopped_by = run.error
+        if finished:
+            outcome.stats = _finish(job, parts, reports, err)
+        elif started and job.out:
+            err.write(
+                f"bulksend: shards were abandoned mid-run; their parts stay in {parts.directory}"
+                " and --resume continues from them\n"
+            )
+    finally:
+        if not job.out:
+            parts.remove()  # a temporary ledger (merging removed it already if it ran)
+    if stopped_by is not None:
+        raise stopped_by
+    return outcome
+
+
+# --- before ------------------------------------------------------------------------------
+
+
+def _check(job: SendJob, cluster: ClusterSpec) -> None:
+    if "-" in job.inputs:
+        raise ConfigError("--workers/--cluster cannot read stdin (-): workers read the inputs")
+    if job.resume and not job.out:
+        raise ConfigError("--resume needs --out: the results ledger of the run to resume")
+    if cluster.address is not None and not job.out:
+        raise ConfigError(
+            "--cluster needs --out on storage every worker reaches: shards write parts beside it"
+        )
+
+
+def _prepare(job: SendJob, err: TextIO) -> Parts:
+    """The parts directory of this run, made ready; see the module docstring."""
+    if not job.out:
+        # --workers without --out: the parts are the run's only ledger; workers are local.
+        return Parts(tempfile.mkdtemp(prefix="bulksend-parts-"))
+    parts = Parts(parts_dir(job.out))
+    if job.resume:
+        check_inputs(job.out, job.inputs, force=job.force)
+        if recover(parts) and job.progress != "off":
+            err.write(f"bulksend: undid a merge of {parts.directory} that was cut short\n")
+        _cut_torn_tail(job.out, err)
+        wait_for_writers(parts, job.drain_timeout_s + REPORT_GRACE_S)
+        merged = merge_parts(parts, out=job.out, failed=job.failed)
+        if merged.lines and job.progress != "off":
+            err.write(
+                f"bulksend: merged {sum(merged.lines.values()):,} results a previous run left"
+                f" in {parts.directory}\n"
+            )
+    else:
+        parts.remove()
+        for path in (job.out, job.failed):
+            if path:
+                _truncate(path)
+    write_fingerprints(job.out, job.inputs)
+    parts.create()
+    return parts
+
+
+def _truncate(path: str) -> None:
+    try:
+        with open(path, "wb"):
+            pass
+    except OSError as exc:
+        raise SinkError(f"cannot open {path} for writing: {exc.strerror or exc}") from None
+
+
+def _cut_torn_tail(path: str, err: TextIO) -> None:
+    """Cut a torn last line off the ledger (a single-process run killed inside a write),
+    so that merged lines start clean. Reads only the tail."""
+    try:
+        with open(path, "r+b") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            end = size
+            while end > 0:
+                start = max(0, end - 65536)
+                fh.seek(start)
+                block = fh.read(end - start)
+                nl = block.rfind(b"\n")
+                if nl >= 0:
+                    end = start + nl + 1
+                    break
+                end = start
+            if end < size:
+                fh.truncate(end)
+                err.write(f"bulksend: ignored a torn last line ({size - end} bytes) in {path}\n")
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SinkError(f"cannot repair {path}: {exc.strerror or exc}") from None
+
+
+@contextlib.asynccontextmanager
+async def _connect(cluster: ClusterSpec) -> AsyncIterator[tuple[Client, str, int, str | None]]:
+    """A client of a new LocalCluster or of the scheduler at ``cluster.address``; the
+    scheduler's address, the worker threads it has, and the dashboard address."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(dask.config.set(QUIET_DASK))
+        if cluster.workers is not None:
+            if "forkserver" in multiprocessing.get_all_start_methods():
+                # Worker processes forked from one process that imported Dask once,
+                # rather than each spawned to import it again: the cluster is up in about
+                # half the time (measured: 2.0-2.5 s against 3.5-4.4 s for 2 workers on a
+                # busy 2-core machine), and a restarted worker is back sooner too.
+                stack.enter_context(
+                    dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+                )
+            with _deaf_to_ctrl_c():
+                local = await stack.enter_async_context(
+                    LocalCluster(
+                        n_workers=cluster.workers,
+                        threads_per_worker=1,
+                        processes=True,
+                        host="127.0.0.1",
+                        dashboard_address=cluster.dashboard_address,
+                        # Dask's own chatter (worker restarts and such) would break the one
+                        # progress line; errors still show.
+                        silence_logs=logging.ERROR,
+                        asynchronous=True,
+                    )
+                )
+            client = await stack.enter_async_context(Client(local, asynchronous=True))
+            dashboard = local.dashboard_link if cluster.dashboard_address else None
+            address = str(local.scheduler_address)
+        else:
+            assert cluster.address is not None
+            try:
+                client = await stack.enter_async_context(
+                    Client(cluster.address, asynchronous=True, timeout=CONNECT_TIMEOUT_S)
+                )
+                await client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+            except (OSError, TimeoutError) as exc:
+                raise ClusterError(
+                    f"cannot use the Dask scheduler at {cluster.address}: {exc}"
+                ) from None
+            dashboard = client.dashboard_link
+            address = cluster.address
+        threads = sum((await client.nthreads()).values())
+        await _check_versions(client)
+        yield client, address, threads, dashboard
+
+
+@contextlib.contextmanager
+def _deaf_to_ctrl_c() -> Iterator[None]:
+    """Worker processes started in here ignore SIGINT, as the forkserver they come from
+    does (an ignored signal stays ignored across fork and exec, and Python then installs
+    no KeyboardInterrupt handler). Ctrl-C on a terminal signals the whole foreground
+    process group: the driver alone must get it, and drain the shards through Dask
+    rather than see every worker die mid-request."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+async def _check_versions(client: Client) -> None:
+    """Every worker must run this bulksend: a shard pickled here is unpickled there."""
+    from importlib.metadata import version
+
+    mine = version("bulksend")
+
+    # A nested function travels by value (cloudpickle): it runs even where bulksend is
+    # missing. It also imports the shard's code, so that no shard pays for it on its clock.
+    def probe() -> str:
+        import importlib.metadata
+
+        import bulksend.shard_task  # noqa: F401
+
+        return importlib.metadata.version("bulksend")
+
+    theirs = await client.run(probe, on_error="return")
+    for worker, found in sorted(theirs.items()):
+        if isinstance(found, BaseException):
+            raise ClusterError(f"Dask worker {worker} cannot load bulksend: {found}")
+        if found != mine:
+            raise ClusterError(f"Dask worker {worker} runs bulksend {found}, this is {mine}")
+
+
+def _started_line(address: str, cluster: ClusterSpec, shards: int, dashboard: str | None) -> str:
+    where = (
+        f"a LocalCluster of {cluster.workers} worker process(es)"
+        if cluster.workers is not None
+        else f"the Dask scheduler at {address}"
+    )
+    line = f"bulksend: {shards} shard(s) on {where}"
+    if dashboard:
+        line += f"; dashboard {dashboard}"
+        if importlib.util.find_spec("bokeh") is None:
+            line += " (needs bokeh: pip install 'bulksend[dashboard]')"
+    return line + "\n"
+
+
+def _check_embedded_reach(address: str) -> None:
+    host = urlsplit(address).hostname or ""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(
+            "--embedded serves on 127.0.0.1 of this machine: it needs --workers, or a "
+            "--cluster whose scheduler and workers run here"
+        )
+
+
+# --- during ------------------------------------------------------------------------------
+
+
+class _Run:
+    """The shards of one run in flight: submit, watch, stop."""
+
+    def __init__(self, client: Client, job: SendJob, shards: int, parts: Parts, err: TextIO):
+        self.client, self.job, self.shards, self.parts, self.err = client, job, shards, parts, err
+        token = secrets.token_hex(6)
+        self.token = token
+        self.topic = f"bulksend-progress-{token}"
+        self.stop_name = f"bulksend-stop-{token}"
+        self.interrupted = False
+        self.error: BaseException | None = None
+        self._stop_wanted = asyncio.Event()
+        self.progress = _ClusterProgress(job, shards, err)
+
+    def tasks(self, target: Target, credentials: Credentials) -> list[ShardTask]:
+        job, n = self.job, self.shards
+        plan = ShardPlan(n, ordered=job.options.ordered, order_by=job.options.order_by)
+        options = replace(job.options, rate=shard_rate(job.options.rate, n))
+        epoch = time.time()
+        return [
+            ShardTask(
+                index=i,
+                plan=plan,
+                # As given, so that sources (and identities) read as in a single-process run;
+                # LocalCluster workers share the driver's working directory.
+                inputs=job.inputs,
+                fmt=job.fmt,
+                topic=job.topic,
+                target=target,
+                credentials=credentials,
+                options=options,
+                total_rate=job.options.rate,
+                epoch=epoch,
+                part=os.path.abspath(self.parts.ledger(i, n)),
+                failed_part=os.path.abspath(self.parts.failed(i, n)) if job.failed else None,
+                previous=os.path.abspath(job.out) if job.resume and job.out else None,
+                drain_timeout_s=job.drain_timeout_s,
+                progress_topic=self.topic,
+                stop_event=self.stop_name,
+            )
+            for i in range(n)
+        ]
+
+    def stop(self) -> None:
+        """Interrupts' hook (and a failed shard's): ask every shard to drain."""
+        self._stop_wanted.set()
+
+    async def execute(self, tasks: list[ShardTask], reports: list[ShardReport]) -> bool:
+        """Run the shards to the end; True when every shard reported (False: abandoned)."""
+        from distributed import Event
+
+        client = self.client
+        stop_event = Event(self.stop_name, client=client)
+        client.subscribe_topic(self.topic, self.progress.update)
+        futures = [
+            client.submit(run_shard, t, key=f"bulksend-shard-{t.index}-{self.token}", pure=False)
+            for t in tasks
+        ]
+        finished = False
+        try:
+            with Interrupts(self, self.job.drain_timeout_s + REPORT_GRACE_S) as interrupts:
+                async with asyncio.TaskGroup() as tg:
+                    helpers = [tg.create_task(self._forward_stop(stop_event))]
+                    if self.progress.mode != "off":
+                        helpers.append(tg.create_task(self.progress.run()))
+                    try:
+                        await interrupts.guard(self._gather(futures, reports))
+                        finished = len(reports) == len(futures)
+                    finally:
+                        for helper in helpers:
+                            helper.cancel()
+                        self.progress.close()
+            self.interrupted = interrupts.interrupted
+        finally:
+            client.unsubscribe_topic(self.topic)
+            if not finished:
+                await client.cancel(futures)
+        return finished
+
+    async def _forward_stop(self, stop_event: Any) -> None:
+        await self._stop_wanted.wait()
+        await stop_event.set()
+
+    async def _gather(self, futures: list[Future[ShardReport]], reports: list[ShardReport]) -> None:
+        from distributed import KilledWorker, as_completed
+
+        index = {f.key: i for i, f in enumerate(futures)}
+        async for future in as_completed(futures):
+            try:
+                report: ShardReport = await future
+            except KilledWorker:
+                self._fail(
+                    ClusterError(
+                        f"shard {index[future.key]} lost its worker too many times"
+                        " (Dask's distributed.scheduler.allowed-failures); --resume continues it"
+                    )
+                )
+                continue
+            except BulksendError as exc:
+                self._fail(exc)
+                continue
+            except Exception as exc:
+                self._fail(
+                    ClusterError(
+                        f"shard {index[future.key]} failed on its worker: {type(exc).__name__}: {exc}"
+                    )
+                )
+                continue
+            reports.append(report)
+            if report.error is not None:
+                self._fail(report.error)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.stop()
+
+
+class _ClusterProgress:
+    """One progress line for all shards, from the latest report of each."""
+
+    def __init__(self, job: SendJob, shards: int, stream: TextIO) -> None:
+        mode = job.progress
+        self.mode = ("bar" if stream.isatty() else "lines") if mode == "auto" else mode
+        self.interval = 0.25 if self.mode == "bar" else job.progress_interval_s
+        self.shards, self.stream, self.rate = shards, stream, job.options.rate
+        self.latest: dict[int, Progress] = {}
+        #: When the first result came: the rate is over sending time, not the cluster's start.
+        self.started: float | None = None
+
+    def update(self, event: tuple[float, Progress]) -> None:
+        msg = event[1]
+        self.latest[int(msg["shard"])] = msg
+        if self.started is None and msg.get("total"):
+            self.started = time.monotonic()
+
+    def line(self) -> str:
+        got = list(self.latest.values())
+
+        def total(key: str) -> int:
+            return sum(int(m.get(key) or 0) for m in got)
+
+        fractions = [m["bytes_read"] / m["bytes_total"] for m in got if m.get("bytes_total")]
+        return (
+            progress_line(
+                done=total("total"),
+                ok=total(OK),
+                failed=total(FAILED),
+                invalid=total(INVALID),
+                retrying=total("retrying"),
+                in_flight=total("in_flight"),
+                elapsed=time.monotonic() - self.started if self.started is not None else 0.0,
+                fraction=sum(fractions) / self.shards if fractions else None,
+                rate_target=self.rate,
+                bar=self.mode == "bar",
+            )
+            + f"  shards {len(got)}/{self.shards}"
+        )
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            prefix, end = ("\r\x1b[2K", "") if self.mode == "bar" else ("", "\n")
+            self.stream.write(prefix + self.line() + end)
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.mode == "bar":
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+
+
+# --- after -------------------------------------------------------------------------------
+
+
+def _finish(job: SendJob, parts: Parts, reports: list[ShardReport], err: TextIO) -> Stats:
+    """Merge the parts and the shards' stats; write --stats, --html and the summary."""
+    report = RunReport() if job.html else None
+    merge_parts(parts, out=job.out, failed=job.failed, on_result=report.add if report else None)
+    stats = merge_stats(r.stats for r in reports)
+    stats.finish()
+    resumed = sum(r.resumed for r in reports)
+    if job.progress != "off" and resumed:
+        err.write(f"bulksend: {resumed:,} results came from shards' attempts on a lost worker\n")
+    snapshot = stats.snapshot()
+    if job.stats:
+        write_json(job.stats, snapshot)
+    if report is not None and job.html:
+        settings = {
+            "inputs": ", ".join(job.inputs),
+            "shards": len(reports),
+            "concurrency per shard": job.options.concurrency,
+            "rate": job.options.rate or "unpaced",
+            "max_retries": job.options.retry.max_retries,
+        }
+        write_html_report(job.html, report, snapshot, title="bulksend send", settings=settings)
+    if job.progress != "off":
+        err.write(summary_table(snapshot) + "\n")
+        err.flush()
+    return stats
