@@ -9,6 +9,9 @@
     ├── TargetUnreachable         refused/unresolved/untrusted from the start, or
     │                             down past --outage-timeout: stop (drain)      -> exit 2
     ├── SinkError                 a results/stats/failed file cannot be written  -> exit 2
+    ├── ClusterError              the Dask cluster cannot run the job (--workers,
+    │                             --cluster): no scheduler or worker, another
+    │                             bulksend there, a shard that kept losing its worker -> exit 2
     └── TransportError            one HTTP attempt failed below HTTP (internal: the client
         ├── ConnectError          turns it into a retry or a failed Result, never escapes
         ├── RequestTimeout        a Sender)
@@ -60,6 +63,11 @@ class TargetUnreachable(BulksendError):
 
 class SinkError(BulksendError):
     """An output file could not be written."""
+
+
+class ClusterError(BulksendError):
+    """The Dask cluster could not run the job: no scheduler, no worker, a worker without
+    bulksend (or another version of it), a shard that kept losing its worker."""
 
 
 class TransportError(BulksendError):

@@ -3,12 +3,13 @@ into the one ``--failed``, each shard's stats into one ``Stats``. No Dask in her
 
 Beside ``--out`` a distributed run keeps ``OUT.parts/``::
 
-    shard-0000-of-0002.jsonl   shard 0's ledger: one Result line per record it finished
+    shard-0000-of-0002.jsonl   shard 0's ledger: a run line per attempt, then one Result
+                               line per record it finished
     failed-0000-of-0002.jsonl  its failed and invalid records, in input form (``--failed``)
     MERGING                    only while the driver merges (see below)
 
-**Merging** appends every ledger part to ``--out`` with ``"shard": i`` added to each line,
-then removes the directory. The lines are not parsed: orjson never writes a raw newline
+**Merging** appends every ledger part to ``--out`` with ``"shard": i`` added to each line
+(the parts' run lines left out), then removes the directory. The lines are not parsed: orjson never writes a raw newline
 inside a line, so ``}\\n`` occurs only at a line's end, and one ``bytes.replace`` per 1 MiB
 chunk tags every line in it (C speed; parsing is only done to feed an ``--html`` report).
 
@@ -25,7 +26,6 @@ shards' values.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import re
@@ -50,6 +50,8 @@ CHUNK_BYTES = 1 << 20
 RESULT_STATUSES = frozenset({OK, FAILED, INVALID})
 _PART = re.compile(r"^(shard|failed)-(\d{4,})-of-(\d{4,})\.jsonl$")
 _MARKER = "MERGING"
+#: How ``run.run_line`` begins a line (orjson keeps the keys in the order written).
+_RUN_LINE = b'{"status":"run",'
 
 
 def parts_dir(out: str) -> str:
@@ -111,54 +113,42 @@ class Parts:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
-class PartLock:
-    """An exclusive ``flock`` on a ledger part (on ``PART.lock`` beside it): held by the
-    shard that writes the part, so that a second attempt of the shard (its lost worker may
-    still be running) or a driver about to merge waits for the first to finish."""
-
-    def __init__(self, part: str) -> None:
-        self._path = f"{part}.lock"
-        self._fd: int | None = None
-
-    def __enter__(self) -> PartLock:
-        try:
-            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise LedgerError(f"cannot open {self._path}: {exc.strerror or exc}") from None
-        return self
-
-    def try_acquire(self) -> bool:
-        assert self._fd is not None
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-
-    def acquire_blocking(self, timeout: float) -> None:
-        """Wait up to ``timeout`` s for the lock (LedgerError past it)."""
-        deadline = time.monotonic() + timeout
-        while not self.try_acquire():
-            if time.monotonic() > deadline:
-                raise self._busy()
-            time.sleep(0.2)
-
-    def _busy(self) -> LedgerError:
-        return LedgerError(f"{self._path}: a shard of an earlier attempt still writes this part")
-
-    def __exit__(self, et: object, e: object, tb: object) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)  # releases the lock
-            self._fd = None
+def wait_for_part(part: str, timeout: float) -> None:
+    """Wait up to ``timeout`` s until no run holds the ledger lock of ``part`` (the lock
+    ``run.Sinks`` takes, ``PART.lock`` beside it): a second attempt of a shard whose lost
+    worker may still be running, or a driver about to merge, waits for the writer to end.
+    LedgerError past the timeout. The lock is only looked at, not kept: the harness takes
+    it when it opens the part."""
+    path = f"{os.path.realpath(part)}.lock"
+    deadline = time.monotonic() + timeout
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # never written, or its writer ended (the harness removes the lock file)
+    except OSError as exc:
+        raise LedgerError(f"cannot open {path}: {exc.strerror or exc}") from None
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LedgerError(
+                        f"{path}: a shard of an earlier attempt still writes this part"
+                    ) from None
+                time.sleep(0.2)
+                continue
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return
+    finally:
+        os.close(fd)
 
 
 def wait_for_writers(parts: Parts, timeout: float) -> None:
     """Wait until no shard holds a part of ``parts`` (one left running by a killed driver
     would otherwise append behind a merge)."""
     for _, path in parts.found("shard"):
-        with PartLock(path) as lock:
-            lock.acquire_blocking(timeout)
+        wait_for_part(path, timeout)
 
 
 # --- stats ------------------------------------------------------------------------------
@@ -350,6 +340,12 @@ def _copy_tagged(
     tag = b',"shard":%d}\n' % index
     lines = 0
     for block in _whole_lines(path, merged):
+        if _RUN_LINE in block:
+            # Each attempt of a shard began its part with a run line; --out has the
+            # driver's own, which holds the run's settings.
+            block = b"".join(
+                x for x in block.splitlines(keepends=True) if not x.startswith(_RUN_LINE)
+            )
         n = block.count(b"\n")
         if block.count(b"}\n") != n:
             raise LedgerError(f"{path}: holds a line that is not a results line")

@@ -1,51 +1,47 @@
-"""What a Dask worker runs for one shard: the normal pipeline over the shard's own records,
-writing the shard's ledger part (``merge.py`` has the layout).
+"""What a Dask worker runs for one shard: the normal pipeline (``bulksend.run``, the harness
+``send`` and ``load`` use) over the shard's own records, writing the shard's ledger part
+(``merge.py`` has the layout).
 
 ``run_shard(task)`` is a plain Dask task. It runs its own event loop (uvloop) in the
-worker's thread, reads the inputs and keeps the records ``task.plan`` gives its shard,
-sends them with a ``Sender`` paced at its share of the rate, and returns a
-``ShardReport`` (its stats, hdrh-encoded). Progress goes to the driver through Dask's
-event log (``Worker.log_event``: batched on the worker's stream to the scheduler, no extra
-round trip); a stop comes as a ``distributed.Event`` the driver sets.
+worker's thread and reads the shard's records: its byte spans of the inputs when the
+driver could split them (``spans.split_jsonl``), else the whole inputs filtered by
+``task.plan``. It sends them at its share of the rate on its slots of the run's grid
+(``shards.SlotSchedule``) and returns a ``ShardReport`` (its stats, hdrh-encoded).
+Progress goes to the driver through Dask's event log (``Worker.log_event``: batched on the
+worker's stream to the scheduler, no extra round trip); a stop comes as a
+``distributed.Event`` the driver sets, and drains the shard as a first SIGINT drains a run.
 
 **A shard that runs again resumes from its part.** Dask re-runs a shard whose worker was
 lost; the new attempt reads the part first (cutting a torn last line), counts every result
 line in it as this run's, and sends only the records that have none. A record that
 finally failed in the lost attempt is not sent again in the same run (it had its retries;
 ``--resume`` retries it), so the part, and the merged ledger, hold one line per record.
-Re-sends are then at most the requests the lost worker had in flight. An exclusive
-``flock`` on the part keeps two attempts (a lost worker that is still running) from
-writing it at once.
-
-Subtleness ahead! This module is the adapter to today's run harness: ``Inputs`` over whole
-files, ``Sender.run`` with ``on_result``/``done``, ``ResultsWriter``/``FailedWriter`` and
-the identity rule of ``ledger.py``. When the shared harness (``run.py``, ``Outputs``) and
-byte-range ``Inputs`` spans land, ``_pipeline`` becomes one call of that harness with a
-span, and ``_identity_of`` reads the ledger line's ``identity``.
+Re-sends are then at most the requests the lost worker had in flight. The part is written
+under the harness's ledger lock; a second attempt (its lost worker may still be running)
+first waits for that lock to be free.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
+import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import orjson
 
 from bulksend.config import Credentials, SendOptions, Target
 from bulksend.errors import BulksendError, LedgerError
-from bulksend.interrupts import Interrupts
 from bulksend.ledger import read_ledger
-from bulksend.merge import RESULT_STATUSES, PartLock, ShardStats
+from bulksend.merge import RESULT_STATUSES, ShardStats, wait_for_part
 from bulksend.record import Item
-from bulksend.result import FAILED, INVALID, SKIPPED, Result
-from bulksend.sender import Sender
+from bulksend.result import SKIPPED, Result, result_for
+from bulksend.run import End, Hooks, Live, Outputs, Plan, Ticker, run
 from bulksend.shards import ShardPlan, SlotSchedule
-from bulksend.sinks import FailedWriter, ResultsWriter
-from bulksend.sources import Inputs
+from bulksend.sources import Inputs, Span
 from bulksend.stats import Stats
 
 #: Seconds between a shard's progress reports and between its looks for a stop.
@@ -63,7 +59,9 @@ class ShardTask:
 
     index: int
     plan: ShardPlan
-    inputs: tuple[str, ...]
+    #: Paths as given (every shard reads them whole and keeps its records), or this
+    #: shard's spans of them (every record in a span is the shard's).
+    inputs: tuple[str | Span, ...]
     fmt: str | None
     topic: str | None
     target: Target
@@ -81,6 +79,11 @@ class ShardTask:
     #: Dask names of the progress topic and the stop event (None outside Dask).
     progress_topic: str | None = None
     stop_event: str | None = None
+
+    @property
+    def split(self) -> bool:
+        """The inputs are this shard's spans: no record in them is another shard's."""
+        return any(isinstance(p, Span) for p in self.inputs)
 
 
 @dataclass(slots=True)
@@ -140,160 +143,157 @@ async def run_shard_async(
 ) -> ShardReport:
     """One shard on the running loop. ``publish`` gets a progress report every second;
     ``should_stop(timeout)`` is polled in a thread and must block up to ``timeout`` s."""
-    with PartLock(task.part) as lock:
-        await asyncio.to_thread(lock.acquire_blocking, task.drain_timeout_s + 5.0)
-        stats = Stats()
-        earlier = _read_part(task.part, stats)
-        before = (
-            read_ledger(task.previous, repair=False).done_identities if task.previous else set()
-        )
-        report = ShardReport(task.index, ShardStats(), resumed=len(earlier))
-        try:
-            await _pipeline(task, stats, earlier, before, report, publish, should_stop)
-        except BulksendError as exc:
-            report.error = exc
-        stats.finish()
-        report.stats = ShardStats.from_stats(stats)
-        return report
-
-
-async def _pipeline(
-    task: ShardTask,
-    stats: Stats,
-    earlier: set[str],
-    before: set[str],
-    report: ShardReport,
-    publish: Callable[[Progress], None] | None,
-    should_stop: Callable[[float], bool] | None,
-) -> None:
-    def done(item: Item) -> bool:
-        ident = item.identity
-        return ident in earlier or ident in before
-
-    ledger = ResultsWriter(task.part, append=True)
-    failed = FailedWriter(task.failed_part, append=True) if task.failed_part else None
-
-    def on_result(item: Item, result: Result) -> asyncio.Future[None] | None:
-        if result.status == SKIPPED:
-            if item.identity not in earlier:
-                stats.add(result)  # ok in an earlier run; this attempt's own are counted
-            return None
-        stats.add(result)
-        if failed is not None and result.status in (FAILED, INVALID):
-            failed.add(item, result)
-        written = ledger.add(result)
-        # Wait for the line before the next request, as a single run does: a kill -9
-        # then costs no more re-sends than the requests in flight.
-        return written if result.attempts else None
-
+    stats = Stats()
+    report = ShardReport(task.index, ShardStats())
+    plan = Plan(
+        command="send",
+        target=task.target,
+        credentials=task.credentials,
+        options=task.options,
+        # The part's run line: the driver's own, in --out, holds the run's settings.
+        settings={"shard": task.index, "shards": task.plan.shards},
+        schedule=SlotSchedule(task.total_rate, task.plan.shards, task.index, task.epoch),
+    )
+    # Always a resume of the part: a first attempt finds it empty.
+    outputs = Outputs(
+        out=task.part,
+        failed=task.failed_part,
+        resume=True,
+        progress="off",
+        drain_timeout_s=task.drain_timeout_s,
+    )
     try:
+        await anyio.to_thread.run_sync(wait_for_part, task.part, task.drain_timeout_s + 5.0)
+        earlier = _read_part(task.part, stats)
+        report.resumed = len(earlier)
+        before: Container[str] = (
+            read_ledger(task.previous, repair=False).done_identities if task.previous else ()
+        )
         with Inputs(task.inputs, fmt=task.fmt, default_topic=task.topic) as inputs:
-            own = _OwnRecords(inputs, task.plan.owner(task.index))
-            pacer = SlotSchedule(task.total_rate, task.plan.shards, task.index, task.epoch)
-            async with Sender(
-                task.target, task.credentials, task.options, schedule=pacer
-            ) as sender:
-
-                def progress() -> Progress:
-                    c = sender.counters
-                    return {
-                        "shard": task.index,
-                        **{k: stats.counts[k] for k in ("ok", "failed", "invalid", "skipped")},
-                        "total": stats.total,
-                        "in_flight": c.in_flight,
-                        "retrying": c.retrying,
-                        "rate": sender.schedule.rate,
-                        "bytes_read": inputs.bytes_read,
-                        "bytes_total": inputs.bytes_total,
-                    }
-
-                with Interrupts(sender, task.drain_timeout_s) as interrupts:
-                    async with asyncio.TaskGroup() as tg:
-                        helpers = []
-                        if publish is not None:
-                            helpers.append(tg.create_task(_report(publish, progress)))
-                        if should_stop is not None:
-                            helpers.append(tg.create_task(_watch(should_stop, interrupts, report)))
-                        try:
-                            await interrupts.guard(sender.run(own, on_result, done=done))
-                        except BulksendError as exc:
-                            # Kept, not raised through the task group (which would wrap
-                            # it in an ExceptionGroup): the shard reports it with its stats.
-                            report.error = exc
-                        finally:
-                            for helper in helpers:
-                                helper.cancel()
-                stats.rate_changes = sender.rate_changes
-                if publish is not None:
-                    publish(progress())
-    finally:
-        for sink in (ledger, failed):
-            if sink is not None:
-                sink.close()
+            owns = None if task.split else task.plan.owner(task.index)
+            items = _OwnRecords(inputs, owns, earlier, before, stats)
+            hooks = _ShardHooks(task, inputs, report, publish, should_stop)
+            await run(plan, outputs, items, stats, hooks, stderr=io.StringIO())
+    except BulksendError as exc:
+        report.error = exc
+    report.stats = ShardStats.from_stats(stats)
+    return report
 
 
-async def _report(publish: Callable[[Progress], None], progress: Callable[[], Progress]) -> None:
-    while True:
-        await asyncio.sleep(REPORT_INTERVAL_S)
-        publish(progress())
+class _ShardHooks(Hooks):
+    """Progress reports to the driver, and the driver's stop request as a drain."""
 
+    def __init__(
+        self,
+        task: ShardTask,
+        inputs: Inputs,
+        report: ShardReport,
+        publish: Callable[[Progress], None] | None,
+        should_stop: Callable[[float], bool] | None,
+    ) -> None:
+        self.task, self.inputs, self.report = task, inputs, report
+        self.publish, self.should_stop = publish, should_stop
+        self.live: Live | None = None
 
-async def _watch(
-    should_stop: Callable[[float], bool], interrupts: Interrupts, report: ShardReport
-) -> None:
-    # should_stop blocks up to its timeout: the loop polls at that pace.
-    while True:
-        if await asyncio.to_thread(should_stop, STOP_POLL_S):
-            break
-    report.stopped = True
-    interrupts.drain()
+    def progress(self, live: Live) -> Progress:
+        stats, sender = live.stats, live.sender
+        assert isinstance(stats, Stats)
+        c = sender.counters
+        return {
+            "shard": self.task.index,
+            **{k: stats.counts[k] for k in ("ok", "failed", "invalid", "skipped")},
+            "total": stats.total,
+            "in_flight": c.in_flight,
+            "retrying": c.retrying,
+            "rate": sender.schedule.rate,
+            "bytes_read": self.inputs.bytes_read,
+            "bytes_total": self.inputs.bytes_total,
+        }
+
+    def tickers(self, live: Live) -> list[Ticker]:
+        self.live = live
+        tickers: list[Ticker] = []
+        if self.publish is not None:
+            tickers.append(self._report)
+        if self.should_stop is not None:
+            tickers.append(self._watch)
+        return tickers
+
+    async def _report(self) -> None:
+        assert self.publish is not None and self.live is not None
+        while True:
+            await anyio.sleep(REPORT_INTERVAL_S)
+            self.publish(self.progress(self.live))
+
+    async def _watch(self) -> None:
+        assert self.should_stop is not None and self.live is not None
+        # should_stop blocks up to its timeout: the loop polls at that pace.
+        while not await anyio.to_thread.run_sync(self.should_stop, STOP_POLL_S):
+            pass
+        self.report.stopped = True
+        self.live.drain()
+
+    def finish(self, snapshot: dict[str, Any], end: End) -> None:
+        # The final count, so the driver's line ends on the shard's true figures.
+        if self.publish is not None and self.live is not None:
+            self.publish(self.progress(self.live))
 
 
 class _OwnRecords:
-    """The shard's records of ``inputs``, batched as ``Sender`` reads a file source."""
+    """The shard's records of ``inputs`` still to send, batched as ``Sender`` reads a file
+    source: not another shard's (``owns``), not finished by an earlier attempt of this
+    shard (``earlier``: counted already), not ok in an earlier run (``before``: counted
+    as skipped, as a single-process ``--resume`` counts them)."""
 
-    def __init__(self, inputs: Inputs, owns: Callable[[Item], bool]) -> None:
-        self._inputs = inputs
-        self._owns = owns
+    def __init__(
+        self,
+        inputs: Inputs,
+        owns: Callable[[Item], bool] | None,
+        earlier: Container[str],
+        before: Container[str],
+        stats: Stats,
+    ) -> None:
+        self._inputs, self._owns = inputs, owns
+        self._earlier, self._before, self._stats = earlier, before, stats
 
     def batches(self, n: int) -> Iterator[list[Item]]:
-        owns = self._owns
+        owns, earlier, before, add = self._owns, self._earlier, self._before, self._stats.add
         for batch in self._inputs.batches(n):
-            own = [item for item in batch if owns(item)]
-            if own:
-                yield own
-
-
-def _identity_of(line: dict[str, Any]) -> str:
-    """A ledger line's record identity, by the rule ``ledger.read_ledger`` applies."""
-    ident = line.get("id")
-    return str(ident) if ident is not None else str(line.get("source"))
+            todo = []
+            for item in batch:
+                if owns is not None and not owns(item):
+                    continue
+                ident = item.identity
+                if ident in earlier:
+                    continue
+                if ident in before:
+                    add(result_for(item, SKIPPED))
+                    continue
+                todo.append(item)
+            if todo:
+                yield todo
 
 
 def _read_part(path: str, stats: Stats) -> set[str]:
     """The identities of the records an earlier attempt finished in this part, each
-    result also added to ``stats``; a torn last line is cut off."""
+    result also added to ``stats``. (The harness cuts a torn last line when it opens the
+    part; such a line is no result.)"""
     found: set[str] = set()
     try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed by the with below; truncated after
+        fh = open(path, "rb")  # noqa: SIM115 - closed by the with below
     except FileNotFoundError:
         return found
     except OSError as exc:
         raise LedgerError(f"cannot read the ledger part {path}: {exc.strerror or exc}") from None
-    good_end = torn = 0
     with fh:
         for lineno, line in enumerate(fh, 1):
             if not line.endswith(b"\n"):
-                torn = len(line)
                 break
-            good_end += len(line)
             try:
                 obj = orjson.loads(line)
             except orjson.JSONDecodeError:
                 raise LedgerError(f"{path}:{lineno}: not a results line") from None
             if isinstance(obj, dict) and obj.get("status") in RESULT_STATUSES:
                 stats.add(Result.from_dict(obj))
-                found.add(_identity_of(obj))
-    if torn:
-        os.truncate(path, good_end)
+                found.add(str(obj.get("identity")))
     return found

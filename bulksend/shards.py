@@ -148,7 +148,10 @@ class SlotSchedule:
     that record's due time at once; so the first question is answered at elapsed ~0, and
     that is when the grid is mapped onto the Sender's clock (the one read of ``clock``).
     Were it asked later, the grid would still hold: the first slot is never before the
-    moment of asking, so a late mapping delays the first message, it never bursts.
+    moment of asking, so a late mapping delays the messages, it never bursts. The first
+    message itself goes at once (at most one period ``shards / total_rate`` before its
+    slot): the pool restarts its clock at every look until a first message is sent, so a
+    first message due later than 0 would never be due. The second one is back on the grid.
     ``set_rate`` (``--adaptive``, per shard) starts a new segment as ``Schedule`` does.
     """
 
@@ -177,10 +180,11 @@ class SlotSchedule:
         return self._schedule
 
     def wait(self, elapsed: float, sent: int) -> float:
-        return self._map().wait(elapsed, sent)
+        return self.due_at(sent) - elapsed
 
     def due_at(self, sent: int) -> float:
-        return self._map().due_at(sent)
+        due = self._map().due_at(sent)
+        return 0.0 if sent == 0 else due
 
     def set_rate(self, rate: float, elapsed: float, sent: int) -> None:
         self._map().set_rate(rate, elapsed, sent)

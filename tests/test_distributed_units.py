@@ -3,6 +3,8 @@ merging, and one shard's pipeline against the built-in server in this process.""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import itertools
 import os
 import pickle
@@ -10,6 +12,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,19 +21,21 @@ import pytest
 
 from bulksend.config import Credentials, RetryPolicy, SendOptions, Target
 from bulksend.errors import LedgerError
+from bulksend.identity import input_key
 from bulksend.merge import (
-    PartLock,
     Parts,
     ShardStats,
     merge_parts,
     merge_stats,
     recover,
+    wait_for_part,
     wait_for_writers,
 )
 from bulksend.record import Invalid, Item, Record
 from bulksend.result import Result
 from bulksend.shard_task import ShardTask, run_shard_async
 from bulksend.shards import ShardPlan, SlotSchedule, first_slot, shard_rate, stable_hash
+from bulksend.sinks import LedgerLock, locate
 from bulksend.stats import Stats
 from tests.cli_helpers import bulksend
 from tests.serve_helpers import INSTANCE_ID, PROJECT_ID, start_server_inprocess
@@ -151,10 +156,13 @@ def test_shard_schedules_merge_into_an_even_stream() -> None:
         pacer = SlotSchedule(rate, shards, index, epoch, clock=lambda s=start: s)
         assert pacer.rate == pytest.approx(100.0)
         # The Sender's clock starts at the first record (elapsed 0 == ``start``).
-        sends += [start + pacer.due_at(k) for k in range(1000)]
-        assert start + pacer.due_at(0) >= start  # never a message before the shard began
+        assert pacer.due_at(0) == 0.0  # the first at once (the pool's clock starts there)
+        sends += [start + pacer.due_at(k) for k in range(1, 1000)]
+        assert pacer.due_at(1) >= 0  # never a message before the shard began
     sends.sort()
-    all_running = [t for t in sends if max(starts) <= t <= min(s + 9.0 for s in starts)]
+    # From the last shard's second slot on (its first message went at once, off its slot).
+    after = max(starts) + shards / rate
+    all_running = [t for t in sends if after < t <= min(s + 9.0 for s in starts)]
     gaps = {round(b - a, 9) for a, b in itertools.pairwise(all_running)}
     assert gaps == {round(1 / rate, 9)}
 
@@ -163,7 +171,7 @@ def test_slot_schedule_unpaced_and_rate_change() -> None:
     unpaced = SlotSchedule(0.0, 2, 1, 0.0, clock=lambda: pytest.fail("no clock when unpaced"))
     assert unpaced.rate == 0.0 and unpaced.due_at(5) == 0.0 and unpaced.wait(1.0, 5) <= 0
     pacer = SlotSchedule(200.0, 2, 1, 10.0, clock=lambda: 10.0)
-    assert pacer.due_at(0) == pytest.approx(0.005)
+    assert pacer.due_at(0) == 0.0 and pacer.due_at(1) == pytest.approx(0.005 + 0.01)
     pacer.set_rate(50.0, 1.0, 100)  # --adaptive backs this shard off
     assert pacer.rate == 50.0
     assert pacer.due_at(101) - pacer.due_at(100) == pytest.approx(0.02)
@@ -282,13 +290,25 @@ def test_a_part_is_written_by_one_attempt_at_a_time(tmp_path: Path) -> None:
     parts.create()
     part = parts.ledger(0, 1)
     Path(part).write_bytes(_line(0))
-    with PartLock(part) as held:
-        held.acquire_blocking(1.0)
-        with PartLock(part) as second, pytest.raises(LedgerError, match="still writes"):
-            second.acquire_blocking(0.3)
-        with pytest.raises(LedgerError, match="still writes"):
-            wait_for_writers(parts, 0.3)
-    wait_for_writers(parts, 0.3)  # released with the first attempt's file
+    wait_for_part(part, 0.0)  # no lock file: nobody writes it
+    held = LedgerLock(locate(part))  # what the harness takes while a shard writes
+    with pytest.raises(LedgerError, match="still writes"):
+        wait_for_part(part, 0.3)
+    with pytest.raises(LedgerError, match="still writes"):
+        wait_for_writers(parts, 0.3)
+    held.release()
+    wait_for_writers(parts, 0.3)
+
+
+def test_merging_leaves_out_the_parts_run_lines(tmp_path: Path) -> None:
+    parts = Parts(str(tmp_path / "o.parts"))
+    parts.create()
+    run_line = b'{"status":"run","at":1,"command":"send","settings":{"shard":0}}\n'
+    Path(parts.ledger(0, 1)).write_bytes(run_line + _line(0) + run_line + _line(1))
+    out = tmp_path / "out.jsonl"
+    merge_parts(parts, out=str(out), failed=None)
+    lines = [orjson.loads(x) for x in out.read_bytes().splitlines()]
+    assert [(x["seq"], x["status"], x["shard"]) for x in lines] == [(0, "ok", 0), (1, "ok", 0)]
 
 
 # --- one shard, no cluster ----------------------------------------------------------------
@@ -327,7 +347,9 @@ def _task(
 
 
 def _lines(path: str) -> list[dict[str, object]]:
-    return [orjson.loads(x) for x in Path(path).read_bytes().splitlines()]
+    """The result lines of a part (its attempts' run lines left out)."""
+    lines = [orjson.loads(x) for x in Path(path).read_bytes().splitlines()]
+    return [x for x in lines if x["status"] != "run"]
 
 
 def _write(path: str, data: bytes) -> None:
@@ -357,11 +379,13 @@ async def test_a_rerun_shard_resumes_from_its_part(tmp_path: Path) -> None:
         task = _task(tmp_path, server.url, inputs, 0, 2)
         # The lost attempt finished seq 0..38 (one of them finally failed), then was
         # killed inside the write of seq 40's line.
+        key = input_key(str(inputs))
         earlier = b"".join(
             orjson.dumps(
                 {
                     **orjson.loads(_line(s, "failed" if s == 20 else "ok")),
                     "source": f"{inputs}:{s + 1}",
+                    "identity": f"{key}:{s + 1}",
                 }
             )
             + b"\n"
@@ -383,7 +407,15 @@ async def test_records_ok_in_an_earlier_run_are_skipped(tmp_path: Path) -> None:
     _write(
         str(previous),
         b"".join(
-            orjson.dumps({"seq": s, "source": f"{inputs}:{s + 1}", "id": None, "status": st})
+            orjson.dumps(
+                {
+                    "seq": s,
+                    "source": f"{inputs}:{s + 1}",
+                    "id": None,
+                    "identity": f"{input_key(str(inputs))}:{s + 1}",
+                    "status": st,
+                }
+            )
             + b"\n"
             for s, st in [(0, "ok"), (2, "failed"), (4, "ok"), (5, "ok")]
         ),
@@ -395,6 +427,19 @@ async def test_records_ok_in_an_earlier_run_are_skipped(tmp_path: Path) -> None:
     assert stored == [s for s in range(0, 100, 2) if s not in (0, 4)]  # 2 failed: sent again
     assert report.stats.counts == {"ok": 48, "skipped": 2}
     assert len(_lines(task.part)) == 48
+
+
+async def test_a_shard_whose_first_slot_is_ahead_sends(tmp_path: Path) -> None:
+    # The grid's first slot of this shard is 0.3 s ahead when it starts: its first
+    # message goes at once, the rest on the grid (a first message due later would never
+    # be sent: the pool restarts its clock until one is).
+    inputs = _inputs(tmp_path, 40)
+    async with start_server_inprocess() as server:
+        task = _task(tmp_path, server.url, inputs, 1, 2, total_rate=400.0, epoch=time.time() + 0.3)
+        task = dataclasses.replace(task, options=dataclasses.replace(task.options, rate=200.0))
+        report = await asyncio.wait_for(run_shard_async(task), 30)
+        stored = _bodies(await server.store.messages())
+    assert report.error is None and stored == list(range(1, 40, 2))
 
 
 async def test_a_stop_request_drains_the_shard(tmp_path: Path) -> None:
