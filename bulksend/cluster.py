@@ -40,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
@@ -61,16 +61,18 @@ from bulksend.html import RunReport
 from bulksend.identity import input_keys
 from bulksend.interrupts import Interrupts
 from bulksend.job import Outcome, SendJob
+from bulksend.load import LoadJob, LoadOutcome
 from bulksend.merge import Parts, merge_parts, parts_dir, recover, wait_for_writers
-from bulksend.result import FAILED, INVALID, OK
+from bulksend.result import FAILED, INVALID, OK, Result
 from bulksend.run import End, Hooks, Sinks, _finish
 from bulksend.server.embedded import target_or_embedded
-from bulksend.shard_task import Progress, ShardReport, ShardTask, run_shard
+from bulksend.shard_task import LoadShardTask, Progress, ShardReport, ShardTask, run_shard
 from bulksend.shards import ClusterSpec, ShardPlan, shard_rate
 from bulksend.sinks import STDOUT
 from bulksend.sources import Inputs, Span, format_for
 from bulksend.spans import split_jsonl
-from bulksend.stats import Stats
+from bulksend.stages import RampPacer
+from bulksend.stats import LoadStats, Stats
 from bulksend.summary import progress_line
 
 if TYPE_CHECKING:
@@ -78,6 +80,8 @@ if TYPE_CHECKING:
 
 #: How long a driver waits for a scheduler's first worker, and for its comm to connect.
 CONNECT_TIMEOUT_S = 30.0
+#: A distributed load's schedule starts this many seconds after the driver submits it.
+LOAD_LEAD_S = 1.0
 #: Past the shards' own drain deadline, how long the driver waits for their reports.
 REPORT_GRACE_S = 10.0
 #: Dask's housekeeping, slowed to what a few long tasks need. A shard is one task that
@@ -104,7 +108,8 @@ async def run_distributed(
     plan = job.plan()
     stats = Stats()
     end = End(stats)
-    hooks = _DriverHooks(job)
+    said = _Shards(job.progress)
+    hooks = _SendHooks(said)
     report = RunReport() if job.html else None
     # The run's outputs as a single run opens them: --out locked, a non-empty one refused
     # without --resume/--overwrite, --failed/--stats/--html checked before anything starts.
@@ -113,7 +118,9 @@ async def run_distributed(
     try:
         parts = _prepare(job, sinks, err)
         await sinks.begin(plan, outputs, err)
-        await _execute(job, cluster, parts, end, hooks, report, err)
+        if await _execute(job, cluster, parts, end, said, report.add if report else None, err):
+            for shard in said.reports:
+                shard.stats.add_to(stats)
     except BulksendError as exc:
         end.error = end.error or exc
     finally:
@@ -125,35 +132,101 @@ async def run_distributed(
     return Outcome(stats, end.interrupted)
 
 
+async def run_distributed_load(
+    job: LoadJob, cluster: ClusterSpec, *, stderr: TextIO | None = None
+) -> LoadOutcome:
+    """Run the load ``job`` sharded over ``cluster``: shard ``i`` of ``n`` sends messages
+    ``i, i + n, ...`` of the schedule at their due times from one epoch, so the merged
+    stream is the schedule one process would keep. The driver builds the stats, the
+    series (``--timeseries``, written at the end), the thresholds' verdicts and the HTML
+    report from the merged ledger lines: every figure is of the whole run, never an
+    average of the shards'."""
+    from bulksend.load import _LoadHooks
+
+    err = stderr or sys.stderr
+    if job.abort_on_fail:
+        raise ConfigError(
+            "--abort-on-fail judges each second as it ends, in one process: with"
+            " --workers/--cluster the thresholds are judged on the whole run at its end"
+        )
+    if STDOUT in (job.out, job.timeseries):
+        raise ConfigError(
+            "--workers/--cluster need --out and --timeseries in files: they are written from"
+            " the shards' parts"
+        )
+    if cluster.address is not None and not job.out:
+        raise ConfigError(
+            "--cluster needs --out on storage every worker reaches: shards write parts beside it"
+        )
+    outputs = job.outputs()
+    pacer = RampPacer(job.stages)
+    plan = job.plan(pacer)
+    stats = LoadStats()
+    outcome = LoadOutcome(stats)
+    end = End(stats)
+    said = _Shards(job.progress)
+
+    class ShardedLoadHooks(_LoadHooks):
+        async def epilogue(self, snapshot: dict[str, Any], end: End) -> list[str]:
+            return [*await super().epilogue(snapshot, end), *said.lines()]
+
+    hooks = ShardedLoadHooks(job, pacer, outcome)
+    report = RunReport() if job.html else None
+    sinks = Sinks(outputs, plan)
+    if hooks.live is not None:
+        hooks.live.writer = sinks.timeseries  # written at the end, from the merged lines
+    observers = [stats.add, *hooks.observers(), *([report.add] if report else [])]
+
+    def on_result(result: Result) -> None:
+        for observe in observers:
+            observe(result)
+
+    parts: Parts | None = None
+    try:
+        parts = _prepare(job, sinks, err)
+        await sinks.begin(plan, outputs, err)
+        await _execute(job, cluster, parts, end, said, on_result, err)
+    except BulksendError as exc:
+        end.error = end.error or exc
+    finally:
+        if parts is not None and not job.out:
+            parts.remove()
+        await _finish(plan, outputs, stats, hooks, sinks, report, end, err)
+    outcome.interrupted = end.interrupted
+    if end.error is not None:
+        raise end.error
+    return outcome
+
+
 async def _execute(
-    job: SendJob,
+    job: SendJob | LoadJob,
     cluster: ClusterSpec,
     parts: Parts,
     end: End,
-    hooks: _DriverHooks,
-    report: RunReport | None,
+    shards_said: _Shards,
+    on_result: Callable[[Result], None] | None,
     err: TextIO,
-) -> None:
-    """Start or reach the cluster, run every shard, merge their parts and stats."""
+) -> bool:
+    """Start or reach the cluster, run every shard, merge their parts (each result line
+    to ``on_result``). False when shards were abandoned: their parts stay unmerged."""
     async with _connect(cluster) as (client, address, threads, dashboard):
         shards = cluster.shards or threads
         err.write(_started_line(address, cluster, shards, dashboard))
         if shards > threads:
             # A shard holds its worker thread to the end: the rest wait their turn.
-            paced = (
-                f", so the run paces at most {threads}/{shards} of --rate"
-                if job.options.rate
-                else ""
-            )
+            paced = f", so the run paces at most {threads}/{shards} of its rate"
             err.write(
                 f"bulksend: {shards} shards on {threads} worker thread(s): at most {threads}"
                 f" run at a time{paced}\n"
             )
         err.flush()
-        split = await anyio.to_thread.run_sync(
-            split_inputs, job.inputs, job.fmt, shards, job.options.ordered
-        )
-        async with target_or_embedded(job.target, job.credentials, job.engine) as (
+        split = None
+        if isinstance(job, SendJob):
+            split = await anyio.to_thread.run_sync(
+                split_inputs, job.inputs, job.fmt, shards, job.options.ordered
+            )
+        engine = job.engine if isinstance(job, SendJob) else "rocketmq"
+        async with target_or_embedded(job.target, job.credentials, engine) as (
             target,
             credentials,
         ):
@@ -161,35 +234,37 @@ async def _execute(
                 _check_embedded_reach(address)
             run = _Run(client, job, shards, parts, err)
             try:
-                tasks = run.tasks(target, credentials, split)
-                finished = await run.execute(tasks, hooks.reports)
+                tasks: Sequence[ShardTask | LoadShardTask] = (
+                    run.tasks(job, target, credentials, split)
+                    if isinstance(job, SendJob)
+                    else run.load_tasks(replace(job, target=target, credentials=credentials))
+                )
+                finished = await run.execute(tasks, shards_said.reports)
             finally:
                 end.interrupted = run.interrupted
                 end.stopped_early = run.interrupted or run.error is not None
             if run.error is not None:
                 end.error = run.error
     if not finished:
-        hooks.abandoned = parts.directory if job.out else None
+        shards_said.abandoned = parts.directory if job.out else None
         end.cut_off = True
-        return
-    merge_parts(parts, out=job.out, failed=job.failed, on_result=report.add if report else None)
-    stats = end.stats
-    assert isinstance(stats, Stats)
-    for shard in hooks.reports:
-        shard.stats.add_to(stats)
+        return False
+    failed = job.failed if isinstance(job, SendJob) else None
+    merge_parts(parts, out=job.out, failed=failed, on_result=on_result)
+    return True
 
 
-class _DriverHooks(Hooks):
-    """What the driver adds to the end of a run: what the shards said."""
+class _Shards:
+    """What the shards said, for the lines after the summary."""
 
-    def __init__(self, job: SendJob) -> None:
-        self.job = job
+    def __init__(self, progress: str) -> None:
+        self.progress = progress
         self.reports: list[ShardReport] = []
         #: The parts directory left for --resume when shards were abandoned mid-run.
         self.abandoned: str | None = None
 
-    async def epilogue(self, snapshot: dict[str, Any], end: End) -> list[str]:
-        if self.job.progress == "off":
+    def lines(self) -> list[str]:
+        if self.progress == "off":
             return []
         lines = []
         resumed = sum(r.resumed for r in self.reports)
@@ -203,6 +278,14 @@ class _DriverHooks(Hooks):
                 " and --resume continues from them"
             )
         return lines
+
+
+class _SendHooks(Hooks):
+    def __init__(self, shards: _Shards) -> None:
+        self.shards = shards
+
+    async def epilogue(self, snapshot: dict[str, Any], end: End) -> list[str]:
+        return self.shards.lines()
 
 
 def split_inputs(
@@ -255,20 +338,22 @@ def _check(job: SendJob, cluster: ClusterSpec) -> None:
         )
 
 
-def _prepare(job: SendJob, sinks: Sinks, err: TextIO) -> Parts:
+def _prepare(job: SendJob | LoadJob, sinks: Sinks, err: TextIO) -> Parts:
     """The parts directory of this run, made ready; see the module docstring."""
+    resume = isinstance(job, SendJob) and job.resume
+    failed = job.failed if isinstance(job, SendJob) else None
     if not job.out:
         # --workers without --out: the parts are the run's only ledger; workers are local.
         return Parts(tempfile.mkdtemp(prefix="bulksend-parts-"))
     if sinks.ledger_place is None:
         raise ConfigError(f"--workers/--cluster need --out in a regular file; {job.out} is not one")
     parts = Parts(parts_dir(job.out))
-    if job.resume:
+    if resume:
         if recover(parts) and job.progress != "off":
             err.write(f"bulksend: undid a merge of {parts.directory} that was cut short\n")
         _cut_torn_tail(job.out, err)
         wait_for_writers(parts, job.drain_timeout_s + REPORT_GRACE_S)
-        merged = merge_parts(parts, out=job.out, failed=job.failed)
+        merged = merge_parts(parts, out=job.out, failed=failed)
         if merged.lines and job.progress != "off":
             err.write(
                 f"bulksend: merged {sum(merged.lines.values()):,} results a previous run left"
@@ -432,7 +517,9 @@ def _check_embedded_reach(address: str) -> None:
 class _Run:
     """The shards of one run in flight: submit, watch, stop."""
 
-    def __init__(self, client: Client, job: SendJob, shards: int, parts: Parts, err: TextIO):
+    def __init__(
+        self, client: Client, job: SendJob | LoadJob, shards: int, parts: Parts, err: TextIO
+    ):
         self.client, self.job, self.shards, self.parts, self.err = client, job, shards, parts, err
         token = secrets.token_hex(6)
         self.token = token
@@ -443,12 +530,35 @@ class _Run:
         self._stop_wanted = asyncio.Event()
         self.progress = _ClusterProgress(job, shards, err)
 
+    def load_tasks(self, job: LoadJob) -> list[LoadShardTask]:
+        """One task per shard of a load; ``job.target`` is the resolved target."""
+        # The schedule starts a moment from now: every shard is running by then (a task
+        # reaches an idle worker in tens of ms), so no shard starts behind it.
+        epoch = time.time() + LOAD_LEAD_S
+        n = self.shards
+        return [
+            LoadShardTask(
+                index=i,
+                shards=n,
+                job=job,
+                epoch=epoch,
+                part=os.path.abspath(self.parts.ledger(i, n)),
+                progress_topic=self.topic,
+                stop_event=self.stop_name,
+            )
+            for i in range(n)
+        ]
+
     def tasks(
-        self, target: Target, credentials: Credentials, split: list[tuple[Span, ...]] | None
+        self,
+        job: SendJob,
+        target: Target,
+        credentials: Credentials,
+        split: list[tuple[Span, ...]] | None,
     ) -> list[ShardTask]:
         """One task per shard; ``split``: each shard's spans of the inputs (None: every
         shard reads them whole)."""
-        job, n = self.job, self.shards
+        n = self.shards
         plan = ShardPlan(n, ordered=job.options.ordered, order_by=job.options.order_by)
         options = replace(job.options, rate=shard_rate(job.options.rate, n))
         epoch = time.time()
@@ -480,7 +590,9 @@ class _Run:
         """Interrupts' hook (and a failed shard's): ask every shard to drain."""
         self._stop_wanted.set()
 
-    async def execute(self, tasks: list[ShardTask], reports: list[ShardReport]) -> bool:
+    async def execute(
+        self, tasks: Sequence[ShardTask | LoadShardTask], reports: list[ShardReport]
+    ) -> bool:
         """Run the shards to the end; True when every shard reported (False: abandoned)."""
         from distributed import Event
 
@@ -553,11 +665,12 @@ class _Run:
 class _ClusterProgress:
     """One progress line for all shards, from the latest report of each."""
 
-    def __init__(self, job: SendJob, shards: int, stream: TextIO) -> None:
+    def __init__(self, job: SendJob | LoadJob, shards: int, stream: TextIO) -> None:
         mode = job.progress
         self.mode = ("bar" if stream.isatty() else "lines") if mode == "auto" else mode
         self.interval = 0.25 if self.mode == "bar" else job.progress_interval_s
-        self.shards, self.stream, self.rate = shards, stream, job.options.rate
+        rate = job.options.rate if isinstance(job, SendJob) else job.stages.mean_rate
+        self.shards, self.stream, self.rate = shards, stream, rate
         self.latest: dict[int, Progress] = {}
         #: When the first result came: the rate is over sending time, not the cluster's start.
         self.started: float | None = None

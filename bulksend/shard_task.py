@@ -24,6 +24,7 @@ first waits for that lock to be free.
 from __future__ import annotations
 
 import io
+import itertools
 import time
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
@@ -36,13 +37,16 @@ import orjson
 from bulksend.config import Credentials, SendOptions, Target
 from bulksend.errors import BulksendError, LedgerError
 from bulksend.ledger import read_ledger
+from bulksend.load import LoadJob
 from bulksend.merge import RESULT_STATUSES, ShardStats, wait_for_part
 from bulksend.record import Item
 from bulksend.result import SKIPPED, Result, result_for
 from bulksend.run import End, Hooks, Live, Outputs, Plan, Ticker, run
-from bulksend.shards import ShardPlan, SlotSchedule
+from bulksend.shards import InterleavedPacer, ShardPlan, SlotSchedule
 from bulksend.sources import Inputs, Span
-from bulksend.stats import Stats
+from bulksend.stages import RampPacer
+from bulksend.stats import LoadStats, Stats
+from bulksend.synthetic import Synthetic
 
 #: Seconds between a shard's progress reports and between its looks for a stop.
 REPORT_INTERVAL_S = 1.0
@@ -100,16 +104,34 @@ class ShardReport:
     error: BulksendError | None = None
 
 
-def run_shard(task: ShardTask) -> ShardReport:
+@dataclass(frozen=True, slots=True)
+class LoadShardTask:
+    """One shard of a ``load --workers``: every ``shards``-th message of the schedule from
+    message ``index`` (``shards.InterleavedPacer``); picklable."""
+
+    index: int
+    shards: int
+    #: The run's job, its target resolved (the driver's --embedded server).
+    job: LoadJob
+    #: Wall-clock s at which the whole schedule starts.
+    epoch: float
+    part: str
+    progress_topic: str | None = None
+    stop_event: str | None = None
+
+
+def run_shard(task: ShardTask | LoadShardTask) -> ShardReport:
     """The Dask task: one shard, start to end, on its own event loop in this thread."""
     from bulksend.cli import run_async
 
     publish, should_stop = _dask_hooks(task)
+    if isinstance(task, LoadShardTask):
+        return run_async(run_load_shard_async(task, publish=publish, should_stop=should_stop))
     return run_async(run_shard_async(task, publish=publish, should_stop=should_stop))
 
 
 def _dask_hooks(
-    task: ShardTask,
+    task: ShardTask | LoadShardTask,
 ) -> tuple[Callable[[Progress], None] | None, Callable[[float], bool] | None]:
     """Progress through the worker's event log; stop when the driver sets the stop event
     or when the run no longer wants this task (its driver went away)."""
@@ -172,11 +194,57 @@ async def run_shard_async(
         with Inputs(task.inputs, fmt=task.fmt, default_topic=task.topic) as inputs:
             owns = None if task.split else task.plan.owner(task.index)
             items = _OwnRecords(inputs, owns, earlier, before, stats)
-            hooks = _ShardHooks(task, inputs, report, publish, should_stop)
+            hooks = _ShardHooks(task.index, inputs, report, publish, should_stop)
             await run(plan, outputs, items, stats, hooks, stderr=io.StringIO())
     except BulksendError as exc:
         report.error = exc
     report.stats = ShardStats.from_stats(stats)
+    return report
+
+
+async def run_load_shard_async(
+    task: LoadShardTask,
+    *,
+    publish: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[float], bool] | None = None,
+) -> ShardReport:
+    """One shard of a distributed load on the running loop: its messages of the schedule
+    into its part (every message's line: the driver builds the run's stats, series and
+    report from the merged lines). A re-run attempt sends only what the part lacks."""
+    job = task.job
+    stats = LoadStats()
+    report = ShardReport(task.index, ShardStats())
+    whole = RampPacer(job.stages)
+    pacer = InterleavedPacer(whole, task.index, task.shards, task.epoch)
+    plan = Plan(
+        command="load",
+        target=job.target,
+        credentials=job.credentials,
+        options=job.options,
+        settings={"shard": task.index, "shards": task.shards},
+        schedule=pacer,
+        resumable=False,
+        backpressure=False,
+    )
+    outputs = Outputs(
+        out=task.part, resume=True, progress="off", drain_timeout_s=job.drain_timeout_s
+    )
+    try:
+        await anyio.to_thread.run_sync(wait_for_part, task.part, job.drain_timeout_s + 5.0)
+        earlier = _read_part(task.part, stats)
+        report.resumed = len(earlier)
+        mine = itertools.islice(
+            Synthetic(job.message).records(lambda: whole.total), task.index, None, task.shards
+        )
+        records = (r for r in mine if r.identity not in earlier)
+        hooks = _ShardHooks(task.index, None, report, publish, should_stop)
+        # The Sender's clock starts at its first message: that is the shard's first due.
+        if (delay := pacer.first_due() - time.time()) > 0:
+            await anyio.sleep(delay)
+        await run(plan, outputs, records, stats, hooks, stderr=io.StringIO())
+    except BulksendError as exc:
+        report.error = exc
+    report.stats = ShardStats.from_stats(stats.base)
     return report
 
 
@@ -185,29 +253,30 @@ class _ShardHooks(Hooks):
 
     def __init__(
         self,
-        task: ShardTask,
-        inputs: Inputs,
+        index: int,
+        inputs: Inputs | None,
         report: ShardReport,
         publish: Callable[[Progress], None] | None,
         should_stop: Callable[[float], bool] | None,
     ) -> None:
-        self.task, self.inputs, self.report = task, inputs, report
+        self.index, self.inputs, self.report = index, inputs, report
         self.publish, self.should_stop = publish, should_stop
         self.live: Live | None = None
 
     def progress(self, live: Live) -> Progress:
         stats, sender = live.stats, live.sender
-        assert isinstance(stats, Stats)
+        base = stats.base if isinstance(stats, LoadStats) else stats
+        assert isinstance(base, Stats)
         c = sender.counters
         return {
-            "shard": self.task.index,
-            **{k: stats.counts[k] for k in ("ok", "failed", "invalid", "skipped")},
-            "total": stats.total,
+            "shard": self.index,
+            **{k: base.counts[k] for k in ("ok", "failed", "invalid", "skipped")},
+            "total": base.total,
             "in_flight": c.in_flight,
             "retrying": c.retrying,
             "rate": sender.schedule.rate,
-            "bytes_read": self.inputs.bytes_read,
-            "bytes_total": self.inputs.bytes_total,
+            "bytes_read": self.inputs.bytes_read if self.inputs is not None else 0,
+            "bytes_total": self.inputs.bytes_total if self.inputs is not None else None,
         }
 
     def tickers(self, live: Live) -> list[Ticker]:
@@ -274,7 +343,7 @@ class _OwnRecords:
                 yield todo
 
 
-def _read_part(path: str, stats: Stats) -> set[str]:
+def _read_part(path: str, stats: Stats | LoadStats) -> set[str]:
     """The identities of the records an earlier attempt finished in this part, each
     result also added to ``stats``. (The harness cuts a torn last line when it opens the
     part; such a line is no result.)"""

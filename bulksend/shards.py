@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from bulksend.errors import ConfigError
 from bulksend.ordering import key_function
-from bulksend.pacer import Schedule
+from bulksend.pacer import Pacer, Schedule
 from bulksend.record import Item, Record
 
 #: Default dashboard address of --workers: loopback only (it shows the inputs' paths).
@@ -188,3 +188,51 @@ class SlotSchedule:
 
     def set_rate(self, rate: float, elapsed: float, sent: int) -> None:
         self._map().set_rate(rate, elapsed, sent)
+
+
+class InterleavedPacer:
+    """The pacer of shard ``index`` of ``shards`` in a distributed ``load``: its message
+    ``k`` is message ``index + k·shards`` of the whole schedule ``whole`` (any stages),
+    so the shards' messages merge into exactly the schedule one process would keep, at
+    ``1 / shards`` of its rate each. The schedule starts at ``epoch`` (wall-clock s, from
+    the driver) in every shard.
+
+    The Sender's clock starts at the shard's first message, which goes at once (the pool
+    restarts its clock until a first message is sent; the shard waits for its first due
+    time before it starts, ``first_due``); the rest are mapped onto that clock with the
+    one read of ``clock``. A shard that starts late sends its late messages at once, and
+    the load counts them late, as one process would.
+    """
+
+    def __init__(
+        self,
+        whole: Pacer,
+        index: int,
+        shards: int,
+        epoch: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._whole, self._index, self._shards = whole, index, shards
+        self._epoch, self._clock = epoch, clock
+        self._shift: float | None = None
+
+    @property
+    def rate(self) -> float:
+        return self._whole.rate / self._shards
+
+    def first_due(self) -> float:
+        """Wall-clock s at which this shard's first message is due."""
+        return self._epoch + self._whole.due_at(self._index)
+
+    def due_at(self, sent: int) -> float:
+        if self._shift is None:
+            self._shift = self._clock() - self._epoch
+        if sent == 0:
+            return 0.0
+        return self._whole.due_at(self._index + sent * self._shards) - self._shift
+
+    def wait(self, elapsed: float, sent: int) -> float:
+        return self.due_at(sent) - elapsed
+
+    def set_rate(self, rate: float, elapsed: float, sent: int) -> None:
+        raise ValueError("a shard of a distributed load keeps the run's schedule")

@@ -392,4 +392,36 @@ async def test_embedded_invalid_records_failed_file_and_html_report(tmp_path: Pa
         f"{inputs}:{i + 1}" for i in range(7, 300, 50)
     )
     page = html.read_text()
-    assert "<svg" in page and "294" in page
+    assert "bulksend send</title>" in page and "294" in page
+
+
+def test_load_workers_2_keeps_the_schedule_and_merges_the_figures(tmp_path: Path) -> None:
+    out, stats, series = tmp_path / "l.jsonl", tmp_path / "l.stats.json", tmp_path / "l.ts.jsonl"
+    with start_server_subprocess() as (_, url):
+        proc = bulksend(
+            "load", *target(url), "--workers", "2", "--rate", "500", "--duration", "6s",
+            "--out", str(out), "--stats", str(stats), "--timeseries", str(series),
+            "--threshold", "p99<5000", "--progress-interval", "1",
+            timeout=180,
+        )  # fmt: skip
+        query = (
+            f"{url}{messages_path()}?topic=bulksend-load&limit=10000&start_time=0&end_time={2**53}"
+        )
+        with urllib.request.urlopen(query, timeout=30) as answer:
+            stored = orjson.loads(answer.read())
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "threshold pass  p99<5000" in proc.stderr
+    lines = _ledger(out)
+    # The schedule's 3,000 messages, each once, message i from shard i % 2.
+    assert Counter(x["seq"] for x in lines) == Counter(range(3000))
+    assert all(x["shard"] == x["seq"] % 2 for x in lines)  # type: ignore[operator]
+    assert stored["total"] == 3000
+    figures = orjson.loads(stats.read_bytes())
+    assert (figures["total"], figures["ok"]) == (3000, 3000)
+    # Percentiles of one histogram of both shards' latencies, corrected and service.
+    assert 0 < figures["latency_ms"]["p50"] <= figures["latency_ms"]["p99"]
+    assert 0 < figures["service_latency_ms"]["p50"] <= figures["service_latency_ms"]["p99"]
+    assert 450 <= figures["intended_rate_msg_s"] <= 550  # one schedule, not two
+    assert figures["thresholds"]["p99<5000"]["ok"] is True
+    rows = read_jsonl(series)
+    assert sum(int(r["sent"]) for r in rows) == 3000  # type: ignore[call-overload]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import math
 import os
 import pickle
 import random
@@ -34,8 +35,16 @@ from bulksend.merge import (
 from bulksend.record import Invalid, Item, Record
 from bulksend.result import Result
 from bulksend.shard_task import ShardTask, run_shard_async
-from bulksend.shards import ShardPlan, SlotSchedule, first_slot, shard_rate, stable_hash
+from bulksend.shards import (
+    InterleavedPacer,
+    ShardPlan,
+    SlotSchedule,
+    first_slot,
+    shard_rate,
+    stable_hash,
+)
 from bulksend.sinks import LedgerLock, locate
+from bulksend.stages import RampPacer, Stages
 from bulksend.stats import Stats
 from tests.cli_helpers import bulksend
 from tests.serve_helpers import INSTANCE_ID, PROJECT_ID, start_server_inprocess
@@ -175,6 +184,36 @@ def test_slot_schedule_unpaced_and_rate_change() -> None:
     pacer.set_rate(50.0, 1.0, 100)  # --adaptive backs this shard off
     assert pacer.rate == 50.0
     assert pacer.due_at(101) - pacer.due_at(100) == pytest.approx(0.02)
+
+
+def test_load_shards_interleave_into_the_whole_schedule() -> None:
+    # A ramp 0 -> 300/s over 4 s, then 300/s for 2 s: the shards' messages, each on its
+    # own clock from its first message, land at the whole schedule's due times.
+    whole = RampPacer(Stages(((0.0, 0.0), (4.0, 300.0), (6.0, 300.0))))
+    shards, epoch = 3, 100.0
+    merged: dict[int, float] = {}
+    for index in range(shards):
+        pacer = InterleavedPacer(whole, index, shards, epoch, clock=lambda: 0.0)
+        assert pacer.rate == pytest.approx(whole.rate / shards)
+        start = pacer.first_due()  # when the shard starts (it waits for its first due)
+        mapped = InterleavedPacer(whole, index, shards, epoch, clock=lambda s=start: s)
+        assert mapped.due_at(0) == 0.0
+        k = 0
+        while not math.isinf(due := mapped.due_at(k)):
+            merged[index + k * shards] = start + due
+            k += 1
+    assert sorted(merged) == list(range(whole.total))
+    for n, at in merged.items():
+        assert at == pytest.approx(epoch + whole.due_at(n))
+
+
+def test_a_late_load_shard_sends_its_overdue_messages_at_once() -> None:
+    whole = RampPacer(Stages.constant(100.0, 10.0))
+    pacer = InterleavedPacer(whole, 1, 2, 50.0, clock=lambda: 52.0)  # started 2 s late
+    assert pacer.due_at(0) == 0.0
+    assert whole.due_at(11) - 2.0 < 0  # overdue: sent at once
+    assert pacer.due_at(5) == pytest.approx(whole.due_at(11) - 2.0)
+    assert pacer.wait(0.0, 20) == pytest.approx(whole.due_at(41) - 2.0)
 
 
 # --- stats --------------------------------------------------------------------------------
@@ -495,6 +534,15 @@ def test_cluster_usage_errors_exit_2_with_one_line(
     proc = bulksend("send", str(inputs), "--embedded", *flags, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and message in proc.stderr
+
+
+def test_load_abort_on_fail_is_refused_with_workers() -> None:
+    proc = bulksend(
+        "load", "--embedded", "--rate", "10", "--duration", "1s", "--workers", "2",
+        "--threshold", "p99<100", "--abort-on-fail",
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "--abort-on-fail judges each second" in proc.stderr
 
 
 def test_workers_cannot_read_stdin(tmp_path: Path) -> None:
