@@ -17,6 +17,9 @@ this run, the single process (no ``--workers``) being the baseline:
   brings). CPU counts every process of the run (Dask's workers are children of its
   forkserver, not of the command, so they are sampled too).
 
+* **Reading**: CPU µs per record a shard spends reading its share, whole input filtered
+  against its byte span of a plain JSONL input, at 2 and 8 shards (in this process).
+
 * **Adaptive** (``--adaptive``): ``--adaptive`` against ``bulksend serve --rate-limit 500``,
   one process and two workers (each shard runs its own AIMD): the rate each settles at.
 
@@ -87,7 +90,8 @@ def _sample(
 
 def _first_store_s(url: str, topic: str, started: float) -> float | None:
     path = f"/v2/rocketmq/{PROJECT}/instances/{INSTANCE}/messages"
-    with urllib.request.urlopen(f"{url}{path}?topic={topic}&limit=1", timeout=30) as answer:
+    query = f"?topic={topic}&limit=1&start_time=0&end_time={2**53}"
+    with urllib.request.urlopen(f"{url}{path}{query}", timeout=30) as answer:
         messages = orjson.loads(answer.read())["messages"]
     return messages[0]["store_timestamp"] / 1000 - started if messages else None
 
@@ -174,6 +178,40 @@ def series(
     return [sorted(rows, key=lambda x: x.rate)[len(rows) // 2] for rows in runs.values()]
 
 
+def read_cost(d: Path, n: int = 200_000) -> None:
+    """CPU a shard spends reading its records, in this process: the whole input read and
+    filtered (``ShardPlan``: what ``--ordered``, gzip and CSV inputs need) against its byte
+    span (``split_inputs``: plain JSONL), the driver's pre-pass counted apart."""
+    from bulksend.cluster import split_inputs
+    from bulksend.shards import ShardPlan
+    from bulksend.sources import Inputs
+
+    path = d / "read.jsonl"
+    write_messages(path, n)
+    print(f"\nreading a shard's records ({n:,} records, {path.stat().st_size / 2**20:.0f} MB)")
+    print(
+        f"  {'shards':>6} {'whole µs/rec':>13} {'span µs/rec':>12} {'ratio':>6} {'pre-pass s':>10}"
+    )
+    for shards in (2, 8):
+        owns = ShardPlan(shards).owner(0)
+        t0 = time.process_time()
+        with Inputs([str(path)]) as inputs:
+            mine = sum(1 for batch in inputs.batches(4096) for item in batch if owns(item))
+        whole = time.process_time() - t0
+        t0 = time.process_time()
+        split = split_inputs((str(path),), None, shards, False)
+        prepass = time.process_time() - t0
+        assert split is not None
+        t0 = time.process_time()
+        with Inputs(split[0]) as inputs:
+            spanned = sum(len(batch) for batch in inputs.batches(4096))
+        span = time.process_time() - t0
+        print(
+            f"  {shards:6} {whole / mine * 1e6:13.2f} {span / spanned * 1e6:12.2f}"
+            f" {whole / mine / (span / spanned):5.1f}x {prepass:10.3f}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -190,6 +228,7 @@ def main() -> None:
     print("(medians of interleaved rounds; other processes' load moves every figure)")
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         d = Path(tmp)
+        read_cost(d)
         server = subprocess.Popen(
             [
                 sys.executable,

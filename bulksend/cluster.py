@@ -1,19 +1,26 @@
-"""One ``send`` run over many worker processes and machines, on Dask distributed.
+"""One ``send`` or ``load`` run over many worker processes and machines, on Dask distributed.
 
-``run_distributed(job, ClusterSpec(workers=N))`` (``ClusterSpec`` is in ``shards``) starts a LocalCluster of N single-threaded
-worker processes on 127.0.0.1; ``ClusterSpec(address=...)`` uses a running scheduler (one
-shard per worker thread unless ``shards``). The driver (this module, the only one that
-imports Dask) then:
+``run_distributed(job, ClusterSpec(workers=N))`` (``ClusterSpec`` is in ``shards``) starts
+a LocalCluster of N single-threaded worker processes on 127.0.0.1; ``ClusterSpec(address=
+...)`` uses a running scheduler (one shard per worker thread unless ``shards``). The driver
+(this module, the only one that imports Dask) opens the run's outputs as a single run
+does (``run.Sinks``: the ledger locked, a non-empty one refused without ``--resume`` or
+``--overwrite``, the run line written), then:
 
-1. checks that every input opens, and prepares ``OUT.parts/`` (``merge.py``): a fresh run
-   clears it; ``--resume`` first finishes what a killed driver left (a merge cut short is
-   undone, leftover parts are merged into ``--out``);
-2. submits one plain Dask task per shard (``shard_task.run_shard``), each the normal
-   pipeline over its own records (``shards.py``) at its share of ``--rate``, and shows one
-   progress line from the counts the shards post to Dask's event log;
+1. prepares ``OUT.parts/`` (``merge.py``): a fresh run clears it; ``--resume`` first
+   finishes what a killed driver left (a merge cut short is undone, leftover parts are
+   merged into ``--out``);
+2. cuts plain JSONL inputs into one byte span per shard (``split_inputs``) and submits one
+   plain Dask task per shard (``shard_task.run_shard``), each the run harness
+   (``run.run``) over its own records at its share of ``--rate``, and shows one progress
+   line from the counts the shards post to Dask's event log;
 3. merges the parts into ``--out`` (each line with ``"shard": i``) and ``--failed``, adds
-   the shards' stats (latency histograms added, never averaged), writes ``--stats`` and
-   ``--html``, prints the summary.
+   the shards' stats (latency histograms added, never averaged), and ends as a single run
+   ends (``run._finish``: ``--stats``, ``--html``, the summary).
+
+``run_distributed_load`` does the same for a ``load``: shard ``i`` of ``n`` sends messages
+``i, i + n, ...`` of the one schedule, and the driver builds the load's stats, series,
+verdicts and report from the merged lines.
 
 A worker lost mid-run costs nothing but time: Dask runs its shard again elsewhere and the
 shard resumes from its part. The first SIGINT/SIGTERM asks every shard to drain (a

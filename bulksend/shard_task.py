@@ -19,6 +19,9 @@ finally failed in the lost attempt is not sent again in the same run (it had its
 Re-sends are then at most the requests the lost worker had in flight. The part is written
 under the harness's ledger lock; a second attempt (its lost worker may still be running)
 first waits for that lock to be free.
+
+``LoadShardTask`` is one shard of a ``load``: messages ``index, index + shards, ...`` of
+the run's schedule (``shards.InterleavedPacer``), every message's line in its part.
 """
 
 from __future__ import annotations
