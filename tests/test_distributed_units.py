@@ -525,6 +525,7 @@ def test_the_cli_does_not_load_dask_unless_asked() -> None:
         (["--workers", "2", "--shards", "0"], "--shards must be >= 1"),
         (["--cluster", "tcp://127.0.0.1:1"], "--cluster needs --out on storage every worker"),
         (["--workers", "2", "--resume"], "--resume needs --out"),
+        (["--workers", "2", "--out", "-"], "need --out and --failed in files"),
     ],
 )
 def test_cluster_usage_errors_exit_2_with_one_line(
@@ -543,6 +544,18 @@ def test_load_abort_on_fail_is_refused_with_workers() -> None:
     )  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "--abort-on-fail judges each second" in proc.stderr
+
+
+def test_parts_of_an_unfinished_run_are_not_thrown_away(tmp_path: Path) -> None:
+    inputs = _inputs(tmp_path, 3)
+    out = tmp_path / "out.jsonl"
+    parts = Parts(f"{out}.parts")
+    parts.create()
+    Path(parts.ledger(0, 2)).write_bytes(_line(0))  # a killed driver's shard wrote this
+    proc = bulksend("send", str(inputs), "--embedded", "--workers", "2", "--out", str(out))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "holds the results of an unfinished run: add --resume" in proc.stderr
+    assert Path(parts.ledger(0, 2)).read_bytes() == _line(0)
 
 
 def test_workers_cannot_read_stdin(tmp_path: Path) -> None:
