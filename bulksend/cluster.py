@@ -71,9 +71,16 @@ from bulksend.job import Outcome, SendJob
 from bulksend.load import LoadJob, LoadOutcome
 from bulksend.merge import Parts, merge_parts, parts_dir, recover, wait_for_writers
 from bulksend.result import FAILED, INVALID, OK, Result
-from bulksend.run import End, Hooks, Sinks, _finish
+from bulksend.run import End, Hooks, Plan, Sinks, _finish
 from bulksend.server.embedded import target_or_embedded
-from bulksend.shard_task import LoadShardTask, Progress, ShardReport, ShardTask, run_shard
+from bulksend.shard_task import (
+    REPORT_INTERVAL_S,
+    LoadShardTask,
+    Progress,
+    ShardReport,
+    ShardTask,
+    run_shard,
+)
 from bulksend.shards import ClusterSpec, ShardPlan, shard_rate
 from bulksend.sinks import STDOUT
 from bulksend.sources import Inputs, Span, format_for
@@ -112,7 +119,7 @@ async def run_distributed(
     outputs = job.outputs()
     with Inputs(job.inputs, fmt=job.fmt, default_topic=job.topic):
         pass  # every input opens (or the run stops, exit 2) before a cluster starts
-    plan = job.plan()
+    plan = _with_cluster(job.plan(), cluster)
     stats = Stats()
     end = End(stats)
     said = _Shards(job.progress)
@@ -167,7 +174,7 @@ async def run_distributed_load(
         )
     outputs = job.outputs()
     pacer = RampPacer(job.stages)
-    plan = job.plan(pacer)
+    plan = _with_cluster(job.plan(pacer), cluster)
     stats = LoadStats()
     outcome = LoadOutcome(stats)
     end = End(stats)
@@ -203,6 +210,16 @@ async def run_distributed_load(
     if end.error is not None:
         raise end.error
     return outcome
+
+
+def _with_cluster(plan: Plan, cluster: ClusterSpec) -> Plan:
+    """The run line's settings, with where the run went."""
+    where: dict[str, Any] = (
+        {"workers": cluster.workers} if cluster.workers else {"cluster": cluster.address}
+    )
+    if cluster.shards:
+        where["shards"] = cluster.shards
+    return replace(plan, settings={**plan.settings, **where})
 
 
 async def _execute(
@@ -686,7 +703,9 @@ class _ClusterProgress:
         msg = event[1]
         self.latest[int(msg["shard"])] = msg
         if self.started is None and msg.get("total"):
-            self.started = time.monotonic()
+            # A shard's first report counts up to a report interval of sends: dated from
+            # its arrival, the first line's rate would be many times the real one.
+            self.started = time.monotonic() - REPORT_INTERVAL_S
 
     def line(self) -> str:
         got = list(self.latest.values())

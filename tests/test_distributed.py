@@ -83,6 +83,8 @@ def test_workers_2_sends_each_record_once(tmp_path: Path) -> None:
         proc.stderr
     )
     assert "Traceback" not in proc.stderr
+    run_lines = [orjson.loads(x) for x in out.read_bytes().splitlines() if b'"run"' in x[:20]]
+    assert [x["settings"]["workers"] for x in run_lines] == [2]  # the driver's one run line
     lines = _ledger(out)
     assert len(lines) == 6000
     assert Counter(x["seq"] for x in lines) == Counter(range(6000))  # each record once
