@@ -182,7 +182,7 @@ def read_cost(d: Path, n: int = 200_000) -> None:
     """CPU a shard spends reading its records, in this process: the whole input read and
     filtered (``ShardPlan``: what ``--ordered``, gzip and CSV inputs need) against its byte
     span (``split_inputs``: plain JSONL), the driver's pre-pass counted apart."""
-    from bulksend.cluster import split_inputs
+    from bulksend.scaleout import split_inputs
     from bulksend.shards import ShardPlan
     from bulksend.sources import Inputs
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bulksend.cluster import ClusterSpec, run_distributed
 from bulksend.config import RetryPolicy, SendOptions, Target
 from bulksend.job import SendJob
+from bulksend.scaleout import ClusterSpec, run_distributed
 from bulksend.server import StoredMessage
 from tests.cli_helpers import bulksend, read_jsonl, target, write_jsonl
 from tests.serve_helpers import (

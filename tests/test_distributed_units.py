@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gzip
 import itertools
 import math
 import os
@@ -34,6 +35,7 @@ from bulksend.merge import (
 )
 from bulksend.record import Invalid, Item, Record
 from bulksend.result import Result
+from bulksend.scaleout import split_inputs
 from bulksend.shard_task import ShardTask, run_shard_async
 from bulksend.shards import (
     InterleavedPacer,
@@ -44,6 +46,7 @@ from bulksend.shards import (
     stable_hash,
 )
 from bulksend.sinks import LedgerLock, locate
+from bulksend.sources import Inputs
 from bulksend.stages import RampPacer, Stages
 from bulksend.stats import Stats
 from tests.cli_helpers import bulksend
@@ -214,6 +217,41 @@ def test_a_late_load_shard_sends_its_overdue_messages_at_once() -> None:
     assert whole.due_at(11) - 2.0 < 0  # overdue: sent at once
     assert pacer.due_at(5) == pytest.approx(whole.due_at(11) - 2.0)
     assert pacer.wait(0.0, 20) == pytest.approx(whole.due_at(41) - 2.0)
+
+
+def _write_lines(path: Path, n: int, first: int = 0) -> Path:
+    path.write_bytes(
+        b"".join(orjson.dumps({"topic": "t", "body": f"m{i}"}) + b"\n" for i in range(first, n))
+    )
+    return path
+
+
+def test_split_inputs_gives_each_shard_its_spans_of_every_input(tmp_path: Path) -> None:
+    a = _write_lines(tmp_path / "a.jsonl", 500)
+    b = _write_lines(tmp_path / "b.jsonl", 300)
+    paths = (str(a), str(b), str(a))  # an input named twice is read twice
+    split = split_inputs(paths, None, 3, ordered=False)
+    assert split is not None and len(split) == 3
+    with Inputs(list(paths)) as whole:
+        expected = [(i.seq, i.source, i.identity) for i in whole]
+    got = []
+    for spans in split:
+        assert len(spans) == 3  # a span of each input
+        with Inputs(list(spans)) as inputs:
+            got += [(i.seq, i.source, i.identity) for i in inputs]
+    assert sorted(got) == expected  # every record once, as a whole read gives it
+
+
+def test_split_inputs_reads_whole_where_it_cannot_split(tmp_path: Path) -> None:
+    plain = _write_lines(tmp_path / "a.jsonl", 50)
+    packed = tmp_path / "b.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    array = tmp_path / "c.json"
+    array.write_bytes(b'[{"topic": "t", "body": "x"}]')
+    assert split_inputs((str(plain),), None, 1, ordered=False) is None  # one shard
+    assert split_inputs((str(plain),), None, 2, ordered=True) is None  # by key hash
+    assert split_inputs((str(plain), str(packed)), None, 2, ordered=False) is None
+    assert split_inputs((str(array),), None, 2, ordered=False) is None
 
 
 # --- stats --------------------------------------------------------------------------------
@@ -510,7 +548,7 @@ def test_the_cli_does_not_load_dask_unless_asked() -> None:
     code = (
         "import sys; from bulksend.cli import build_parser; "
         "build_parser().parse_args(['send', 'x.jsonl', '--embedded']); "
-        "print(sorted(m for m in ('distributed', 'dask', 'bulksend.cluster') if m in sys.modules))"
+        "print(sorted(m for m in ('distributed', 'dask', 'bulksend.cluster', 'bulksend.scaleout') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,7 +1,7 @@
 """The scale-out flags of ``bulksend send`` and ``bulksend load`` (``--workers``,
-``--cluster``, ``--shards``). Kept apart from ``bulksend.cluster`` so that parsing them
-loads neither Dask nor the driver: a command imports ``bulksend.cluster`` only when a flag
-asks for a cluster."""
+``--cluster``, ``--shards``). Kept apart from the driver so that parsing them loads
+neither Dask nor the driver: a command imports ``bulksend.scaleout`` (and with it
+``bulksend.cluster`` and Dask) only when a flag asks for a cluster."""
 
 from __future__ import annotations
 

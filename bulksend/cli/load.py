@@ -129,7 +129,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g.add_argument(
         "--backoff-max", type=float, metavar="S", help="backoff cap, seconds (default 20)"
     )
-    # --- scale-out (Dask): bulksend.cluster; distributed is imported only when used ---
+    # --- scale-out (Dask): bulksend.scaleout; distributed is imported only when used ---
     add_cluster_options(p)
     # --- end scale-out ---
     p.set_defaults(func=run)
@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     # --- scale-out (Dask) ---
     cluster = resolve_cluster(args, os.environ)
     if cluster is not None:
-        from bulksend.cluster import run_distributed_load
+        from bulksend.scaleout import run_distributed_load
 
         return run_async(run_distributed_load(job, cluster)).exit_code
     # --- end scale-out ---

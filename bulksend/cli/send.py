@@ -104,7 +104,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="on 429, lower the rate multiplicatively and recover additively (AIMD)",
     )
-    # --- scale-out (Dask): bulksend.cluster; distributed is imported only when used ---
+    # --- scale-out (Dask): bulksend.scaleout; distributed is imported only when used ---
     add_cluster_options(p)
     # --- end scale-out ---
     p.set_defaults(func=lambda args: run(args, p))
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
     # --- scale-out (Dask) ---
     cluster = resolve_cluster(args, os.environ)
     if cluster is not None:
-        from bulksend.cluster import run_distributed
+        from bulksend.scaleout import run_distributed
 
         return run_async(run_distributed(job, cluster)).exit_code
     # --- end scale-out ---
