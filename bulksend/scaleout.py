@@ -126,15 +126,7 @@ async def run_distributed_load(
             "--abort-on-fail judges each second as it ends, in one process: with"
             " --workers/--cluster the thresholds are judged on the whole run at its end"
         )
-    if STDOUT in (job.out, job.timeseries):
-        raise ConfigError(
-            "--workers/--cluster need --out and --timeseries in files: they are written from"
-            " the shards' parts"
-        )
-    if cluster.address is not None and not job.out:
-        raise ConfigError(
-            "--cluster needs --out on storage every worker reaches: shards write parts beside it"
-        )
+    _check_outputs(cluster, {"--out": job.out, "--timeseries": job.timeseries})
     outputs = job.outputs()
     pacer = RampPacer(job.stages)
     plan = _with_cluster(job.plan(pacer), cluster)
@@ -314,12 +306,17 @@ def split_inputs(
 def _check(job: SendJob, cluster: ClusterSpec) -> None:
     if "-" in job.inputs:
         raise ConfigError("--workers/--cluster cannot read stdin (-): workers read the inputs")
-    if STDOUT in (job.out, job.failed):
+    _check_outputs(cluster, {"--out": job.out, "--failed": job.failed})
+
+
+def _check_outputs(cluster: ClusterSpec, merged: dict[str, str | None]) -> None:
+    """``merged``: the outputs written from the shards' parts (``--out`` first), by flag."""
+    if STDOUT in merged.values():
         raise ConfigError(
-            "--workers/--cluster need --out and --failed in files: the shards' parts are"
-            " merged into them"
+            f"--workers/--cluster need {' and '.join(merged)} in files: they are written"
+            " from the shards' parts"
         )
-    if cluster.address is not None and not job.out:
+    if cluster.address is not None and not merged["--out"]:
         raise ConfigError(
             "--cluster needs --out on storage every worker reaches: shards write parts beside it"
         )
