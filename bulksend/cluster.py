@@ -19,7 +19,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
@@ -262,9 +262,14 @@ class ShardRun:
         self._stop_wanted.set()
 
     async def execute(
-        self, tasks: Sequence[ShardTask | LoadShardTask], reports: list[ShardReport]
+        self,
+        tasks: Sequence[ShardTask | LoadShardTask],
+        reports: list[ShardReport],
+        *,
+        watch: Callable[[ShardRun], Coroutine[Any, Any, None]] | None = None,
     ) -> bool:
-        """Run the shards to the end; True when every shard reported (False: abandoned)."""
+        """Run the shards to the end; True when every shard reported (False: abandoned).
+        ``watch`` runs beside them until then (it may ``stop`` them)."""
         from distributed import Event
 
         client = self.client
@@ -282,6 +287,8 @@ class ShardRun:
                 tg.start_soon(self._forward_stop, stop_event)
                 if self.progress.mode != "off":
                     tg.start_soon(self.progress.run)
+                if watch is not None:
+                    tg.start_soon(watch, self)
                 with interrupts.scope:
                     await self._gather(futures, reports)
                     finished = len(reports) == len(futures)

@@ -39,12 +39,14 @@ import os
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, TextIO
 
 import anyio
 import anyio.to_thread
+import orjson
 
 from bulksend.cluster import (
     REPORT_GRACE_S,
@@ -57,8 +59,8 @@ from bulksend.errors import BulksendError, ConfigError, InputOpenError, LedgerEr
 from bulksend.html import RunReport
 from bulksend.identity import input_keys
 from bulksend.job import Outcome, SendJob
-from bulksend.load import LoadJob, LoadOutcome
-from bulksend.merge import Parts, merge_parts, parts_dir, recover, wait_for_writers
+from bulksend.load import TICK_S, LoadJob, LoadOutcome
+from bulksend.merge import RESULT_STATUSES, Parts, merge_parts, parts_dir, recover, wait_for_writers
 from bulksend.result import Result
 from bulksend.run import End, Hooks, Plan, Sinks, _finish
 from bulksend.server.embedded import target_or_embedded
@@ -114,18 +116,14 @@ async def run_distributed_load(
 ) -> LoadOutcome:
     """Run the load ``job`` sharded over ``cluster``: shard ``i`` of ``n`` sends messages
     ``i, i + n, ...`` of the schedule at their due times from one epoch, so the merged
-    stream is the schedule one process would keep. The driver builds the stats, the
-    series (``--timeseries``, written at the end), the thresholds' verdicts and the HTML
-    report from the merged ledger lines: every figure is of the whole run, never an
-    average of the shards'."""
+    stream is the schedule one process would keep. The driver reads the shards' parts as
+    they grow (``_PartsWatch``) and builds from their lines what one process builds from
+    its results: the stats, the per-second series (``--timeseries``), the windows of
+    ``--abort-on-fail`` (a failing second drains every shard), the verdicts and the HTML
+    report: every figure is of the whole run, never an average of the shards'."""
     from bulksend.load import _LoadHooks
 
     err = stderr or sys.stderr
-    if job.abort_on_fail:
-        raise ConfigError(
-            "--abort-on-fail judges each second as it ends, in one process: with"
-            " --workers/--cluster the thresholds are judged on the whole run at its end"
-        )
     _check_outputs(cluster, {"--out": job.out, "--timeseries": job.timeseries})
     outputs = job.outputs()
     pacer = RampPacer(job.stages)
@@ -143,18 +141,14 @@ async def run_distributed_load(
     report = RunReport() if job.html else None
     sinks = Sinks(outputs, plan)
     if hooks.live is not None:
-        hooks.live.writer = sinks.timeseries  # written at the end, from the merged lines
+        hooks.live.writer = sinks.timeseries
     observers = [stats.add, *hooks.observers(), *([report.add] if report else [])]
-
-    def on_result(result: Result) -> None:
-        for observe in observers:
-            observe(result)
-
     parts: Parts | None = None
     try:
         parts = _prepare(job, sinks, err)
+        watch = _PartsWatch(parts, observers, hooks.live, outcome, end)
         await sinks.begin(plan, outputs, err)
-        await _execute(job, cluster, parts, end, said, on_result, err)
+        await _execute(job, cluster, parts, end, said, None, err, watch=watch)
     except BulksendError as exc:
         end.error = end.error or exc
     finally:
@@ -165,6 +159,72 @@ async def run_distributed_load(
     if end.error is not None:
         raise end.error
     return outcome
+
+
+class _PartsWatch:
+    """The driver's live view of a distributed load: every ``TICK_S`` it reads the lines
+    the shards appended to their parts since the last look (whole lines only: a line
+    being written waits for the next look), gives each result to ``observers``, lets the
+    live series (``load._Live``) emit the seconds that are final and judge them, and on a
+    failing second (``--abort-on-fail``) asks every shard to drain, as one process drains
+    itself. The message seqs are the schedule's, so the series knows which seconds are
+    final exactly as in one process.
+
+    The parts are files on storage the driver reaches (for ``--cluster``, ``--out``'s).
+    """
+
+    def __init__(
+        self,
+        parts: Parts,
+        observers: list[Callable[[Result], None]],
+        live: Any,
+        outcome: LoadOutcome,
+        end: End,
+    ) -> None:
+        self.parts, self.observers, self.live = parts, observers, live
+        self.outcome, self.end = outcome, end
+        #: Bytes of whole lines read so far, by part path.
+        self.offsets: dict[str, int] = {}
+
+    async def run(self, shards: ShardRun) -> None:
+        while True:
+            await anyio.sleep(TICK_S)
+            self.poll()
+            if self.live is None:
+                continue
+            self.live.tick(time.time_ns() // 1_000_000)
+            if self.live.failing is not None and self.outcome.aborted_at is None:
+                self.outcome.aborted_at, self.outcome.aborted_by = self.live.failing
+                self.end.stopped_early = True
+                shards.stop()
+
+    def poll(self) -> None:
+        """Read what the parts gained since the last look."""
+        observers = self.observers
+        for _, path in self.parts.found("shard"):
+            for result in self._new_results(path):
+                for observe in observers:
+                    observe(result)
+
+    def _new_results(self, path: str) -> list[Result]:
+        offset = self.offsets.get(path, 0)
+        try:
+            with open(path, "rb") as fh:
+                # A re-run shard cuts a torn last line off its part: never one read here.
+                fh.seek(offset)
+                data = fh.read()
+        except OSError as exc:
+            raise LedgerError(
+                f"cannot read the ledger part {path}: {exc.strerror or exc}"
+            ) from None
+        whole = data[: data.rfind(b"\n") + 1]
+        self.offsets[path] = offset + len(whole)
+        results = []
+        for line in whole.splitlines():
+            obj = orjson.loads(line)
+            if isinstance(obj, dict) and obj.get("status") in RESULT_STATUSES:
+                results.append(Result.from_dict(obj))
+        return results
 
 
 def _with_cluster(plan: Plan, cluster: ClusterSpec) -> Plan:
@@ -185,6 +245,8 @@ async def _execute(
     shards_said: _Shards,
     on_result: Callable[[Result], None] | None,
     err: TextIO,
+    *,
+    watch: _PartsWatch | None = None,
 ) -> bool:
     """Start or reach the cluster, run every shard, merge their parts (each result line
     to ``on_result``). False when shards were abandoned: their parts stay unmerged."""
@@ -218,10 +280,14 @@ async def _execute(
                     if isinstance(job, SendJob)
                     else run.load_tasks(replace(job, target=target, credentials=credentials))
                 )
-                finished = await run.execute(tasks, shards_said.reports)
+                finished = await run.execute(
+                    tasks, shards_said.reports, watch=watch.run if watch is not None else None
+                )
             finally:
                 end.interrupted = run.interrupted
-                end.stopped_early = run.interrupted or run.error is not None
+                end.stopped_early |= run.interrupted or run.error is not None
+                if watch is not None:
+                    watch.poll()  # the lines written since its last look
             if run.error is not None:
                 end.error = run.error
     if not finished:

@@ -427,3 +427,24 @@ def test_load_workers_2_keeps_the_schedule_and_merges_the_figures(tmp_path: Path
     assert figures["thresholds"]["p99<5000"]["ok"] is True
     rows = read_jsonl(series)
     assert sum(int(r["sent"]) for r in rows) == 3000  # type: ignore[call-overload]
+
+
+def test_load_workers_2_abort_on_fail_drains_every_shard(tmp_path: Path) -> None:
+    # No answer is that fast: the first whole second fails the threshold, and the driver,
+    # judging the seconds from the shards' parts as they grow, drains both shards.
+    stats, series = tmp_path / "l.stats.json", tmp_path / "l.ts.jsonl"
+    proc = bulksend(
+        "load", "--embedded", "--workers", "2", "--rate", "300", "--duration", "30s",
+        "--threshold", "p99<0.001", "--abort-on-fail", "--stats", str(stats),
+        "--timeseries", str(series), "--progress-interval", "1",
+        timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 99, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "stopped early: a threshold failed in the second starting" in proc.stderr
+    figures = orjson.loads(stats.read_bytes())
+    assert 0 < figures["total"] < 9000 / 2  # stopped long before the schedule's end
+    verdict = figures["thresholds"]["p99<0.001"]
+    assert verdict["ok"] is False and verdict["failed_at"] > 0
+    rows = read_jsonl(series)
+    assert rows and sum(int(r["sent"]) for r in rows) == figures["total"]  # type: ignore[call-overload]

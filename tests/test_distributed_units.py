@@ -575,27 +575,6 @@ def test_cluster_usage_errors_exit_2_with_one_line(
     assert proc.stderr.count("\n") == 1 and message in proc.stderr
 
 
-def test_load_abort_on_fail_is_refused_with_workers() -> None:
-    proc = bulksend(
-        "load", "--embedded", "--rate", "10", "--duration", "1s", "--workers", "2",
-        "--threshold", "p99<100", "--abort-on-fail",
-    )  # fmt: skip
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert "--abort-on-fail judges each second" in proc.stderr
-
-
-def test_parts_of_an_unfinished_run_are_not_thrown_away(tmp_path: Path) -> None:
-    inputs = _inputs(tmp_path, 3)
-    out = tmp_path / "out.jsonl"
-    parts = Parts(f"{out}.parts")
-    parts.create()
-    Path(parts.ledger(0, 2)).write_bytes(_line(0))  # a killed driver's shard wrote this
-    proc = bulksend("send", str(inputs), "--embedded", "--workers", "2", "--out", str(out))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert "holds the results of an unfinished run: add --resume" in proc.stderr
-    assert Path(parts.ledger(0, 2)).read_bytes() == _line(0)
-
-
 def test_workers_cannot_read_stdin(tmp_path: Path) -> None:
     proc = bulksend(
         "send", "-", "--embedded", "--workers", "2", stdin=b'{"topic":"t","body":"b"}\n'
