@@ -3,8 +3,7 @@
 ``run_distributed(job, ClusterSpec(workers=N))`` (``ClusterSpec`` is in ``shards``) starts
 a LocalCluster of N single-threaded worker processes on 127.0.0.1; ``ClusterSpec(address=
 ...)`` uses a running scheduler (one shard per worker thread unless ``shards``). The driver
-(this module, the only one that imports Dask) opens the run's outputs as a single run
-does (``run.Sinks``: the ledger locked, a non-empty one refused without ``--resume`` or
+(this module) opens the run's outputs as a single run does (``run.Sinks``: the ledger locked, a non-empty one refused without ``--resume`` or
 ``--overwrite``, the run line written), then:
 
 1. prepares ``OUT.parts/`` (``merge.py``): a fresh run clears it; ``--resume`` first
@@ -20,7 +19,7 @@ does (``run.Sinks``: the ledger locked, a non-empty one refused without ``--resu
 
 ``run_distributed_load`` does the same for a ``load``: shard ``i`` of ``n`` sends messages
 ``i, i + n, ...`` of the one schedule, and the driver builds the load's stats, series,
-verdicts and report from the merged lines.
+threshold windows, verdicts and report from the parts' lines as they grow.
 
 A worker lost mid-run costs nothing but time: Dask runs its shard again elsewhere and the
 shard resumes from its part. The first SIGINT/SIGTERM asks every shard to drain (a
