@@ -12,6 +12,9 @@
     ├── ReconcileError            --exactly-once: ListMessages cannot say whether a
     │   │                         message is stored (intents stay for --resume) -> exit 2
     │   └── ListMessagesUnavailable   no usable ListMessages (404/405, 401/403, ...)
+    ├── ClusterError              the Dask cluster cannot run the job (--workers,
+    │                             --cluster): no scheduler or worker, another
+    │                             bulksend there, a shard that kept losing its worker -> exit 2
     └── TransportError            one HTTP attempt failed below HTTP (internal: the client
         ├── ConnectError          turns it into a retry or a failed Result, never escapes
         ├── RequestTimeout        a Sender)
@@ -78,6 +81,11 @@ class ListMessagesUnavailable(ReconcileError):
     """The endpoint has no usable ListMessages (404/405, no such API), refuses our
     credentials for it (401/403) or the query (another 4xx), answers something that is not
     a ListMessages answer, or its certificate does not verify."""
+
+
+class ClusterError(BulksendError):
+    """The Dask cluster could not run the job: no scheduler, no worker, a worker without
+    bulksend (or another version of it), a shard that kept losing its worker."""
 
 
 class TransportError(BulksendError):

@@ -350,6 +350,8 @@ def fingerprint(path: str) -> str:
     (it is never opened then: reading a pipe here would take its records from the run) or
     cannot be read.
     """
+    if "://" in path:
+        return _url_fingerprint(path)
     kind = _not_regular(path)
     if kind is not None:
         raise InputOpenError(f"{path} is {kind}: only a regular file has a fingerprint")
@@ -366,6 +368,21 @@ def fingerprint(path: str) -> str:
     except OSError as exc:
         raise InputOpenError(f"cannot read input {path}: {exc.strerror or exc}") from None
     return f"v1:{info.st_size}:{info.st_mtime_ns}:{digest.hexdigest()}"
+
+
+def _url_fingerprint(url: str) -> str:
+    """An fsspec URL's (``s3://...``) fingerprint: ``url:<size>:<ETag>`` as the store
+    reports them (its last-modified time where it has no ETag), with no byte read: an
+    object store replaces an object whole, and gives it a new ETag when it does."""
+    import fsspec.core
+
+    try:
+        fs, where = fsspec.core.url_to_fs(url)
+        info = fs.info(where)
+    except (ImportError, OSError, ValueError) as exc:
+        raise InputOpenError(f"cannot read input {url}: {exc}") from None
+    version = info.get("ETag") or info.get("LastModified") or info.get("mtime")
+    return f"url:{info.get('size')}:{version}"
 
 
 def _stored_fingerprints(out: str) -> dict[str, str] | None:

@@ -159,6 +159,8 @@ def _open(spec: str | Span, fmt: str | None, stdin: BinaryIO | None, key: str) -
         src = stdin if stdin is not None else sys.stdin.buffer
         # read1 returns what a pipe has now instead of waiting for a full chunk.
         return _Input("-", format_for(path, fmt), getattr(src, "read1", src.read), None, key)
+    if "://" in path:
+        return _open_url(path, fmt, key)
     raw = _open_file(path)
     try:
         info = os.fstat(raw.fileno())
@@ -184,6 +186,30 @@ def _open(spec: str | Span, fmt: str | None, stdin: BinaryIO | None, key: str) -
         raise
 
 
+def _open_url(path: str, fmt: str | None, key: str) -> _Input:
+    """An fsspec URL (``s3://bucket/key`` for OBS or any S3 store, with the optional
+    ``s3fs``; the store's endpoint and keys as fsspec and botocore take them, e.g.
+    ``FSSPEC_S3_ENDPOINT_URL`` and ``AWS_ACCESS_KEY_ID``): read as a file is, through
+    fsspec's buffered reader. fsspec comes with Dask; a protocol's own package may not."""
+    import fsspec
+
+    fmt = format_for(path, fmt)
+    try:
+        fh = fsspec.open(path, "rb").open()
+    except ImportError as exc:
+        raise InputOpenError(
+            f"cannot open input {path}: {exc} (for s3://: pip install 'bulksend[s3]')"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise InputOpenError(f"cannot open input {path}: {exc}") from None
+    size = getattr(fh, "size", None)
+    array = fmt == "jsonl" and _extension(path) == ".json"
+    if not path.lower().endswith(".gz"):
+        return _Input(path, fmt, fh.read, size, key, owned=[fh], array=array)
+    gz = gzip.GzipFile(fileobj=fh, mode="rb")
+    return _Input(path, fmt, gz.read1, size, key, gz_raw=fh, owned=[fh, gz], array=array)
+
+
 def _open_file(path: str) -> io.FileIO:
     try:
         return open(path, "rb", buffering=0)
@@ -201,6 +227,8 @@ def _open_span(span: Span, fmt: str | None, key: str) -> _Input:
     with contextlib.suppress(OSError):  # a missing file: _open_file says so
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise InputOpenError(f"{path}: only a regular file can be read by byte range")
+    if "://" in path:
+        return _open_url(path, fmt, key)
     raw = _open_file(path)
     try:
         info = os.fstat(raw.fileno())

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bulksend.cli import run_async
+from bulksend.cli._cluster import add_cluster_options, resolve_cluster
 from bulksend.cli.options import (
     Resolver,
     add_target_options,
@@ -135,6 +136,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g.add_argument(
         "--backoff-max", type=float, metavar="S", help="backoff cap, seconds (default 20)"
     )
+    # --- scale-out (Dask): bulksend.scaleout; distributed is imported only when used ---
+    add_cluster_options(p)
+    # --- end scale-out ---
     p.set_defaults(func=run)
 
 
@@ -214,4 +218,11 @@ def build_job(args: argparse.Namespace) -> LoadJob:
 
 def run(args: argparse.Namespace) -> int:
     job = build_job(args)
+    # --- scale-out (Dask) ---
+    cluster = resolve_cluster(args, os.environ)
+    if cluster is not None:
+        from bulksend.scaleout import run_distributed_load
+
+        return run_async(run_distributed_load(job, cluster)).exit_code
+    # --- end scale-out ---
     return run_async(run_load(job)).exit_code

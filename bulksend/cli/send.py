@@ -6,6 +6,7 @@ import argparse
 import os
 
 from bulksend.cli import run_async
+from bulksend.cli._cluster import add_cluster_options, resolve_cluster
 from bulksend.cli.options import (
     Resolver,
     add_pipeline_options,
@@ -18,6 +19,7 @@ from bulksend.cli.options import (
     resolve_target,
     to_bool,
 )
+from bulksend.errors import ConfigError
 from bulksend.job import SendJob, run_send
 
 
@@ -124,6 +126,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="with --exactly-once: seconds after an attempt before ListMessages is asked"
         " about it, for the broker's key index (default 3)",
     )
+    # --- scale-out (Dask): bulksend.scaleout; distributed is imported only when used ---
+    add_cluster_options(p)
+    # --- end scale-out ---
     p.set_defaults(func=lambda args: run(args, p))
 
 
@@ -197,4 +202,18 @@ def _word(value: object) -> str:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
     job = build_job(args, parser)
+    # --- scale-out (Dask) ---
+    cluster = resolve_cluster(args, os.environ)
+    if cluster is not None:
+        if job.options.exactly_once:
+            # A shard's intents and checks would need one ledger for all shards to resume
+            # from; refused rather than silently run at least once.
+            raise ConfigError(
+                "--exactly-once runs in one process: drop --workers/--cluster, or drop"
+                " --exactly-once (the scale-out is at least once)"
+            )
+        from bulksend.scaleout import run_distributed
+
+        return run_async(run_distributed(job, cluster)).exit_code
+    # --- end scale-out ---
     return run_async(run_send(job)).exit_code

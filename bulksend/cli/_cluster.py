@@ -1,0 +1,54 @@
+"""The scale-out flags of ``bulksend send`` and ``bulksend load`` (``--workers``,
+``--cluster``, ``--shards``). Kept apart from the driver so that parsing them loads
+neither Dask nor the driver: a command imports ``bulksend.scaleout`` (and with it
+``bulksend.cluster`` and Dask) only when a flag asks for a cluster."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+
+from bulksend.cli.options import Resolver
+from bulksend.errors import ConfigError
+from bulksend.shards import ClusterSpec
+
+
+def add_cluster_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scale-out (Dask)")
+    g.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="run on a Dask LocalCluster of N single-threaded worker processes on 127.0.0.1",
+    )
+    g.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="run on the Dask scheduler at ADDRESS (e.g. tcp://10.0.0.5:8786)",
+    )
+    g.add_argument(
+        "--shards",
+        type=int,
+        metavar="M",
+        help="split the job into M shards (default: one per worker thread)",
+    )
+
+
+def resolve_cluster(args: argparse.Namespace, env: Mapping[str, str]) -> ClusterSpec | None:
+    """The ClusterSpec the flags (or BULKSEND_WORKERS / _CLUSTER / _SHARDS, or the config
+    file) ask for; None for an ordinary single-process run."""
+    r = Resolver.build(args, env)
+    workers = r.get("workers", int, None)
+    address = r.get("cluster", str, None)
+    shards = r.get("shards", int, None)
+    if workers is None and address is None:
+        if shards is not None:
+            raise ConfigError("--shards needs --workers N or --cluster ADDRESS")
+        return None
+    if r.get("metrics_addr", str, None):
+        # Each shard would serve its own share on one address; the driver does not yet
+        # serve the merged figures, so the pair is refused rather than half-served.
+        raise ConfigError(
+            "--metrics-addr is not served by a --workers/--cluster run yet: drop one of them"
+        )
+    return ClusterSpec(workers=workers, address=address, shards=shards)

@@ -1,0 +1,444 @@
+"""One ``send`` or ``load`` run over many worker processes and machines, on Dask distributed.
+
+``run_distributed(job, ClusterSpec(workers=N))`` (``ClusterSpec`` is in ``shards``) starts
+a LocalCluster of N single-threaded worker processes on 127.0.0.1; ``ClusterSpec(address=
+...)`` uses a running scheduler (one shard per worker thread unless ``shards``). The driver
+(this module) opens the run's outputs as a single run does (``run.Sinks``: the ledger locked, a non-empty one refused without ``--resume`` or
+``--overwrite``, the run line written), then:
+
+1. prepares ``OUT.parts/`` (``merge.py``): a fresh run clears it; ``--resume`` first
+   finishes what a killed driver left (a merge cut short is undone, leftover parts are
+   merged into ``--out``);
+2. cuts plain JSONL inputs into one byte span per shard (``split_inputs``) and submits one
+   plain Dask task per shard (``shard_task.run_shard``), each the run harness
+   (``run.run``) over its own records at its share of ``--rate``, and shows one progress
+   line from the counts the shards post to Dask's event log;
+3. merges the parts into ``--out`` (each line with ``"shard": i``) and ``--failed``, adds
+   the shards' stats (latency histograms added, never averaged), and ends as a single run
+   ends (``run._finish``: ``--stats``, ``--html``, the summary).
+
+``run_distributed_load`` does the same for a ``load``: shard ``i`` of ``n`` sends messages
+``i, i + n, ...`` of the one schedule, and the driver builds the load's stats, series,
+threshold windows, verdicts and report from the parts' lines as they grow.
+
+A worker lost mid-run costs nothing but time: Dask runs its shard again elsewhere and the
+shard resumes from its part. The first SIGINT/SIGTERM asks every shard to drain (a
+``distributed.Event``), then merges; a second one, or a drain past its deadline, leaves
+the parts for ``--resume``. ``--embedded`` runs the built-in server here in the driver,
+and the workers send to it over loopback.
+
+Dask itself is ``cluster.py``'s (the cluster, the shards in flight, their progress line);
+the CLI imports this module only when ``--workers``/``--cluster`` is given, so ``bulksend``
+without them never loads Dask (~1.3 s of imports).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, TextIO
+
+import anyio
+import anyio.to_thread
+import orjson
+
+from bulksend.cluster import (
+    REPORT_GRACE_S,
+    ShardRun,
+    check_embedded_reach,
+    connect,
+    started_line,
+)
+from bulksend.errors import BulksendError, ConfigError, InputOpenError, LedgerError, SinkError
+from bulksend.html import RunReport
+from bulksend.identity import input_keys
+from bulksend.job import Outcome, SendJob
+from bulksend.load import TICK_S, LoadJob, LoadOutcome
+from bulksend.merge import RESULT_STATUSES, Parts, merge_parts, parts_dir, recover, wait_for_writers
+from bulksend.result import Result
+from bulksend.run import End, Hooks, Plan, Sinks, _finish
+from bulksend.server.embedded import target_or_embedded
+from bulksend.shard_task import LoadShardTask, ShardReport, ShardTask
+from bulksend.shards import ClusterSpec
+from bulksend.sinks import STDOUT
+from bulksend.sources import Inputs, Span, format_for
+from bulksend.spans import split_jsonl
+from bulksend.stages import RampPacer
+from bulksend.stats import LoadStats, Stats
+
+__all__ = ["ClusterSpec", "run_distributed", "run_distributed_load", "split_inputs"]
+
+
+async def run_distributed(
+    job: SendJob, cluster: ClusterSpec, *, stderr: TextIO | None = None
+) -> Outcome:
+    """Run ``job`` sharded over ``cluster``; every output as a single run writes it."""
+    err = stderr or sys.stderr
+    _check(job, cluster)
+    outputs = job.outputs()
+    with Inputs(job.inputs, fmt=job.fmt, default_topic=job.topic):
+        pass  # every input opens (or the run stops, exit 2) before a cluster starts
+    plan = _with_cluster(job.plan(), cluster)
+    stats = Stats()
+    end = End(stats)
+    said = _Shards(job.progress)
+    hooks = _SendHooks(said)
+    report = RunReport() if job.html else None
+    # The run's outputs as a single run opens them: --out locked, a non-empty one refused
+    # without --resume/--overwrite, --failed/--stats/--html checked before anything starts.
+    sinks = Sinks(outputs, plan)
+    parts: Parts | None = None
+    try:
+        parts = _prepare(job, sinks, err)
+        await sinks.begin(plan, outputs, err)
+        if await _execute(job, cluster, parts, end, said, report.add if report else None, err):
+            for shard in said.reports:
+                shard.stats.add_to(stats)
+    except BulksendError as exc:
+        end.error = end.error or exc
+    finally:
+        if parts is not None and not job.out:
+            parts.remove()  # a temporary ledger (merging removed it already if it ran)
+        await _finish(plan, outputs, stats, hooks, sinks, report, end, err)
+    if end.error is not None:
+        raise end.error
+    return Outcome(stats, end.interrupted)
+
+
+async def run_distributed_load(
+    job: LoadJob, cluster: ClusterSpec, *, stderr: TextIO | None = None
+) -> LoadOutcome:
+    """Run the load ``job`` sharded over ``cluster``: shard ``i`` of ``n`` sends messages
+    ``i, i + n, ...`` of the schedule at their due times from one epoch, so the merged
+    stream is the schedule one process would keep. The driver reads the shards' parts as
+    they grow (``_PartsWatch``) and builds from their lines what one process builds from
+    its results: the stats, the per-second series (``--timeseries``), the windows of
+    ``--abort-on-fail`` (a failing second drains every shard), the verdicts and the HTML
+    report: every figure is of the whole run, never an average of the shards'."""
+    from bulksend.load import _LoadHooks
+
+    err = stderr or sys.stderr
+    _check_outputs(cluster, {"--out": job.out, "--timeseries": job.timeseries})
+    outputs = job.outputs()
+    pacer = RampPacer(job.stages)
+    plan = _with_cluster(job.plan(pacer), cluster)
+    stats = LoadStats()
+    outcome = LoadOutcome(stats)
+    end = End(stats)
+    said = _Shards(job.progress)
+
+    class ShardedLoadHooks(_LoadHooks):
+        async def epilogue(self, snapshot: dict[str, Any], end: End) -> list[str]:
+            return [*await super().epilogue(snapshot, end), *said.lines()]
+
+    hooks = ShardedLoadHooks(job, pacer, outcome)
+    report = RunReport() if job.html else None
+    sinks = Sinks(outputs, plan)
+    if hooks.live is not None:
+        hooks.live.writer = sinks.timeseries
+    observers = [stats.add, *hooks.observers(), *([report.add] if report else [])]
+    parts: Parts | None = None
+    try:
+        parts = _prepare(job, sinks, err)
+        watch = _PartsWatch(parts, observers, hooks.live, outcome, end)
+        await sinks.begin(plan, outputs, err)
+        await _execute(job, cluster, parts, end, said, None, err, watch=watch)
+    except BulksendError as exc:
+        end.error = end.error or exc
+    finally:
+        if parts is not None and not job.out:
+            parts.remove()
+        await _finish(plan, outputs, stats, hooks, sinks, report, end, err)
+    outcome.interrupted = end.interrupted
+    if end.error is not None:
+        raise end.error
+    return outcome
+
+
+class _PartsWatch:
+    """The driver's live view of a distributed load: every ``TICK_S`` it reads the lines
+    the shards appended to their parts since the last look (whole lines only: a line
+    being written waits for the next look), gives each result to ``observers``, lets the
+    live series (``load._Live``) emit the seconds that are final and judge them, and on a
+    failing second (``--abort-on-fail``) asks every shard to drain, as one process drains
+    itself. The message seqs are the schedule's, so the series knows which seconds are
+    final exactly as in one process.
+
+    The parts are files on storage the driver reaches (for ``--cluster``, ``--out``'s).
+    """
+
+    def __init__(
+        self,
+        parts: Parts,
+        observers: list[Callable[[Result], None]],
+        live: Any,
+        outcome: LoadOutcome,
+        end: End,
+    ) -> None:
+        self.parts, self.observers, self.live = parts, observers, live
+        self.outcome, self.end = outcome, end
+        #: Bytes of whole lines read so far, by part path.
+        self.offsets: dict[str, int] = {}
+
+    async def run(self, shards: ShardRun) -> None:
+        while True:
+            await anyio.sleep(TICK_S)
+            self.poll()
+            if self.live is None:
+                continue
+            self.live.tick(time.time_ns() // 1_000_000)
+            if self.live.failing is not None and self.outcome.aborted_at is None:
+                self.outcome.aborted_at, self.outcome.aborted_by = self.live.failing
+                self.end.stopped_early = True
+                shards.stop()
+
+    def poll(self) -> None:
+        """Read what the parts gained since the last look."""
+        observers = self.observers
+        for _, path in self.parts.found("shard"):
+            for result in self._new_results(path):
+                for observe in observers:
+                    observe(result)
+
+    def _new_results(self, path: str) -> list[Result]:
+        offset = self.offsets.get(path, 0)
+        try:
+            with open(path, "rb") as fh:
+                # A re-run shard cuts a torn last line off its part: never one read here.
+                fh.seek(offset)
+                data = fh.read()
+        except OSError as exc:
+            raise LedgerError(
+                f"cannot read the ledger part {path}: {exc.strerror or exc}"
+            ) from None
+        whole = data[: data.rfind(b"\n") + 1]
+        self.offsets[path] = offset + len(whole)
+        results = []
+        for line in whole.splitlines():
+            obj = orjson.loads(line)
+            if isinstance(obj, dict) and obj.get("status") in RESULT_STATUSES:
+                results.append(Result.from_dict(obj))
+        return results
+
+
+def _with_cluster(plan: Plan, cluster: ClusterSpec) -> Plan:
+    """The run line's settings, with where the run went."""
+    where: dict[str, Any] = (
+        {"workers": cluster.workers} if cluster.workers else {"cluster": cluster.address}
+    )
+    if cluster.shards:
+        where["shards"] = cluster.shards
+    return replace(plan, settings={**plan.settings, **where})
+
+
+async def _execute(
+    job: SendJob | LoadJob,
+    cluster: ClusterSpec,
+    parts: Parts,
+    end: End,
+    shards_said: _Shards,
+    on_result: Callable[[Result], None] | None,
+    err: TextIO,
+    *,
+    watch: _PartsWatch | None = None,
+) -> bool:
+    """Start or reach the cluster, run every shard, merge their parts (each result line
+    to ``on_result``). False when shards were abandoned: their parts stay unmerged."""
+    async with connect(cluster) as (client, address, threads, dashboard):
+        shards = cluster.shards or threads
+        err.write(started_line(address, cluster, shards, dashboard))
+        if shards > threads:
+            # A shard holds its worker thread to the end: the rest wait their turn.
+            paced = f", so the run paces at most {threads}/{shards} of its rate"
+            err.write(
+                f"bulksend: {shards} shards on {threads} worker thread(s): at most {threads}"
+                f" run at a time{paced}\n"
+            )
+        err.flush()
+        split = None
+        if isinstance(job, SendJob):
+            split = await anyio.to_thread.run_sync(
+                split_inputs, job.inputs, job.fmt, shards, job.options.ordered
+            )
+        engine = job.engine if isinstance(job, SendJob) else "rocketmq"
+        async with target_or_embedded(job.target, job.credentials, engine) as (
+            target,
+            credentials,
+        ):
+            if job.target is None:
+                check_embedded_reach(address)
+            run = ShardRun(client, job, shards, parts, err)
+            try:
+                tasks: Sequence[ShardTask | LoadShardTask] = (
+                    run.tasks(job, target, credentials, split)
+                    if isinstance(job, SendJob)
+                    else run.load_tasks(replace(job, target=target, credentials=credentials))
+                )
+                finished = await run.execute(
+                    tasks, shards_said.reports, watch=watch.run if watch is not None else None
+                )
+            finally:
+                end.interrupted = run.interrupted
+                end.stopped_early |= run.interrupted or run.error is not None
+                if watch is not None:
+                    watch.poll()  # the lines written since its last look
+            if run.error is not None:
+                end.error = run.error
+    if not finished:
+        shards_said.abandoned = parts.directory if job.out else None
+        end.cut_off = True
+        return False
+    failed = job.failed if isinstance(job, SendJob) else None
+    merge_parts(parts, out=job.out, failed=failed, on_result=on_result)
+    return True
+
+
+class _Shards:
+    """What the shards said, for the lines after the summary."""
+
+    def __init__(self, progress: str) -> None:
+        self.progress = progress
+        self.reports: list[ShardReport] = []
+        #: The parts directory left for --resume when shards were abandoned mid-run.
+        self.abandoned: str | None = None
+
+    def lines(self) -> list[str]:
+        if self.progress == "off":
+            return []
+        lines = []
+        resumed = sum(r.resumed for r in self.reports)
+        if resumed:
+            lines.append(
+                f"bulksend: {resumed:,} results came from shards' attempts on a lost worker"
+            )
+        if self.abandoned:
+            lines.append(
+                f"bulksend: shards were abandoned mid-run; their parts stay in {self.abandoned}"
+                " and --resume continues from them"
+            )
+        return lines
+
+
+class _SendHooks(Hooks):
+    def __init__(self, shards: _Shards) -> None:
+        self.shards = shards
+
+    async def epilogue(self, snapshot: dict[str, Any], end: End) -> list[str]:
+        return self.shards.lines()
+
+
+def split_inputs(
+    inputs: tuple[str, ...], fmt: str | None, shards: int, ordered: bool
+) -> list[tuple[Span, ...]] | None:
+    """Each shard's spans of ``inputs`` (shard i: span i of every input), so that a shard
+    reads only its part; None when every shard must read the inputs whole and keep its
+    records: one shard, ``--ordered`` (a key's records go by hash, wherever they are), or
+    an input that is not a plain JSONL regular file (gzip, CSV, a JSON array, a FIFO).
+
+    One pre-pass over the inputs in the driver, at disk speed (``spans.py``), against every
+    shard parsing every record (3.5 µs of CPU a record, per shard)."""
+    if shards < 2 or ordered:
+        return None
+    for path in inputs:
+        try:
+            if format_for(path, fmt) != "jsonl" or path.lower().endswith(".gz"):
+                return None
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                return None
+        except (OSError, InputOpenError):
+            return None
+    per_shard: list[list[Span]] = [[] for _ in range(shards)]
+    seq = 0
+    for path, key in zip(inputs, input_keys(inputs), strict=True):
+        try:
+            spans = split_jsonl(path, shards, first_seq=seq, key=key, fmt=fmt)
+        except InputOpenError:
+            return None  # a JSON array: read whole
+        for mine, span in zip(per_shard, spans, strict=True):
+            mine.append(span)
+        seq = spans[-1].first_seq + (spans[-1].records or 0)
+    return [tuple(spans) for spans in per_shard]
+
+
+# --- before ------------------------------------------------------------------------------
+
+
+def _check(job: SendJob, cluster: ClusterSpec) -> None:
+    if "-" in job.inputs:
+        raise ConfigError("--workers/--cluster cannot read stdin (-): workers read the inputs")
+    _check_outputs(cluster, {"--out": job.out, "--failed": job.failed})
+
+
+def _check_outputs(cluster: ClusterSpec, merged: dict[str, str | None]) -> None:
+    """``merged``: the outputs written from the shards' parts (``--out`` first), by flag."""
+    if STDOUT in merged.values():
+        raise ConfigError(
+            f"--workers/--cluster need {' and '.join(merged)} in files: they are written"
+            " from the shards' parts"
+        )
+    if cluster.address is not None and not merged["--out"]:
+        raise ConfigError(
+            "--cluster needs --out on storage every worker reaches: shards write parts beside it"
+        )
+
+
+def _prepare(job: SendJob | LoadJob, sinks: Sinks, err: TextIO) -> Parts:
+    """The parts directory of this run, made ready; see the module docstring."""
+    resume = isinstance(job, SendJob) and job.resume
+    failed = job.failed if isinstance(job, SendJob) else None
+    if not job.out:
+        # --workers without --out: the parts are the run's only ledger; workers are local.
+        return Parts(tempfile.mkdtemp(prefix="bulksend-parts-"))
+    if sinks.ledger_place is None:
+        raise ConfigError(f"--workers/--cluster need --out in a regular file; {job.out} is not one")
+    parts = Parts(parts_dir(job.out))
+    if resume:
+        if recover(parts) and job.progress != "off":
+            err.write(f"bulksend: undid a merge of {parts.directory} that was cut short\n")
+        _cut_torn_tail(job.out, err)
+        wait_for_writers(parts, job.drain_timeout_s + REPORT_GRACE_S)
+        merged = merge_parts(parts, out=job.out, failed=failed)
+        if merged.lines and job.progress != "off":
+            err.write(
+                f"bulksend: merged {sum(merged.lines.values()):,} results a previous run left"
+                f" in {parts.directory}\n"
+            )
+    elif parts.found("shard") and not job.overwrite:
+        raise LedgerError(
+            f"{parts.directory} holds the results of an unfinished run: add --resume to"
+            " continue it, or --overwrite to start again"
+        )
+    else:
+        parts.remove()
+    parts.create()
+    return parts
+
+
+def _cut_torn_tail(path: str, err: TextIO) -> None:
+    """Cut a torn last line off the ledger (a single-process run killed inside a write),
+    so that merged lines start clean. Reads only the tail."""
+    try:
+        with open(path, "r+b") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            end = size
+            while end > 0:
+                start = max(0, end - 65536)
+                fh.seek(start)
+                block = fh.read(end - start)
+                nl = block.rfind(b"\n")
+                if nl >= 0:
+                    end = start + nl + 1
+                    break
+                end = start
+            if end < size:
+                fh.truncate(end)
+                err.write(f"bulksend: ignored a torn last line ({size - end} bytes) in {path}\n")
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SinkError(f"cannot repair {path}: {exc.strerror or exc}") from None
