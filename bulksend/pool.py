@@ -177,6 +177,7 @@ class Pool:
         self._failed_keys: dict[str, int] = {}
         self._skip_failed_keys = options.ordered and options.on_key_failure == "skip"
         self._t0 = 0.0
+        self._clock_started = False
         self._stopping = False
         # Set up by run():
         self._ready: deque[Record] = deque()
@@ -383,11 +384,6 @@ class Pool:
         paced = schedule.rate > 0
         now = monotonic() if paced else 0.0
         while ready and idle and self._held is None and not self._stopping:
-            if counters.dispatched == 0:
-                # The schedule starts with the first record, not with run(): reading the
-                # first batch takes a while, and a clock started before it would find the
-                # first records overdue and send them in a burst.
-                self._t0 = now = monotonic()
             if on_dispatch is not None:
                 now = monotonic()
                 if (held := on_dispatch(now)) is not None:
@@ -395,6 +391,15 @@ class Pool:
                     return
                 if self._again:
                     return  # on_dispatch changed the rate: start over
+            if not self._clock_started:
+                # The schedule starts with the first record, not with run(): reading the
+                # first batch takes a while, and a clock started before it would find the
+                # first records overdue and send them in a burst. Started once, when
+                # on_dispatch lets the first record go (a hold before it delays the clock
+                # too): restarted on every look until a record went, a schedule whose first
+                # record is due after 0 (a shard's slot) would never send.
+                self._clock_started = True
+                self._t0 = now = monotonic()
             intended = 0.0
             if paced:
                 intended = self._t0 + schedule.due_at(counters.dispatched)

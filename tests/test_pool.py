@@ -213,6 +213,31 @@ async def test_paced_by_the_loop_turn_one_timer_for_many_records_never_early() -
     assert 1 <= pool.arms < n / 4
 
 
+class Offset(Schedule):
+    """A schedule whose first record is due ``offset`` seconds after the start (a shard's
+    slot in an interleaved stream)."""
+
+    def __init__(self, rate: float, offset: float) -> None:
+        super().__init__(rate)
+        self.offset = offset
+
+    def due_at(self, sent: int) -> float:
+        return self.offset + super().due_at(sent)
+
+
+async def test_a_schedule_whose_first_record_is_due_later_still_sends_it() -> None:
+    # The clock starts once, with the first look at a record: restarted on every look
+    # until a first record went, a first record due after 0 would never be due.
+    spy = CallbackSpy()
+    pool = CountingPool(SendOptions(concurrency=4), Offset(1_000.0, 0.05), spy.open)
+    await asyncio.wait_for(pool.run(records(20), lambda item, r: None), 10)
+    started = sorted(spy.started)
+    assert [seq for seq, _, _ in started] == list(range(20))
+    first_intended, first_at = started[0][1], started[0][2]
+    assert first_at >= first_intended
+    assert started[1][1] - first_intended == pytest.approx(0.001, abs=1e-9)
+
+
 async def test_a_courier_waits_for_its_results_write_before_its_next_record() -> None:
     """on_result's awaitable (the ledger line's write) holds the courier: with one courier,
     record 1 does not go out before record 0's write is done."""
