@@ -51,6 +51,31 @@ def bulksend(
     )
 
 
+#: Senders started by spawn_send, killed after each test (conftest) so that a failed
+#: assertion never leaves one running past its test.
+SPAWNED: list[subprocess.Popen[str]] = []
+
+
+def spawn_send(*args: str) -> subprocess.Popen[str]:
+    """``bulksend send ARGS`` started in the background (to be killed mid-run, say)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bulksend", "send", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    SPAWNED.append(proc)
+    return proc
+
+
+def reap_spawned() -> None:
+    while SPAWNED:
+        proc = SPAWNED.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
 def target(url: str) -> list[str]:
     return ["--endpoint", url, "--project-id", PROJECT_ID, "--instance-id", INSTANCE_ID]
 

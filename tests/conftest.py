@@ -7,7 +7,20 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+
+import pytest
 
 # Before any test module imports the SDK.
 os.environ["HOME"] = tempfile.mkdtemp(prefix="bulksend-home-")
 os.environ["BULKSEND_METADATA_URL"] = "off"
+
+
+@pytest.fixture(autouse=True)
+def _no_sender_left_behind() -> Iterator[None]:
+    """A failed assertion must not leave a sender (``spawn_send``) running past its test."""
+    yield
+    # Imported here: the environment above is set before any bulksend module loads.
+    from tests.cli_helpers import reap_spawned
+
+    reap_spawned()

@@ -9,20 +9,26 @@ import itertools
 import json
 import random
 import signal
-import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from tests.cli_helpers import accepted, bulksend, no_traceback, target, wait_for_lines, write_jsonl
+from tests.cli_helpers import (
+    accepted,
+    bulksend,
+    no_traceback,
+    spawn_send,
+    target,
+    wait_for_lines,
+    write_jsonl,
+)
 from tests.reconcile_proxy import Misbehaviour, misbehaving_proxy
 from tests.serve_helpers import ALL_TIME, messages_path, start_server_subprocess
 
@@ -99,20 +105,6 @@ def assert_ok_lines_name_the_stored_copy(
     return sum(r.get("reconciled") is True for r in ok)
 
 
-_spawned: list[subprocess.Popen[str]] = []
-
-
-@pytest.fixture(autouse=True)
-def _no_sender_left_behind() -> Iterator[None]:
-    """A failed assertion must not leave a sender running past its test."""
-    yield
-    while _spawned:
-        proc = _spawned.pop()
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
-
-
 @pytest.mark.parametrize(
     "lost", [["--seed", "6"], ["--lose-answer-hang", "2", "--seed", "7"]], ids=["dropped", "held"]
 )
@@ -150,17 +142,6 @@ def test_lost_answers_end_with_each_record_stored_once(tmp_path: Path, lost: lis
     for r in results[:50]:
         props = by_body["m" + r["id"][1:]]["property_list"]
         assert {"name": "KEYS", "value": key_of[r["identity"]]} in props
-
-
-def spawn_send(*args: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bulksend", "send", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _spawned.append(proc)
-    return proc
 
 
 @pytest.mark.parametrize("seed", [1, 2])

@@ -7,13 +7,10 @@ import itertools
 import json
 import random
 import signal
-import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ from tests.cli_helpers import (
     bulksend,
     no_traceback,
     read_jsonl,
+    spawn_send,
     target,
     wait_for_lines,
     write_jsonl,
@@ -50,31 +48,6 @@ def listed(url: str, **query: str) -> list[dict[str, Any]]:
     qs = urllib.parse.urlencode({"limit": "1000", **ALL_TIME, **query})
     with urllib.request.urlopen(f"{url}{messages_path()}?{qs}", timeout=10) as resp:
         return list(json.loads(resp.read())["messages"])
-
-
-_spawned: list[subprocess.Popen[str]] = []
-
-
-def spawn_send(*args: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bulksend", "send", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _spawned.append(proc)
-    return proc
-
-
-@pytest.fixture(autouse=True)
-def _no_sender_left_behind() -> Iterator[None]:
-    """A failed assertion must not leave a sender running past its test."""
-    yield
-    while _spawned:
-        proc = _spawned.pop()
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
 
 
 def ledger_lines(path: Path) -> tuple[list[dict[str, Any]], bytes]:
