@@ -537,6 +537,15 @@ class Sinks:
         self.begun = False
         self._created: list[str] = []
         try:
+            for flag, path in outputs.paths():
+                if "://" in path:
+                    # Only a --workers/--cluster send writes an object store URL (from its
+                    # shards' uploaded segments, bulksend.remote): a ledger here is
+                    # appended, locked and cut back, which an object does not allow.
+                    raise ConfigError(
+                        f"{flag} {path}: an object store URL needs send --workers/--cluster"
+                        " (one process writes its outputs to files)"
+                    )
             places = {flag: locate(path) for flag, path in outputs.paths()}
             if plan.options.exactly_once:
                 check_ledger(places.get("--out"))

@@ -60,6 +60,7 @@ from bulksend.identity import input_keys
 from bulksend.job import Outcome, SendJob
 from bulksend.load import TICK_S, LoadJob, LoadOutcome
 from bulksend.merge import RESULT_STATUSES, Parts, merge_parts, parts_dir, recover, wait_for_writers
+from bulksend.remote import RemoteLedger, is_url, last_line
 from bulksend.result import Result
 from bulksend.run import End, Hooks, Plan, Sinks, _finish
 from bulksend.server.embedded import target_or_embedded
@@ -80,23 +81,55 @@ async def run_distributed(
     """Run ``job`` sharded over ``cluster``; every output as a single run writes it."""
     err = stderr or sys.stderr
     _check(job, cluster)
-    outputs = job.outputs()
     with Inputs(job.inputs, fmt=job.fmt, default_topic=job.topic):
         pass  # every input opens (or the run stops, exit 2) before a cluster starts
     plan = _with_cluster(job.plan(), cluster)
+    remote: RemoteLedger | None = None
+    if is_url(job.out):
+        assert job.out is not None
+        # --out in an object store: the run writes local copies (remote.py), the driver
+        # publishes them; the run line says where the parts of this run are.
+        remote = RemoteLedger(job.out, job.failed, resume=job.resume, overwrite=job.overwrite)
+        plan = replace(plan, settings={**plan.settings, "parts": remote.generation})
+        job = replace(
+            job,
+            out=remote.ledger,
+            failed=remote.failed,
+            stats=remote.document(job.stats),
+            html=remote.document(job.html),
+        )
+    try:
+        return await _run_distributed(job, cluster, plan, remote, err)
+    finally:
+        if remote is not None:
+            remote.close()
+
+
+async def _run_distributed(
+    job: SendJob, cluster: ClusterSpec, plan: Plan, remote: RemoteLedger | None, err: TextIO
+) -> Outcome:
+    outputs = job.outputs()
     stats = Stats()
     end = End(stats)
     said = _Shards(job.progress)
     hooks = _SendHooks(said)
     report = RunReport() if job.html else None
+    if remote is not None:
+        await anyio.to_thread.run_sync(remote.open)  # its lock, refusal, local copies
     # The run's outputs as a single run opens them: --out locked, a non-empty one refused
     # without --resume/--overwrite, --failed/--stats/--html checked before anything starts.
     sinks = Sinks(outputs, plan)
     parts: Parts | None = None
     try:
-        parts = _prepare(job, sinks, err)
+        parts = await _prepare(job, sinks, err, remote)
         await sinks.begin(plan, outputs, err)
-        if await _execute(job, cluster, parts, end, said, report.add if report else None, err):
+        if remote is not None:
+            assert sinks.ledger_place is not None
+            await anyio.to_thread.run_sync(
+                remote.begin, last_line(sinks.ledger_place.real)
+            )
+        on_result = report.add if report else None
+        if await _execute(job, cluster, parts, end, said, on_result, err, remote=remote):
             for shard in said.reports:
                 shard.stats.add_to(stats)
     except BulksendError as exc:
@@ -105,6 +138,11 @@ async def run_distributed(
         if parts is not None and not job.out:
             parts.remove()  # a temporary ledger (merging removed it already if it ran)
         await _finish(plan, outputs, stats, hooks, sinks, report, end, err)
+    if remote is not None and sinks.begun:
+        try:
+            await anyio.to_thread.run_sync(remote.upload_documents)
+        except BulksendError as exc:
+            end.error = end.error or exc
     if end.error is not None:
         raise end.error
     return Outcome(stats, end.interrupted)
@@ -124,6 +162,12 @@ async def run_distributed_load(
 
     err = stderr or sys.stderr
     _check_outputs(cluster, {"--out": job.out, "--timeseries": job.timeseries})
+    if is_url(job.out):
+        # The driver reads a load's parts as they grow: they must be files it reaches.
+        raise ConfigError(
+            "load --workers/--cluster needs --out in a file (the driver reads the parts as"
+            " they grow); an object store URL is for send"
+        )
     outputs = job.outputs()
     pacer = RampPacer(job.stages)
     plan = _with_cluster(job.plan(pacer), cluster)
@@ -144,7 +188,7 @@ async def run_distributed_load(
     observers = [stats.add, *hooks.observers(), *([report.add] if report else [])]
     parts: Parts | None = None
     try:
-        parts = _prepare(job, sinks, err)
+        parts = await _prepare(job, sinks, err)
         watch = _PartsWatch(parts, observers, hooks.live, outcome, end)
         await sinks.begin(plan, outputs, err)
         await _execute(job, cluster, parts, end, said, None, err, watch=watch)
@@ -246,9 +290,11 @@ async def _execute(
     err: TextIO,
     *,
     watch: _PartsWatch | None = None,
+    remote: RemoteLedger | None = None,
 ) -> bool:
     """Start or reach the cluster, run every shard, merge their parts (each result line
-    to ``on_result``). False when shards were abandoned: their parts stay unmerged."""
+    to ``on_result``). False when shards were abandoned: their parts stay unmerged.
+    ``remote``: the shards upload their parts as segments, merged from there."""
     async with connect(cluster) as (client, address, threads, dashboard):
         shards = cluster.shards or threads
         err.write(started_line(address, cluster, shards, dashboard))
@@ -279,6 +325,8 @@ async def _execute(
                     if isinstance(job, SendJob)
                     else run.load_tasks(replace(job, target=target, credentials=credentials))
                 )
+                if remote is not None:
+                    tasks = [_uploading(t, remote, cluster, job) for t in tasks]
                 finished = await run.execute(
                     tasks, shards_said.reports, watch=watch.run if watch is not None else None
                 )
@@ -290,12 +338,32 @@ async def _execute(
             if run.error is not None:
                 end.error = run.error
     if not finished:
-        shards_said.abandoned = parts.directory if job.out else None
+        where = f"{remote.url}.parts" if remote is not None else parts.directory
+        shards_said.abandoned = where if job.out else None
         end.cut_off = True
         return False
+    if remote is not None:
+        await anyio.to_thread.run_sync(remote.finish, on_result)
+        return True
     failed = job.failed if isinstance(job, SendJob) else None
     merge_parts(parts, out=job.out, failed=failed, on_result=on_result)
     return True
+
+
+def _uploading(
+    task: ShardTask | LoadShardTask, remote: RemoteLedger, cluster: ClusterSpec, job: Any
+) -> ShardTask:
+    """A shard's task that uploads its parts as segments of ``remote``'s generation."""
+    assert isinstance(task, ShardTask) and isinstance(job, SendJob)
+    n = task.plan.shards
+    return replace(
+        task,
+        segments=remote.segments("shard", task.index, n),
+        failed_segments=remote.segments("failed", task.index, n) if job.failed else None,
+        segment_interval_s=cluster.segment_interval_s,
+        # Every shard downloads the merged ledger of earlier runs (its ok records skip).
+        previous=remote.url if job.resume else None,
+    )
 
 
 class _Shards:
@@ -387,10 +455,21 @@ def _check_outputs(cluster: ClusterSpec, merged: dict[str, str | None]) -> None:
         )
 
 
-def _prepare(job: SendJob | LoadJob, sinks: Sinks, err: TextIO) -> Parts:
-    """The parts directory of this run, made ready; see the module docstring."""
+async def _prepare(
+    job: SendJob | LoadJob, sinks: Sinks, err: TextIO, remote: RemoteLedger | None = None
+) -> Parts:
+    """The parts directory of this run, made ready; see the module docstring. With
+    ``remote``, the local directory the uploaded segments are merged through."""
     resume = isinstance(job, SendJob) and job.resume
     failed = job.failed if isinstance(job, SendJob) else None
+    if remote is not None:
+        merged_left = await anyio.to_thread.run_sync(remote.merge_left) if resume else 0
+        if merged_left and job.progress != "off":
+            err.write(
+                f"bulksend: merged {merged_left:,} results a previous run left in"
+                f" {remote.url}.parts\n"
+            )
+        return remote.parts
     if not job.out:
         # --workers without --out: the parts are the run's only ledger; workers are local.
         return Parts(tempfile.mkdtemp(prefix="bulksend-parts-"))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 import time
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from bulksend.ledger import read_ledger
 from bulksend.load import LoadJob
 from bulksend.merge import RESULT_STATUSES, ShardStats, wait_for_part
 from bulksend.record import Item
+from bulksend.remote import ShardSegments
 from bulksend.result import SKIPPED, Result, result_for
 from bulksend.run import End, Hooks, Live, Outputs, Plan, Ticker, run
 from bulksend.shards import InterleavedPacer, ShardPlan, SlotSchedule
@@ -86,6 +88,13 @@ class ShardTask:
     #: Dask names of the progress topic and the stop event (None outside Dask).
     progress_topic: str | None = None
     stop_event: str | None = None
+    #: ``--out`` in an object store (``remote.py``): the URLs under which this shard
+    #: uploads its part's and failed part's segments (``part`` and ``failed_part`` then
+    #: only name the local files, made in a temporary directory of the worker), and the
+    #: seconds between uploads.
+    segments: str | None = None
+    failed_segments: str | None = None
+    segment_interval_s: float = 5.0
 
     @property
     def split(self) -> bool:
@@ -179,30 +188,62 @@ async def run_shard_async(
         settings={"shard": task.index, "shards": task.plan.shards},
         schedule=SlotSchedule(task.total_rate, task.plan.shards, task.index, task.epoch),
     )
+    try:
+        remote = _segments(task)
+    except BulksendError as exc:
+        report.error = exc
+        return report
+    part = remote.part if remote is not None else task.part
+    failed_part = remote.failed_part if remote is not None else task.failed_part
     # Always a resume of the part: a first attempt finds it empty.
     outputs = Outputs(
-        out=task.part,
-        failed=task.failed_part,
+        out=part,
+        failed=failed_part,
         resume=True,
         progress="off",
         drain_timeout_s=task.drain_timeout_s,
     )
     try:
-        await anyio.to_thread.run_sync(wait_for_part, task.part, task.drain_timeout_s + 5.0)
-        earlier = _read_part(task.part, stats)
+        previous = task.previous
+        if remote is not None:
+            # What earlier attempts of this shard uploaded becomes the local part.
+            await anyio.to_thread.run_sync(remote.download)
+            if previous is not None:
+                previous = await anyio.to_thread.run_sync(remote.previous, previous)
+        await anyio.to_thread.run_sync(wait_for_part, part, task.drain_timeout_s + 5.0)
+        earlier = _read_part(part, stats)
         report.resumed = len(earlier)
         before: Container[str] = (
-            read_ledger(task.previous, repair=False).done_identities if task.previous else ()
+            read_ledger(previous, repair=False).done_identities if previous else ()
         )
         with Inputs(task.inputs, fmt=task.fmt, default_topic=task.topic) as inputs:
             owns = None if task.split else task.plan.owner(task.index)
             items = _OwnRecords(inputs, owns, earlier, before, stats)
-            hooks = _ShardHooks(task.index, inputs, report, publish, should_stop)
+            hooks: Hooks = _ShardHooks(task.index, inputs, report, publish, should_stop)
+            if remote is not None:
+                hooks = remote.hooks(hooks)
             await run(plan, outputs, items, stats, hooks, stderr=io.StringIO())
     except BulksendError as exc:
         report.error = exc
+    finally:
+        if remote is not None:
+            try:
+                # The shard's last lines (drained or stopped by an error: each is a result).
+                await anyio.to_thread.run_sync(remote.upload)
+            except BulksendError as exc:
+                report.error = report.error or exc
+            finally:
+                remote.close()
     report.stats = ShardStats.from_stats(stats)
     return report
+
+
+def _segments(task: ShardTask) -> ShardSegments | None:
+    """The shard's parts as uploaded segments, when ``--out`` is in an object store."""
+    if task.segments is None:
+        return None
+    names = (os.path.basename(task.part), task.failed_part and os.path.basename(task.failed_part))
+    return ShardSegments(task.segments, task.failed_segments, names, task.segment_interval_s)
 
 
 async def run_load_shard_async(

@@ -58,6 +58,9 @@ class ClusterSpec:
     shards: int | None = None
     #: --workers: the LocalCluster dashboard's host:port (port 0: any free one; None: off).
     dashboard_address: str | None = DASHBOARD
+    #: ``--out`` in an object store: seconds between a shard's uploads of its new ledger
+    #: lines (what a lost worker may cost in re-sends: this long of its sends).
+    segment_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         if (self.workers is None) == (self.address is None):
@@ -66,6 +69,8 @@ class ClusterSpec:
             raise ConfigError("--workers must be >= 1")
         if self.shards is not None and self.shards < 1:
             raise ConfigError("--shards must be >= 1")
+        if not (math.isfinite(self.segment_interval_s) and self.segment_interval_s > 0):
+            raise ConfigError("--segment-interval must be a number of seconds above 0")
 
 
 def stable_hash(key: str) -> int:

@@ -13,46 +13,18 @@ import orjson
 import pytest
 
 from tests.cli_helpers import bulksend, read_jsonl
+from tests.s3_helpers import BUCKET, moto_s3
+from tests.s3_helpers import jsonl as _jsonl
+from tests.s3_helpers import put as _put
 
-s3fs = pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is in the test extra")
-moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
-
-BUCKET = "backfill"
+pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is in the test extra")
+pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
 
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[tuple[dict[str, str], object]]:
-    """An S3 server on 127.0.0.1, the environment that points bulksend (fsspec, botocore)
-    at it, and an s3fs filesystem on it."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        env = {
-            "FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}",
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-        fs = s3fs.S3FileSystem(
-            key="testing", secret="testing", endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"]
-        )
-        fs.mkdir(BUCKET)
-        yield env, fs
-    finally:
-        server.stop()
-
-
-def _jsonl(start: int, n: int) -> bytes:
-    return b"".join(
-        orjson.dumps({"topic": "t", "body": f"m{i}"}) + b"\n" for i in range(start, start + n)
-    )
-
-
-def _put(fs: object, key: str, data: bytes) -> str:
-    with fs.open(f"{BUCKET}/{key}", "wb") as fh:  # type: ignore[attr-defined]
-        fh.write(data)
-    return f"s3://{BUCKET}/{key}"
+    with moto_s3() as found:
+        yield found
 
 
 def test_send_reads_s3_inputs_and_resumes_over_them(

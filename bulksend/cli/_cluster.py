@@ -32,6 +32,13 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
         metavar="M",
         help="split the job into M shards (default: one per worker thread)",
     )
+    g.add_argument(
+        "--segment-interval",
+        type=float,
+        metavar="SECONDS",
+        help="with --out s3://...: seconds between a shard's uploads of its new ledger lines"
+        " (default 5; a lost worker's un-uploaded lines are sent again)",
+    )
 
 
 def resolve_cluster(args: argparse.Namespace, env: Mapping[str, str]) -> ClusterSpec | None:
@@ -51,4 +58,7 @@ def resolve_cluster(args: argparse.Namespace, env: Mapping[str, str]) -> Cluster
         raise ConfigError(
             "--metrics-addr is not served by a --workers/--cluster run yet: drop one of them"
         )
-    return ClusterSpec(workers=workers, address=address, shards=shards)
+    interval = r.get("segment_interval", float, 5.0)
+    return ClusterSpec(
+        workers=workers, address=address, shards=shards, segment_interval_s=interval
+    )

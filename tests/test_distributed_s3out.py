@@ -1,0 +1,200 @@
+"""``--out s3://...`` for ``send --workers``: the shards upload their ledger parts as
+segments, the driver merges them into the one ledger object. Against moto's S3 server
+and a real ``bulksend serve`` on 127.0.0.1: every record once in the merged object and at
+the server; a non-empty object refused untouched; a driver killed with SIGKILL mid-run,
+then ``--resume``: every record once, re-sends within the bound README states (one
+segment interval of sends, plus the requests in flight)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.cli_helpers import bulksend, target
+from tests.s3_helpers import BUCKET, moto_s3
+from tests.s3_helpers import jsonl as _jsonl
+from tests.s3_helpers import put as _put
+from tests.serve_helpers import messages_path, start_server_subprocess
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is in the test extra")
+pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+
+S3 = tuple[dict[str, str], Any]
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3]:
+    with moto_s3() as found:
+        yield found
+
+
+def _stored(url: str) -> dict[str, Any]:
+    query = f"{url}{messages_path()}?topic=t&limit=10000&start_time=0&end_time={2**53}"
+    with urllib.request.urlopen(query, timeout=30) as answer:
+        return dict(orjson.loads(answer.read()))
+
+
+def _objects(fs: Any, prefix: str) -> list[str]:
+    fs.invalidate_cache()
+    return sorted(fs.find(f"{BUCKET}/{prefix}"))
+
+
+def _results(fs: Any, key: str) -> list[dict[str, Any]]:
+    fs.invalidate_cache()
+    lines = (orjson.loads(x) for x in fs.cat_file(f"{BUCKET}/{key}").splitlines())
+    return [x for x in lines if x.get("status") != "run"]
+
+
+def _uploaded_lines(fs: Any, key: str) -> int:
+    """Result lines in the shards' uploaded segments so far."""
+    total = 0
+    for path in _objects(fs, f"{key}.parts/"):
+        if "/shard-" in path and path.endswith(".jsonl"):
+            data = fs.cat_file(path)
+            total += data.count(b"\n") - data.count(b'{"status":"run",')
+    return total
+
+
+def test_workers_2_write_the_ledger_to_s3_once_each(tmp_path: Path, s3: S3) -> None:
+    env, fs = s3
+    n = 3000
+    source = _put(fs, "in-once.jsonl", _jsonl(0, n))
+    out, failed = f"s3://{BUCKET}/once/out.jsonl", f"s3://{BUCKET}/once/failed.jsonl"
+    stats = f"s3://{BUCKET}/once/stats.json"
+    with start_server_subprocess() as (_, url):
+        proc = bulksend(
+            "send", source, *target(url), "--workers", "2", "--concurrency", "8",
+            "--out", out, "--failed", failed, "--stats", stats, "--quiet",
+            env=env, timeout=180,
+        )  # fmt: skip
+        stored = _stored(url)
+    assert proc.returncode == 0, proc.stderr
+    lines = _results(fs, "once/out.jsonl")
+    assert Counter(x["seq"] for x in lines) == Counter(range(n))  # each record once
+    assert {x["status"] for x in lines} == {"ok"} and {x["shard"] for x in lines} == {0, 1}
+    assert stored["total"] == n and len({m["body"] for m in stored["messages"]}) == n
+    figures = orjson.loads(fs.cat_file(f"{BUCKET}/once/stats.json"))
+    assert (figures["total"], figures["ok"]) == (n, n)
+    assert fs.cat_file(f"{BUCKET}/once/failed.jsonl") == b""
+    # The parts and the lock are gone; the inputs' fingerprints stay for --resume.
+    assert _objects(fs, "once/") == sorted(
+        f"{BUCKET}/once/{k}" for k in ("out.jsonl", "out.jsonl.inputs.json", "failed.jsonl",
+                                       "stats.json")
+    )  # fmt: skip
+
+    again = bulksend(
+        "send", source, *target(url), "--workers", "2", "--out", out, "--resume", "--quiet",
+        env=env, timeout=180,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert Counter(x["seq"] for x in _results(fs, "once/out.jsonl")) == Counter(range(n))
+
+
+def test_a_non_empty_out_object_is_refused_untouched(tmp_path: Path, s3: S3) -> None:
+    env, fs = s3
+    source = _put(fs, "in-refused.jsonl", _jsonl(0, 10))
+    out = _put(fs, "refused/out.jsonl", b'{"seq":0,"status":"ok"}\n')
+    before = fs.info(f"{BUCKET}/refused/out.jsonl")["ETag"]
+    proc = bulksend("send", source, "--embedded", "--workers", "2", "--out", out, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "add --resume to continue it" in proc.stderr
+    fs.invalidate_cache()
+    assert fs.info(f"{BUCKET}/refused/out.jsonl")["ETag"] == before
+    assert _objects(fs, "refused/") == [f"{BUCKET}/refused/out.jsonl"]  # no lock left
+
+    # One process: refused in one line, nothing written.
+    single = bulksend("send", source, "--embedded", "--out", f"s3://{BUCKET}/single.jsonl", env=env)
+    assert single.returncode == 2, single.stderr
+    assert single.stderr.count("\n") == 1 and "needs send --workers/--cluster" in single.stderr
+    assert _objects(fs, "single") == []
+
+
+def test_resume_after_the_driver_is_killed_resends_within_one_interval(
+    tmp_path: Path, s3: S3
+) -> None:
+    env, fs = s3
+    n, rate, concurrency, interval = 3000, 500, 8, 0.5
+    source = _put(fs, "in-killed.jsonl", _jsonl(0, n))
+    out = f"s3://{BUCKET}/killed/out.jsonl"
+    with start_server_subprocess() as (_, url):
+        args = ["send", source, *target(url), "--workers", "2", "--out", out, "--quiet"]
+        args += ["--concurrency", str(concurrency), "--segment-interval", str(interval)]
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "bulksend", *args, "--rate", str(rate)],
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # the driver and its worker processes: one group
+        )
+        try:
+            deadline = time.monotonic() + 90
+            while _uploaded_lines(fs, "killed/out.jsonl") < n // 3:
+                assert time.monotonic() < deadline and driver.poll() is None
+                time.sleep(0.1)
+        finally:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=30)
+        uploaded = _uploaded_lines(fs, "killed/out.jsonl")
+        sent_before = _stored(url)["total"]
+        stats = tmp_path / "stats.json"
+        resumed = bulksend(*args, "--resume", "--stats", str(stats), env=env, timeout=180)
+        stored = _stored(url)
+    assert resumed.returncode == 0, resumed.stderr
+    # The uploaded lines were merged first, and their records skipped.
+    figures = orjson.loads(stats.read_bytes())
+    assert figures["skipped"] >= uploaded and figures["skipped"] + figures["ok"] == n
+    lines = _results(fs, "killed/out.jsonl")
+    assert Counter(x["seq"] for x in lines) == Counter(range(n))  # each record ok once
+    assert {x["status"] for x in lines} == {"ok"}
+    assert len({m["body"] for m in stored["messages"]}) == n
+    resent = stored["total"] - n
+    # What the kill cost: the lines not uploaded yet (one interval of sends, and the
+    # upload in progress) and the requests in flight, over both shards.
+    bound = rate * 2 * interval + 2 * concurrency
+    print(
+        f"\nuploaded {uploaded} of {sent_before} sent at the kill; re-sent {resent}, bound {bound}"
+    )
+    assert resent <= bound
+    assert _objects(fs, "killed/out.jsonl.parts") == []
+
+
+def test_a_resume_removes_parts_the_ledger_already_holds(
+    s3: S3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver killed after uploading the merged ledger, before removing its parts: the
+    resume sees the ledger name that generation, and drops it instead of merging twice."""
+    from bulksend.remote import RemoteLedger
+
+    env, fs = s3
+    import fsspec.config
+
+    # fsspec read FSSPEC_S3_* when it was imported: its config is set here instead.
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": env["FSSPEC_S3_ENDPOINT_URL"]})
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(key, env[key])
+    gen = "run-1764556800000-abcdef"
+    run = orjson.dumps({"status": "run", "at": 1, "command": "send", "settings": {"parts": gen}})
+    line = orjson.dumps({"seq": 0, "identity": "x:1", "status": "ok", "shard": 0})
+    out = _put(fs, "window/out.jsonl", run + b"\n" + line + b"\n")
+    _put(fs, f"window/out.jsonl.parts/{gen}/run.jsonl", run + b"\n")
+    _put(fs, f"window/out.jsonl.parts/{gen}/shard-0000-of-0001/seg-000000.jsonl", line + b"\n")
+    remote = RemoteLedger(out, None, resume=True, overwrite=False)
+    try:
+        remote.open()
+        assert remote.merge_left() == 0
+        assert Path(remote.ledger).read_bytes().count(b"\n") == 2
+    finally:
+        remote.close()
+    assert _objects(fs, "window/") == [f"{BUCKET}/window/out.jsonl"]
