@@ -278,12 +278,31 @@ def read_results(paths: Sequence[str], state: ReadState | None = None) -> Iterat
         if path == "-":
             yield from _results(sys.stdin.buffer, "-", state)
             continue
-        try:
-            fh = open(path, "rb")  # noqa: SIM115 - closed by the with below
-        except OSError as exc:
-            raise LedgerError(f"cannot read the ledger {path}: {exc.strerror or exc}") from None
+        if "://" in path:
+            fh = _open_url(path)
+        else:
+            try:
+                fh = open(path, "rb")  # noqa: SIM115 - closed by the with below
+            except OSError as exc:
+                raise LedgerError(f"cannot read the ledger {path}: {exc.strerror or exc}") from None
         with fh:
             yield from _results(fh, path, state)
+
+
+def _open_url(url: str) -> BinaryIO:
+    """A ledger in an object store (``--out s3://...`` of a distributed send), streamed
+    through fsspec's buffered reader."""
+    import fsspec
+
+    try:
+        return fsspec.open(url, "rb").open()  # type: ignore[no-any-return]
+    except ImportError as exc:
+        raise LedgerError(
+            f"cannot read the ledger {url}: {exc} (for s3://: pip install 'bulksend[s3]')"
+        ) from None
+    # fsspec's backends raise their own types too (botocore's are no OSError).
+    except Exception as exc:
+        raise LedgerError(f"cannot read the ledger {url}: {exc}") from None
 
 
 def _results(fh: BinaryIO, path: str, state: ReadState) -> Iterator[Result]:

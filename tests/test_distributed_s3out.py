@@ -101,6 +101,13 @@ def test_workers_2_write_the_ledger_to_s3_once_each(tmp_path: Path, s3: S3) -> N
     assert again.returncode == 0, again.stderr
     assert Counter(x["seq"] for x in _results(fs, "once/out.jsonl")) == Counter(range(n))
 
+    # bulksend report reads the merged object where it is.
+    report = bulksend("report", out, "--json", env=env)
+    assert report.returncode == 0, report.stderr
+    assert orjson.loads(report.stdout)["ok"] == n
+    missing = bulksend("report", f"s3://{BUCKET}/once/nothing.jsonl", env=env)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+
 
 def test_a_non_empty_out_object_is_refused_untouched(tmp_path: Path, s3: S3) -> None:
     env, fs = s3
