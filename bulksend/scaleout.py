@@ -125,9 +125,7 @@ async def _run_distributed(
         await sinks.begin(plan, outputs, err)
         if remote is not None:
             assert sinks.ledger_place is not None
-            await anyio.to_thread.run_sync(
-                remote.begin, last_line(sinks.ledger_place.real)
-            )
+            await anyio.to_thread.run_sync(remote.begin, last_line(sinks.ledger_place.real))
         on_result = report.add if report else None
         if await _execute(job, cluster, parts, end, said, on_result, err, remote=remote):
             for shard in said.reports:

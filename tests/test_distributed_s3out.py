@@ -177,20 +177,12 @@ def test_resume_after_the_driver_is_killed_resends_within_one_interval(
     assert _objects(fs, "killed/out.jsonl.parts") == []
 
 
-def test_a_resume_removes_parts_the_ledger_already_holds(
-    s3: S3, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_resume_removes_parts_the_ledger_already_holds(s3_here: S3) -> None:
     """A driver killed after uploading the merged ledger, before removing its parts: the
     resume sees the ledger name that generation, and drops it instead of merging twice."""
     from bulksend.remote import RemoteLedger
 
-    env, fs = s3
-    import fsspec.config
-
-    # fsspec read FSSPEC_S3_* when it was imported: its config is set here instead.
-    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": env["FSSPEC_S3_ENDPOINT_URL"]})
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
-        monkeypatch.setenv(key, env[key])
+    _, fs = s3_here
     gen = "run-1764556800000-abcdef"
     run = orjson.dumps({"status": "run", "at": 1, "command": "send", "settings": {"parts": gen}})
     line = orjson.dumps({"seq": 0, "identity": "x:1", "status": "ok", "shard": 0})
@@ -205,3 +197,57 @@ def test_a_resume_removes_parts_the_ledger_already_holds(
     finally:
         remote.close()
     assert _objects(fs, "window/") == [f"{BUCKET}/window/out.jsonl"]
+
+
+@pytest.fixture
+def s3_here(s3: S3, monkeypatch: pytest.MonkeyPatch) -> S3:
+    """The moto server, for bulksend code run in this process."""
+    import fsspec.config
+
+    env, fs = s3
+    # fsspec read FSSPEC_S3_* when it was imported: its config is set here instead.
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": env["FSSPEC_S3_ENDPOINT_URL"]})
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(key, env[key])
+    return env, fs
+
+
+async def test_a_shard_run_again_resumes_from_its_uploaded_segments(
+    tmp_path: Path, s3_here: S3
+) -> None:
+    """A lost worker's shard, run again: it downloads the segments its first attempt
+    uploaded, sends only the records they lack, and uploads the rest after them."""
+    from bulksend.config import Credentials, RetryPolicy, SendOptions, Target
+    from bulksend.identity import input_key
+    from bulksend.shard_task import ShardTask, run_shard_async
+    from bulksend.shards import ShardPlan
+    from tests.serve_helpers import INSTANCE_ID, PROJECT_ID, start_server_inprocess
+
+    _, fs = s3_here
+    n = 200
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_bytes(_jsonl(0, n))
+    key = input_key(str(inputs))
+    prefix = "rerun/out.jsonl.parts/run-1764556800000-abcdef/shard-0000-of-0001"
+    earlier = b"".join(
+        orjson.dumps({"seq": s, "source": f"{inputs}:{s + 1}", "id": None,
+                      "identity": f"{key}:{s + 1}", "status": "ok"}) + b"\n"
+        for s in range(60)
+    )  # fmt: skip
+    _put(fs, f"{prefix}/seg-000000.jsonl", earlier)
+    async with start_server_inprocess() as server:
+        task = ShardTask(
+            index=0, plan=ShardPlan(1), inputs=(str(inputs),), fmt=None, topic=None,
+            target=Target(server.url, PROJECT_ID, INSTANCE_ID), credentials=Credentials(),
+            options=SendOptions(concurrency=8, retry=RetryPolicy(backoff_base=0.01)),
+            total_rate=0.0, epoch=0.0, part=str(tmp_path / "shard-0000-of-0001.jsonl"),
+            failed_part=None, previous=None, segments=f"s3://{BUCKET}/{prefix}",
+        )  # fmt: skip
+        report = await run_shard_async(task)
+        stored = sorted(int(m.body[1:]) for m in await server.store.messages())
+    assert report.error is None and report.resumed == 60
+    assert stored == list(range(60, n))  # none of the uploaded ones again
+    segments = _objects(fs, f"{prefix}/")
+    assert segments[0].endswith("seg-000000.jsonl") and len(segments) >= 2
+    lines = [orjson.loads(x) for s in segments for x in fs.cat_file(s).splitlines()]
+    assert Counter(x["seq"] for x in lines if x["status"] != "run") == Counter(range(n))

@@ -59,6 +59,4 @@ def resolve_cluster(args: argparse.Namespace, env: Mapping[str, str]) -> Cluster
             "--metrics-addr is not served by a --workers/--cluster run yet: drop one of them"
         )
     interval = r.get("segment_interval", float, 5.0)
-    return ClusterSpec(
-        workers=workers, address=address, shards=shards, segment_interval_s=interval
-    )
+    return ClusterSpec(workers=workers, address=address, shards=shards, segment_interval_s=interval)
