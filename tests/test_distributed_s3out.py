@@ -72,11 +72,11 @@ def test_workers_2_write_the_ledger_to_s3_once_each(tmp_path: Path, s3: S3) -> N
     n = 3000
     source = _put(fs, "in-once.jsonl", _jsonl(0, n))
     out, failed = f"s3://{BUCKET}/once/out.jsonl", f"s3://{BUCKET}/once/failed.jsonl"
-    stats = f"s3://{BUCKET}/once/stats.json"
+    stats, html = f"s3://{BUCKET}/once/stats.json", f"s3://{BUCKET}/once/report.html"
     with start_server_subprocess() as (_, url):
         proc = bulksend(
             "send", source, *target(url), "--workers", "2", "--concurrency", "8",
-            "--out", out, "--failed", failed, "--stats", stats, "--quiet",
+            "--out", out, "--failed", failed, "--stats", stats, "--html", html, "--quiet",
             env=env, timeout=180,
         )  # fmt: skip
         stored = _stored(url)
@@ -88,10 +88,11 @@ def test_workers_2_write_the_ledger_to_s3_once_each(tmp_path: Path, s3: S3) -> N
     figures = orjson.loads(fs.cat_file(f"{BUCKET}/once/stats.json"))
     assert (figures["total"], figures["ok"]) == (n, n)
     assert fs.cat_file(f"{BUCKET}/once/failed.jsonl") == b""
+    assert b"<html" in fs.cat_file(f"{BUCKET}/once/report.html")[:200].lower()
     # The parts and the lock are gone; the inputs' fingerprints stay for --resume.
     assert _objects(fs, "once/") == sorted(
         f"{BUCKET}/once/{k}" for k in ("out.jsonl", "out.jsonl.inputs.json", "failed.jsonl",
-                                       "stats.json")
+                                       "stats.json", "report.html")
     )  # fmt: skip
 
     again = bulksend(
@@ -120,6 +121,17 @@ def test_a_non_empty_out_object_is_refused_untouched(tmp_path: Path, s3: S3) -> 
     fs.invalidate_cache()
     assert fs.info(f"{BUCKET}/refused/out.jsonl")["ETag"] == before
     assert _objects(fs, "refused/") == [f"{BUCKET}/refused/out.jsonl"]  # no lock left
+
+    # A ledger another live run holds: refused, the holder named.
+    import socket
+
+    lock = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(), "at": 0})
+    _put(fs, "held/out.jsonl.lock", lock)
+    held = bulksend("send", source, "--embedded", "--workers", "2", "--out",
+                    f"s3://{BUCKET}/held/out.jsonl", env=env)  # fmt: skip
+    assert held.returncode == 2 and f"is in use by pid {os.getpid()}" in held.stderr
+    assert held.stderr.count("\n") == 1
+    assert fs.cat_file(f"{BUCKET}/held/out.jsonl.lock") == lock
 
     # One process: refused in one line, nothing written.
     single = bulksend("send", source, "--embedded", "--out", f"s3://{BUCKET}/single.jsonl", env=env)
@@ -251,3 +263,32 @@ async def test_a_shard_run_again_resumes_from_its_uploaded_segments(
     assert segments[0].endswith("seg-000000.jsonl") and len(segments) >= 2
     lines = [orjson.loads(x) for s in segments for x in fs.cat_file(s).splitlines()]
     assert Counter(x["seq"] for x in lines if x["status"] != "run") == Counter(range(n))
+
+
+def test_a_resume_cuts_the_failed_object_back_before_merging_again(s3_here: S3) -> None:
+    """A driver killed after uploading --failed, before the ledger: the generation is not
+    in the ledger, so it is merged again, onto the failed object as it was before."""
+    from bulksend.remote import RemoteLedger
+
+    _, fs = s3_here
+    gen = "run-1764556800000-fedcba"
+    run = orjson.dumps({"status": "run", "at": 1, "command": "send", "settings": {"parts": gen}})
+    line = orjson.dumps({"seq": 0, "identity": "x:1", "status": "failed"})
+    out = _put(fs, "cut/out.jsonl", b"")
+    failed = _put(fs, "cut/failed.jsonl", b'{"before":1}\n{"x":1}\n')  # its merge uploaded
+    parts = f"cut/out.jsonl.parts/{gen}"
+    _put(fs, f"{parts}/run.jsonl", run + b"\n")
+    _put(fs, f"{parts}/shard-0000-of-0001/seg-000000.jsonl", line + b"\n")
+    _put(fs, f"{parts}/failed-0000-of-0001/seg-000000.jsonl", b'{"x":1}\n')
+    _put(fs, f"{parts}/MERGING", orjson.dumps({"failed_size": len(b'{"before":1}\n')}))
+    remote = RemoteLedger(out, failed, resume=True, overwrite=False)
+    try:
+        remote.open()
+        assert remote.merge_left() == 1
+    finally:
+        remote.close()
+    fs.invalidate_cache()
+    assert fs.cat_file(f"{BUCKET}/cut/failed.jsonl") == b'{"before":1}\n{"x":1}\n'
+    merged = fs.cat_file(f"{BUCKET}/cut/out.jsonl").splitlines()
+    assert [orjson.loads(x).get("shard") for x in merged] == [None, 0]  # run line, result
+    assert _objects(fs, "cut/") == [f"{BUCKET}/cut/failed.jsonl", f"{BUCKET}/cut/out.jsonl"]
