@@ -177,8 +177,6 @@ class _Uploader:
         #: The next segment's number, and the bytes of ``local`` uploaded so far.
         self.next = 0
         self.uploaded = 0
-        #: The last upload that failed (retried at the next one).
-        self.error: BaseException | None = None
 
     def download(self) -> int:
         """The segments an earlier attempt uploaded, in order, into ``local``; bytes."""
@@ -261,16 +259,14 @@ class ShardSegments:
             uploader.upload()
 
     async def run(self) -> None:
-        """The uploader ticker. A failed upload is retried at the next tick (its lines
-        stay in the local part); the shard's last upload raises it."""
+        """The uploader ticker. A failed upload is tried again at the next tick (its
+        lines stay in the local part, and a store that is briefly away must not stop the
+        sends); the shard's last upload, after the sends, raises what still fails."""
         while True:
             await anyio.sleep(self.interval_s)
             for uploader in self.uploaders:
-                try:
+                with contextlib.suppress(LedgerError, SinkError):
                     await anyio.to_thread.run_sync(uploader.upload)
-                    uploader.error = None
-                except (LedgerError, SinkError) as exc:
-                    uploader.error = exc
 
     def hooks(self, inner: Hooks) -> Hooks:
         return _UploadingHooks(inner, self.run)
@@ -285,7 +281,7 @@ class _UploadingHooks(Hooks):
     def __init__(self, inner: Hooks, uploader: Ticker) -> None:
         self.inner, self.uploader = inner, uploader
 
-    def observers(self) -> list[Any]:
+    def observers(self) -> list[Callable[[Result], None]]:
         return self.inner.observers()
 
     def tickers(self, live: Live) -> list[Ticker]:
