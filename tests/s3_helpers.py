@@ -31,7 +31,9 @@ def moto_s3() -> Iterator[tuple[dict[str, str], Any]]:
         fs = s3fs.S3FileSystem(
             key="testing", secret="testing", endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"]
         )
-        fs.mkdir(BUCKET)
+        # moto keeps its buckets per process, not per server: an earlier module's is there.
+        if not fs.exists(BUCKET):
+            fs.mkdir(BUCKET)
         yield env, fs
     finally:
         server.stop()
