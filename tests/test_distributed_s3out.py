@@ -292,3 +292,21 @@ def test_a_resume_cuts_the_failed_object_back_before_merging_again(s3_here: S3) 
     merged = fs.cat_file(f"{BUCKET}/cut/out.jsonl").splitlines()
     assert [orjson.loads(x).get("shard") for x in merged] == [None, 0]  # run line, result
     assert _objects(fs, "cut/") == [f"{BUCKET}/cut/failed.jsonl", f"{BUCKET}/cut/out.jsonl"]
+
+
+def test_segments_come_back_in_order_past_one_fetch_batch(s3_here: S3) -> None:
+    from bulksend.remote import FETCH_BATCH, ShardSegments
+
+    _, fs = s3_here
+    prefix = "order/out.jsonl.parts/run-1764556800000-012345/shard-0000-of-0001"
+    count = FETCH_BATCH + 9
+    for i in reversed(range(count)):  # written out of order: read back by number
+        _put(fs, f"{prefix}/seg-{i:06d}.jsonl", b"%d\n" % i)
+    segments = ShardSegments(f"s3://{BUCKET}/{prefix}", None, ("part.jsonl", None))
+    try:
+        segments.download()
+        with open(segments.part, "rb") as fh:
+            assert fh.read().splitlines() == [b"%d" % i for i in range(count)]
+        assert segments.uploaders[0].next == count  # the next upload follows them
+    finally:
+        segments.close()
