@@ -546,8 +546,8 @@ class Sinks:
                     # shards' uploaded segments, bulksend.remote): a ledger here is
                     # appended, locked and cut back, which an object does not allow.
                     raise ConfigError(
-                        f"{flag} {path}: an object store URL needs send --workers/--cluster"
-                        " (one process writes its outputs to files)"
+                        f"{flag} {path}: outputs go to an object store only from send"
+                        " --workers/--cluster with --out there too (one process writes files)"
                     )
             places = {flag: locate(path) for flag, path in outputs.paths()}
             if plan.options.exactly_once:

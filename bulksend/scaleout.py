@@ -17,6 +17,10 @@ a LocalCluster of N single-threaded worker processes on 127.0.0.1; ``ClusterSpec
    the shards' stats (latency histograms added, never averaged), and ends as a single run
    ends (``run._finish``: ``--stats``, ``--html``, the summary).
 
+With ``--out`` in an object store (``s3://...``), the run writes local copies of its
+outputs, the shards upload their parts as segments, and the driver merges and publishes
+them (``remote.RemoteLedger``).
+
 ``run_distributed_load`` does the same for a ``load``: shard ``i`` of ``n`` sends messages
 ``i, i + n, ...`` of the one schedule, and the driver builds the load's stats, series,
 threshold windows, verdicts and report from the parts' lines as they grow.
@@ -348,7 +352,10 @@ async def _execute(
 
 
 def _uploading(
-    task: ShardTask | LoadShardTask, remote: RemoteLedger, cluster: ClusterSpec, job: Any
+    task: ShardTask | LoadShardTask,
+    remote: RemoteLedger,
+    cluster: ClusterSpec,
+    job: SendJob | LoadJob,
 ) -> ShardTask:
     """A shard's task that uploads its parts as segments of ``remote``'s generation."""
     assert isinstance(task, ShardTask) and isinstance(job, SendJob)

@@ -136,7 +136,7 @@ def test_a_non_empty_out_object_is_refused_untouched(tmp_path: Path, s3: S3) -> 
     # One process: refused in one line, nothing written.
     single = bulksend("send", source, "--embedded", "--out", f"s3://{BUCKET}/single.jsonl", env=env)
     assert single.returncode == 2, single.stderr
-    assert single.stderr.count("\n") == 1 and "needs send --workers/--cluster" in single.stderr
+    assert single.stderr.count("\n") == 1 and "only from send --workers/--cluster" in single.stderr
     assert _objects(fs, "single") == []
 
 
