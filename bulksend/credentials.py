@@ -42,6 +42,7 @@ import configparser
 import datetime
 import http.client
 import stat
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -72,6 +73,8 @@ SECURITY_KEY_PATH = "/openstack/latest/securitykey"
 TOKEN_TTL_S = 6 * 60 * 60
 #: The SDK's per-request timeout to the metadata service (connect and read, 3 s each).
 METADATA_TIMEOUT_S = 3.0
+#: bulksend's bound on the whole exchange (two or four requests); the SDK has none.
+METADATA_DEADLINE_S = 10.0
 #: The answer to a 401 when the ECS has no agency: asking again will not help.
 NO_AGENCY = "Please configure Cloud Service Agency first"
 #: A security-key answer is a few KB; more than this is not one.
@@ -268,9 +271,16 @@ class MetadataService:
     do not call for an HTTP client session.
     """
 
-    def __init__(self, url: str, *, timeout_s: float = METADATA_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = METADATA_TIMEOUT_S,
+        deadline_s: float = METADATA_DEADLINE_S,
+    ) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
+        self.deadline_s = deadline_s
         # No proxy handler: the service is link-local, no proxy reaches it.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
 
@@ -278,7 +288,34 @@ class MetadataService:
         return f"MetadataService({self.url!r})"
 
     def fetch(self) -> TemporaryCredentials:
-        """Blocking; ConfigError (one line, no secret in it) when no credentials come."""
+        """Blocking, at most ``deadline_s``; ConfigError (one line, no secret in it) when
+        no credentials come.
+
+        urllib's timeout bounds each read of the socket, not the exchange: a service that
+        trickles a byte a second holds it for minutes. The exchange runs on a daemon thread
+        that is abandoned at the deadline (it ends when its socket times out or closes;
+        a daemon thread never holds the process at exit)."""
+        outcome: list[TemporaryCredentials | BaseException] = []
+
+        def exchange() -> None:
+            try:
+                outcome.append(self._exchange())
+            except BaseException as exc:  # handed to the caller, raised there
+                outcome.append(exc)
+
+        worker = threading.Thread(target=exchange, name="bulksend-metadata", daemon=True)
+        worker.start()
+        worker.join(self.deadline_s)
+        if not outcome:
+            raise ConfigError(
+                f"the ECS metadata service at {self.url} did not answer within"
+                f" {self.deadline_s:g} s"
+            )
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    def _exchange(self) -> TemporaryCredentials:
         token = self._session_token(required=False)
         status, body = self._get_security_key(token)
         if status == 401 and NO_AGENCY.encode() not in body:
