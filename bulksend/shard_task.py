@@ -8,7 +8,8 @@ driver could split them (``spans.split_jsonl``), else the whole inputs filtered 
 ``task.plan``. It sends them at its share of the rate on its slots of the run's grid
 (``shards.SlotSchedule``) and returns a ``ShardReport`` (its stats, hdrh-encoded).
 Progress goes to the driver through Dask's event log (``Worker.log_event``: batched on the
-worker's stream to the scheduler, no extra round trip); a stop comes as a
+worker's stream to the scheduler, no extra round trip), with the shard's live figures for
+the driver's ``/metrics`` (``metrics.post_of``: ~0.5 kB a second); a stop comes as a
 ``distributed.Event`` the driver sets, and drains the shard as a first SIGINT drains a run.
 
 **A shard that runs again resumes from its part.** Dask re-runs a shard whose worker was
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import secrets
 import time
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
@@ -42,6 +44,8 @@ from bulksend.errors import BulksendError, LedgerError
 from bulksend.ledger import read_ledger
 from bulksend.load import LoadJob
 from bulksend.merge import RESULT_STATUSES, ShardStats, wait_for_part
+from bulksend.metrics import AttemptCounts, RunFigures, post_of
+from bulksend.observers import AttemptObserver
 from bulksend.record import Item
 from bulksend.result import SKIPPED, Result, result_for
 from bulksend.run import End, Hooks, Live, Outputs, Plan, Ticker, run
@@ -265,12 +269,23 @@ class _ShardHooks(Hooks):
         self.index, self.inputs, self.report = index, inputs, report
         self.publish, self.should_stop = publish, should_stop
         self.live: Live | None = None
+        #: This run of the shard (Dask runs it again when its worker is lost): the driver
+        #: adds up what each attempt did itself (its requests) by this token.
+        self.attempt = secrets.token_hex(8)
+        # Counted whether or not the driver serves /metrics: one dict increment an
+        # attempt, ~0.1 % of a message's CPU (benchmarks/bench_metrics_post.py), against
+        # another field in every task.
+        self.attempts = AttemptCounts()
+
+    def attempt_observers(self) -> list[AttemptObserver]:
+        return [self.attempts]
 
     def progress(self, live: Live) -> Progress:
         stats, sender = live.stats, live.sender
+        assert isinstance(stats, Stats | LoadStats)
         base = stats.base if isinstance(stats, LoadStats) else stats
-        assert isinstance(base, Stats)
         c = sender.counters
+        figures = RunFigures(stats, sender, self.attempts).figures()
         return {
             "shard": self.index,
             **{k: base.counts[k] for k in ("ok", "failed", "invalid", "skipped")},
@@ -280,6 +295,9 @@ class _ShardHooks(Hooks):
             "rate": sender.schedule.rate,
             "bytes_read": self.inputs.bytes_read if self.inputs is not None else 0,
             "bytes_total": self.inputs.bytes_total if self.inputs is not None else None,
+            # Cumulative, the results read from the part included: see
+            # metrics.ShardedFigures for how the driver adds attempts up.
+            "metrics": post_of(figures, self.attempt),
         }
 
     def tickers(self, live: Live) -> list[Ticker]:
@@ -306,7 +324,10 @@ class _ShardHooks(Hooks):
         self.live.drain()
 
     def finish(self, snapshot: dict[str, Any], end: End) -> None:
-        # The final count, so the driver's line ends on the shard's true figures.
+        # The final count, so the driver's line and /metrics end on the shard's true
+        # figures. It reaches the driver before the task's result does: both go on the
+        # worker's one ordered stream to the scheduler (this one first), and on to the
+        # driver on its one stream from there.
         if self.publish is not None and self.live is not None:
             self.publish(self.progress(self.live))
 
