@@ -2,7 +2,8 @@
 on (``connect``: a new LocalCluster of single-threaded worker processes on 127.0.0.1, or
 a running scheduler), and the shards in flight (``ShardRun``: submitted as plain Dask
 tasks, watched, asked to drain through a ``distributed.Event``, their counts gathered
-from Dask's event log into one progress line).
+from Dask's event log into one progress line and, with ``--metrics-addr``, the driver's
+/metrics).
 
 This is the only module that imports Dask, inside the functions that need it.
 """
@@ -266,6 +267,7 @@ class ShardRun:
                 failed_part=os.path.abspath(self.parts.failed(i, n)) if job.failed else None,
                 previous=os.path.abspath(job.out) if job.resume and job.out else None,
                 drain_timeout_s=job.drain_timeout_s,
+                metrics=self.progress.figures is not None,
                 progress_topic=self.topic,
                 stop_event=self.stop_name,
             )
@@ -380,7 +382,7 @@ class _ClusterProgress:
         msg = event[1]
         shard = int(msg["shard"])
         self.latest[shard] = msg
-        if self.figures is not None:
+        if self.figures is not None and "metrics" in msg:
             self.figures.add(shard, msg["metrics"])
         if self.started is None and msg.get("total"):
             # A shard's first report counts up to a report interval of sends: dated from

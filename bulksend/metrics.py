@@ -19,9 +19,9 @@ is an attempt observer (one dict increment per attempt) that runs only with
 ``--metrics-addr``.
 
 A ``--workers``/``--cluster`` run serves /metrics from its driver: each shard posts its
-``Figures`` with its progress (``post_of``: about 0.5 kB, its histograms as bucket counts
-at ``BUCKETS_S``), and ``ShardedFigures`` adds the shards up, so that no counter goes back
-when Dask runs a shard again (see there).
+``Figures`` with its progress every second (``post_of``: ~0.3 kB more a post, its
+histograms as bucket counts at ``BUCKETS_S``), and ``ShardedFigures`` adds the shards up,
+so that no counter goes back when Dask runs a shard again (see there).
 
 Served on the run's loop, not in prometheus_client's thread: a scrape reads the stats while
 nothing changes them (a thread would iterate counters the loop is adding to), and costs
@@ -43,12 +43,13 @@ The metrics (``code`` is the HTTP status, or the error_code when no answer came)
 from __future__ import annotations
 
 import contextlib
+import itertools
+import operator
 import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -342,27 +343,42 @@ def histogram_buckets(
     a value at most 0.1 % (3 significant digits) above a bound may count in it. The sum is
     hdrh's (each value taken as the middle of its bucket, as ``get_mean_value`` does).
 
-    Both read off the counts array in one pass: a scrape must not hold the loop for a walk
-    over every recorded value (hdrh's iterators cost ~µs a step in Python; its mean took
-    ~150 ms of a million latencies, this ~7 ms: ``benchmarks/bench_metrics.py``)."""
+    Both read off the counts array in one pass of C loops: a scrape must not hold the loop
+    for a walk over every recorded value (hdrh's iterators cost ~µs a step in Python; its
+    mean took ~150 ms of a million latencies), nor for a Python step per bucket (~10 ms);
+    this takes ~1 ms (``benchmarks/bench_metrics.py``), once a second on each shard of a
+    ``--workers`` run (``benchmarks/bench_metrics_post.py``)."""
     total = int(hist.get_total_count())
     if not total:
         return [*((_le(b), 0.0) for b in bounds_s), ("+Inf", 0.0)], 0.0
     top = hist.get_counts_array_index(hist.max_value)
     counts = hist.counts[: top + 1]
-    cumulative = list(accumulate(counts))
+    cumulative = list(itertools.accumulate(counts))
     buckets = []
     for bound in bounds_s:
         index = hist.get_counts_array_index(int(bound * 1_000_000))
         buckets.append((_le(bound), float(cumulative[min(index, top)])))
     buckets.append(("+Inf", float(total)))
-    value_at = hist.get_value_from_index
-    sum_us = 0
-    for index, n in enumerate(counts):
-        if n:
-            low = value_at(index)
-            sum_us += n * (low + ((value_at(index + 1) - low) >> 1))
+    sum_us = sum(map(operator.mul, counts, _middles(hist)))
     return buckets, sum_us / 1_000_000
+
+
+#: The middle value of each bucket, by histogram layout: the same for every histogram of
+#: a run (``stats.new_histogram``), made once (~20 ms) rather than at each scrape.
+_MIDDLES: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _middles(hist: HdrHistogram) -> list[int]:
+    """Each bucket's middle value (its lowest plus half its width, as hdrh's mean takes
+    it), for every bucket of ``hist``'s layout."""
+    layout = (hist.unit_magnitude, hist.sub_bucket_half_count_magnitude, hist.counts_len)
+    middles = _MIDDLES.get(layout)
+    if middles is None:
+        value_at = hist.get_value_from_index
+        lows = [value_at(index) for index in range(hist.counts_len + 1)]
+        middles = [low + ((high - low) >> 1) for low, high in itertools.pairwise(lows)]
+        _MIDDLES[layout] = middles
+    return middles
 
 
 def _le(bound: float) -> str:
@@ -377,9 +393,10 @@ class Buckets:
     """A duration histogram as Prometheus shows it: how many values are at or below each
     bound of ``BUCKETS_S``, then all of them (cumulative), and their sum in seconds.
 
-    What a shard posts of its HdrHistograms: 16 integers and a float, against 0.3-2 kB
-    for hdrh's encoded form (``benchmarks/bench_metrics_post.py``); the driver then adds
-    16 integers a shard rather than decoding and adding histograms every second."""
+    What a shard posts of its HdrHistograms: 16 integers and a float. A post is then
+    ~0.4 kB in all, against 1.5 kB (a thousand latencies) to 13 kB (a million) with hdrh's
+    encoded form, and the driver adds 16 integers a shard rather than decoding and adding
+    histograms every second (``benchmarks/bench_metrics_post.py``)."""
 
     cumulative: tuple[int, ...]
     sum_s: float

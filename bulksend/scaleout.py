@@ -12,7 +12,8 @@ a LocalCluster of N single-threaded worker processes on 127.0.0.1; ``ClusterSpec
 2. cuts plain JSONL inputs into one byte span per shard (``split_inputs``) and submits one
    plain Dask task per shard (``shard_task.run_shard``), each the run harness
    (``run.run``) over its own records at its share of ``--rate``, and shows one progress
-   line from the counts the shards post to Dask's event log;
+   line from the counts the shards post to Dask's event log (with ``--metrics-addr``,
+   their figures' sum at /metrics, served from the start to the last output written);
 3. merges the parts into ``--out`` (each line with ``"shard": i``) and ``--failed``, adds
    the shards' stats (latency histograms added, never averaged), and ends as a single run
    ends (``run._finish``: ``--stats``, ``--html``, the summary).

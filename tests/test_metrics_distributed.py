@@ -191,7 +191,8 @@ class _LastScrape:
         async def scraping(
             hooks: scaleout._SendHooks, snapshot: dict[str, Any], end: End
         ) -> list[str]:
-            self.taken.append(await anyio.to_thread.run_sync(scrape, self.url))
+            if self.url:  # else the test fails on its own: the driver gave no address
+                self.taken.append(await anyio.to_thread.run_sync(scrape, self.url))
             return await epilogue(hooks, snapshot, end)
 
         monkeypatch.setattr(scaleout._SendHooks, "epilogue", scraping)
@@ -273,9 +274,9 @@ async def test_send_workers_2_metrics_grow_and_end_as_the_merged_ledger(
 def test_load_workers_2_serves_the_total_rate_and_late_sends(tmp_path: Path) -> None:
     stats_path = tmp_path / "s.json"
     with start_server_subprocess("--latency", "30") as (_, url):
-        # 2 in flight a shard, 30 ms each: at most ~130/s of 400/s go out, the rest late.
+        # 4 in flight a shard, 30 ms each: at most ~270/s of 400/s go out, the rest late.
         args = ["load", *target(url), "--workers", "2", "--rate", "400", "--duration", "3s"]
-        args += ["--max-in-flight", "2", "--metrics-addr", "127.0.0.1:0"]
+        args += ["--max-in-flight", "4", "--metrics-addr", "127.0.0.1:0"]
         args += ["--progress-interval", "60", "--stats", str(stats_path)]
         proc = subprocess.Popen(
             [sys.executable, "-m", "bulksend", *args],
@@ -294,7 +295,7 @@ def test_load_workers_2_serves_the_total_rate_and_late_sends(tmp_path: Path) -> 
             # The whole schedule's rate, not a shard's 200/s.
             assert seen["bulksend_target_rate"] == 400
             assert seen["bulksend_corrected_duration_seconds_count"] > 0
-            assert seen["bulksend_in_flight"] <= 4
+            assert seen["bulksend_in_flight"] <= 8
             _, rest = proc.communicate(timeout=120)
         finally:
             if proc.poll() is None:
