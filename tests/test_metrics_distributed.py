@@ -17,6 +17,7 @@ import itertools
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -37,7 +38,7 @@ from bulksend.metrics import Buckets, Figures, ShardedFigures, post_of
 from bulksend.run import End
 from bulksend.scaleout import ClusterSpec, run_distributed
 from bulksend.stats import new_histogram
-from tests.cli_helpers import read_jsonl, target, write_jsonl
+from tests.cli_helpers import bulksend, read_jsonl, target, write_jsonl
 from tests.serve_helpers import start_server_inprocess, start_server_subprocess
 from tests.test_distributed import (
     LOCAL2,
@@ -351,3 +352,24 @@ async def test_a_shard_run_again_after_its_worker_is_killed_takes_no_counter_bac
     # Both attempts' requests: at least every record's attempts in the merged ledger, less
     # those the lost worker made after its last post (at most a second's, at 250/s).
     assert requests >= sum(x["attempts"] for x in lines) - 500
+
+
+@pytest.mark.parametrize("command", ["send", "load"])
+def test_a_metrics_port_in_use_stops_a_workers_run_before_its_cluster(
+    tmp_path: Path, command: str
+) -> None:
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    data = write_jsonl(tmp_path / "in.jsonl", _records(3))
+    out = tmp_path / "out.jsonl"
+    args = [str(data)] if command == "send" else ["--rate", "10", "--duration", "1s"]
+    try:
+        proc = bulksend(
+            command, *args, "--embedded", "--workers", "2", "--out", str(out),
+            "--metrics-addr", f"127.0.0.1:{port}",
+        )  # fmt: skip
+    finally:
+        taken.close()
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and f"--metrics-addr 127.0.0.1:{port}" in proc.stderr
+    assert "in use" in proc.stderr and not out.exists()
