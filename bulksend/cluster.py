@@ -32,7 +32,7 @@ from bulksend.errors import BulksendError, ClusterError, ConfigError
 from bulksend.interrupts import Interrupts
 from bulksend.job import SendJob
 from bulksend.load import LoadJob
-from bulksend.merge import Parts
+from bulksend.merge import SHARD_GRACE_S, Parts
 from bulksend.progress import SendView
 from bulksend.result import FAILED, INVALID, OK
 from bulksend.shard_task import (
@@ -55,8 +55,7 @@ if TYPE_CHECKING:
 CONNECT_TIMEOUT_S = 30.0
 #: A distributed load's schedule starts this many seconds after the driver submits it.
 LOAD_LEAD_S = 1.0
-#: Past the shards' own drain deadline, how long the driver waits for their reports.
-REPORT_GRACE_S = 10.0
+REPORT_GRACE_S = SHARD_GRACE_S
 #: Dask's housekeeping, slowed to what a few long tasks need. A shard is one task that
 #: runs for the whole job: the statistical profiler (a stack sample every 10 ms), the
 #: 20 ms event-loop tick and the 0.5 s system monitor only cost CPU the senders need.

@@ -50,6 +50,9 @@ CHUNK_BYTES = 1 << 20
 RESULT_STATUSES = frozenset({OK, FAILED, INVALID})
 _PART = re.compile(r"^(shard|failed)-(\d{4,})-of-(\d{4,})\.jsonl$")
 _MARKER = "MERGING"
+#: Past the shards' own drain deadline, how long a driver waits for them: for their
+#: reports, and for a shard of an earlier run to let go of its part before a merge.
+SHARD_GRACE_S = 10.0
 #: How ``run.run_line`` begins a line (orjson keeps the keys in the order written).
 _RUN_LINE = b'{"status":"run",'
 
@@ -231,7 +234,14 @@ def merge_parts(
     merged = Merged()
     if not parts.exists():
         return merged
-    sizes = {"out": out, "out_size": _size(out), "failed": failed, "failed_size": _size(failed)}
+    # Absolute paths: a --resume run from another directory must cut back these files,
+    # not files of the same names in its own working directory.
+    sizes = {
+        "out": _absolute(out),
+        "out_size": _size(out),
+        "failed": _absolute(failed),
+        "failed_size": _size(failed),
+    }
     write_json(parts.marker, sizes)
     with _Appender(out) as dst:
         for index, path in parts.found("shard"):
@@ -263,6 +273,73 @@ def recover(parts: Parts) -> bool:
                 raise LedgerError(f"cannot cut {path} back: {exc.strerror or exc}") from None
     os.unlink(parts.marker)
     return True
+
+
+def settle_parts(
+    out: str,
+    failed: str | None,
+    *,
+    resume: bool,
+    overwrite: bool,
+    wait_s: float,
+    say: Callable[[str], None],
+) -> None:
+    """What a run on the ledger ``out`` does with ``OUT.parts/`` that an earlier distributed
+    run left (its driver killed, or the run abandoned), whether this run is distributed or
+    not: with ``--resume`` finish that run first (undo a merge cut short, wait for shards
+    still writing, merge the parts into ``out`` and ``failed``), so the records its shards
+    sent are done and not sent again; with ``--overwrite`` drop the parts; else refuse, as
+    for a non-empty ledger. Call it holding ``out``'s lock."""
+    parts = Parts(parts_dir(out))
+    if not parts.exists():
+        return
+    if resume:
+        if recover(parts):
+            say(f"bulksend: undid a merge of {parts.directory} that was cut short")
+        cut_torn_tail(out, say)
+        wait_for_writers(parts, wait_s)
+        merged = merge_parts(parts, out=out, failed=failed)
+        if merged.lines:
+            say(
+                f"bulksend: merged {sum(merged.lines.values()):,} results a previous run left"
+                f" in {parts.directory}"
+            )
+    elif (parts.found("shard") or os.path.exists(parts.marker)) and not overwrite:
+        raise LedgerError(
+            f"{parts.directory} holds the results of an unfinished run: add --resume to"
+            " continue it, or --overwrite to start again"
+        )
+    else:
+        parts.remove()
+
+
+def cut_torn_tail(path: str, say: Callable[[str], None]) -> None:
+    """Cut a torn last line off the ledger (a run killed inside a write), so that merged
+    lines start clean. Reads only the tail."""
+    try:
+        with open(path, "r+b") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            end = size
+            while end > 0:
+                start = max(0, end - 65536)
+                fh.seek(start)
+                block = fh.read(end - start)
+                nl = block.rfind(b"\n")
+                if nl >= 0:
+                    end = start + nl + 1
+                    break
+                end = start
+            if end < size:
+                fh.truncate(end)
+                say(f"bulksend: ignored a torn last line ({size - end} bytes) in {path}")
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SinkError(f"cannot repair {path}: {exc.strerror or exc}") from None
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else os.path.abspath(path)
 
 
 def _size(path: str | None) -> int:

@@ -39,6 +39,7 @@ from bulksend.health import TargetHealth
 from bulksend.html import RunReport, render_html
 from bulksend.interrupts import Interrupts
 from bulksend.ledger import check_inputs, read_ledger, write_fingerprints
+from bulksend.merge import SHARD_GRACE_S, settle_parts
 from bulksend.pacer import Pacer
 from bulksend.record import Item
 from bulksend.result import FAILED, INVALID, SKIPPED, Result
@@ -540,6 +541,8 @@ class Sinks:
         self.html: DocumentWriter | None = None
         #: --resume: intents no result followed (identity -> intent line), for --exactly-once.
         self.intents: dict[str, dict[str, Any]] = {}
+        #: Lines for stderr from opening the outputs, written by ``begin``.
+        self.said: list[str] = []
         #: The run line is written: from here on the run has outputs to finish.
         self.begun = False
         self._created: list[str] = []
@@ -598,6 +601,16 @@ class Sinks:
                 if not outputs.overwrite:
                     raise LedgerError(_refusal(path, size, plan.resumable))
                 os.ftruncate(fd, 0)
+            # Parts of a distributed run on this ledger are its results too, whether
+            # this run is distributed or not.
+            settle_parts(
+                path,
+                outputs.failed if outputs.failed != STDOUT else None,
+                resume=outputs.resume,
+                overwrite=outputs.overwrite,
+                wait_s=outputs.drain_timeout_s + SHARD_GRACE_S,
+                say=self.said.append,
+            )
         except BaseException:
             os.close(fd)
             raise
@@ -610,6 +623,8 @@ class Sinks:
         """With --resume, read the ledger back (what it holds as ok); keep the inputs'
         fingerprints beside it; write the run line. Which records are done, if any."""
         done = None
+        if outputs.progress != "off":
+            err.writelines(f"{line}\n" for line in self.said)
         place = self.ledger_place
         if place is not None:
             if outputs.resume:

@@ -50,18 +50,17 @@ import anyio.to_thread
 import orjson
 
 from bulksend.cluster import (
-    REPORT_GRACE_S,
     ShardRun,
     check_embedded_reach,
     connect,
     started_line,
 )
-from bulksend.errors import BulksendError, ConfigError, InputOpenError, LedgerError, SinkError
+from bulksend.errors import BulksendError, ConfigError, InputOpenError, LedgerError
 from bulksend.html import RunReport
 from bulksend.identity import input_keys
 from bulksend.job import Outcome, SendJob
 from bulksend.load import TICK_S, LoadJob, LoadOutcome
-from bulksend.merge import RESULT_STATUSES, Parts, merge_parts, parts_dir, recover, wait_for_writers
+from bulksend.merge import RESULT_STATUSES, Parts, merge_parts, parts_dir
 from bulksend.metrics import MetricsEndpoint, ShardedFigures
 from bulksend.result import Result
 from bulksend.run import End, Hooks, Plan, Sinks, _finish
@@ -435,57 +434,14 @@ def _check_outputs(cluster: ClusterSpec, merged: dict[str, str | None]) -> None:
 
 
 def _prepare(job: SendJob | LoadJob, sinks: Sinks, err: TextIO) -> Parts:
-    """The parts directory of this run, made ready; see the module docstring."""
-    resume = isinstance(job, SendJob) and job.resume
-    failed = job.failed if isinstance(job, SendJob) else None
+    """The parts directory of this run, made ready. What an earlier run left in it was
+    settled when ``--out`` was opened (``run.Sinks``: merged with ``--resume``, dropped
+    with ``--overwrite``, else the run refused)."""
     if not job.out:
         # --workers without --out: the parts are the run's only ledger; workers are local.
         return Parts(tempfile.mkdtemp(prefix="bulksend-parts-"))
     if sinks.ledger_place is None:
         raise ConfigError(f"--workers/--cluster need --out in a regular file; {job.out} is not one")
     parts = Parts(parts_dir(job.out))
-    if resume:
-        if recover(parts) and job.progress != "off":
-            err.write(f"bulksend: undid a merge of {parts.directory} that was cut short\n")
-        _cut_torn_tail(job.out, err)
-        wait_for_writers(parts, job.drain_timeout_s + REPORT_GRACE_S)
-        merged = merge_parts(parts, out=job.out, failed=failed)
-        if merged.lines and job.progress != "off":
-            err.write(
-                f"bulksend: merged {sum(merged.lines.values()):,} results a previous run left"
-                f" in {parts.directory}\n"
-            )
-    elif parts.found("shard") and not job.overwrite:
-        raise LedgerError(
-            f"{parts.directory} holds the results of an unfinished run: add --resume to"
-            " continue it, or --overwrite to start again"
-        )
-    else:
-        parts.remove()
     parts.create()
     return parts
-
-
-def _cut_torn_tail(path: str, err: TextIO) -> None:
-    """Cut a torn last line off the ledger (a single-process run killed inside a write),
-    so that merged lines start clean. Reads only the tail."""
-    try:
-        with open(path, "r+b") as fh:
-            size = fh.seek(0, os.SEEK_END)
-            end = size
-            while end > 0:
-                start = max(0, end - 65536)
-                fh.seek(start)
-                block = fh.read(end - start)
-                nl = block.rfind(b"\n")
-                if nl >= 0:
-                    end = start + nl + 1
-                    break
-                end = start
-            if end < size:
-                fh.truncate(end)
-                err.write(f"bulksend: ignored a torn last line ({size - end} bytes) in {path}\n")
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise SinkError(f"cannot repair {path}: {exc.strerror or exc}") from None

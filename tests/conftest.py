@@ -5,7 +5,9 @@ the tests of the metadata lookup name a stand-in on 127.0.0.1 instead."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 
@@ -13,6 +15,8 @@ import pytest
 
 # Before any test module imports the SDK.
 os.environ["HOME"] = tempfile.mkdtemp(prefix="bulksend-home-")
+# Removed when the session ends, so runs do not pile throwaway homes up in /tmp.
+atexit.register(shutil.rmtree, os.environ["HOME"], ignore_errors=True)
 os.environ["BULKSEND_METADATA_URL"] = "off"
 
 
