@@ -346,8 +346,9 @@ def histogram_buckets(
     Both read off the counts array in one pass of C loops: a scrape must not hold the loop
     for a walk over every recorded value (hdrh's iterators cost ~µs a step in Python; its
     mean took ~150 ms of a million latencies), nor for a Python step per bucket (~10 ms);
-    this takes ~1 ms (``benchmarks/bench_metrics.py``), once a second on each shard of a
-    ``--workers`` run (``benchmarks/bench_metrics_post.py``)."""
+    this takes ~1 ms a histogram (a scrape of two: 13 ms before, 3-4 ms after;
+    ``benchmarks/bench_metrics.py``), once a second on each shard of a ``--workers`` run
+    with /metrics (``benchmarks/bench_metrics_post.py``)."""
     total = int(hist.get_total_count())
     if not total:
         return [*((_le(b), 0.0) for b in bounds_s), ("+Inf", 0.0)], 0.0

@@ -277,7 +277,7 @@ class _ShardHooks(Hooks):
         #: adds up what each attempt did itself (its requests) by this token.
         self.attempt = secrets.token_hex(8)
         #: With /metrics only, as in one process: counting each attempt by code costs
-        #: ~0.2 µs, and a post's figures ~1.5 ms a second (benchmarks/bench_metrics_post.py).
+        #: ~0.3 µs, and a post's figures ~1 ms a second (benchmarks/bench_metrics_post.py).
         self.attempts = AttemptCounts() if metrics else None
 
     def attempt_observers(self) -> list[AttemptObserver]:
