@@ -365,7 +365,7 @@ def histogram_buckets(
 
 
 #: The middle value of each bucket, by histogram layout: the same for every histogram of
-#: a run (``stats.new_histogram``), made once (~20 ms) rather than at each scrape.
+#: a run (``stats.new_histogram``), made once (~10 ms) rather than at each scrape.
 _MIDDLES: dict[tuple[int, int, int], list[int]] = {}
 
 
