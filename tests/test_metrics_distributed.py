@@ -230,6 +230,7 @@ def _check_end(last: dict[str, float], lines: list[dict[str, Any]]) -> None:
     assert last["bulksend_in_flight"] == 0
 
 
+@pytest.mark.slow
 async def test_send_workers_2_metrics_grow_and_end_as_the_merged_ledger(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -272,6 +273,7 @@ async def test_send_workers_2_metrics_grow_and_end_as_the_merged_ledger(
     assert end['bulksend_records_total{status="skipped"}'] == 0
 
 
+@pytest.mark.slow
 def test_load_workers_2_serves_the_total_rate_and_late_sends(tmp_path: Path) -> None:
     stats_path = tmp_path / "s.json"
     with start_server_subprocess("--latency", "30") as (_, url):
@@ -308,6 +310,7 @@ def test_load_workers_2_serves_the_total_rate_and_late_sends(tmp_path: Path) -> 
     assert stats["total"] >= seen['bulksend_records_total{status="ok"}']
 
 
+@pytest.mark.slow
 async def test_a_shard_run_again_after_its_worker_is_killed_takes_no_counter_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
