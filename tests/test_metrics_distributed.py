@@ -201,11 +201,11 @@ class _LastScrape:
 
 def _counters(samples: dict[str, float]) -> dict[str, float]:
     """The samples that may only grow: every counter and histogram series."""
+    histograms = ("bulksend_request_duration_seconds", "bulksend_corrected_duration_seconds")
     return {
         k: v
         for k, v in samples.items()
-        if k.startswith(("bulksend_records_total", "bulksend_requests_total"))
-        or k.startswith(("bulksend_retries_total", "bulksend_request_duration_seconds"))
+        if k.split("{")[0].endswith("_total") or k.startswith(histograms)
     }
 
 
