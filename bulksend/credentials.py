@@ -41,6 +41,7 @@ from __future__ import annotations
 import configparser
 import datetime
 import http.client
+import stat
 import time
 import urllib.error
 import urllib.request
@@ -60,6 +61,8 @@ ENV_CREDENTIALS_FILE = "HUAWEICLOUD_SDK_CREDENTIALS_FILE"
 #: ``~/.huaweicloud/credentials``, below HOME as the SDK finds it.
 DEFAULT_CREDENTIALS_FILE = (".huaweicloud", "credentials")
 CREDENTIALS_SECTION = "basic"
+#: A credentials file is a few lines; anything longer is something else.
+MAX_CREDENTIALS_FILE_BYTES = 1 << 20
 
 ENV_METADATA_URL = "BULKSEND_METADATA_URL"
 METADATA_URL = "http://169.254.169.254"
@@ -171,8 +174,26 @@ def read_credentials_file(path: Path, named: bool = True) -> tuple[Credentials, 
     wrong is a ConfigError that quotes no line of the file (a line may hold a secret)."""
     parser = configparser.ConfigParser(interpolation=None)
     try:
-        with path.open(encoding="utf-8") as fh:
-            parser.read_file(fh)
+        # Looked at before it is opened: a FIFO nobody writes would block the start for
+        # ever, and /dev/zero would be read until memory runs out.
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"the credentials file {path} is not a regular file")
+        if info.st_mode & stat.S_IWOTH:
+            # Anyone on the host could put their keys in it and have this run sign with
+            # them: refused, as ssh refuses a world-writable config.
+            raise ConfigError(
+                f"the credentials file {path} is writable by every user: chmod o-w {path}"
+            )
+        with path.open("rb") as fh:
+            data = fh.read(MAX_CREDENTIALS_FILE_BYTES + 1)
+        if len(data) > MAX_CREDENTIALS_FILE_BYTES:
+            raise ConfigError(
+                f"the credentials file {path} is over {MAX_CREDENTIALS_FILE_BYTES:,} bytes:"
+                " not a credentials file"
+            )
+        # utf-8-sig: a byte-order mark (editors on Windows write one) is not a section.
+        parser.read_string(data.decode("utf-8-sig"), source=str(path))
     except FileNotFoundError:
         if named:
             raise ConfigError(
@@ -275,9 +296,17 @@ class MetadataService:
                 f"{SECURITY_KEY_PATH}: {_snippet(body)}"
             )
         try:
-            return parse_security_key(body)
+            issued = parse_security_key(body)
         except ConfigError as exc:
             raise ConfigError(f"the ECS metadata service at {self.url}: {exc}") from None
+        now = time.time()
+        if issued.expires_at <= now:
+            # Signing with them would only collect 401s; a refresher tries again later.
+            raise ConfigError(
+                f"the ECS metadata service at {self.url} gave credentials that expired"
+                f" {now - issued.expires_at:,.0f} s ago (is this host's clock right?)"
+            )
+        return issued
 
     async def fetch_async(self) -> TemporaryCredentials:
         """``fetch`` on a worker thread; a cancelled caller does not wait for it."""

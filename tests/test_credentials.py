@@ -130,6 +130,35 @@ def test_a_named_credentials_file_that_is_missing_is_an_error(tmp_path: Path) ->
         find_static({"HUAWEICLOUD_SDK_CREDENTIALS_FILE": str(tmp_path / "nope")})
 
 
+def test_a_byte_order_mark_is_not_a_section(tmp_path: Path) -> None:
+    path = tmp_path / "creds"
+    path.write_bytes(b"\xef\xbb\xbf" + BASIC.encode())
+    assert read_credentials_file(path)[0].ak == FILE_AK
+
+
+def test_a_credentials_file_that_is_not_a_file_or_too_big_is_one_line(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # nobody writes it: opening it would block the run for ever
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        read_credentials_file(fifo)
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        read_credentials_file(Path("/dev/zero"))
+    big = tmp_path / "big"
+    big.write_bytes(b"[basic]\n" + b"# " + b"x" * credentials.MAX_CREDENTIALS_FILE_BYTES)
+    with pytest.raises(ConfigError, match="is over 1,048,576 bytes"):
+        read_credentials_file(big)
+
+
+def test_a_world_writable_credentials_file_is_refused(tmp_path: Path) -> None:
+    path = write_credentials(tmp_path / "creds", BASIC)
+    path.chmod(0o666)
+    with pytest.raises(ConfigError, match=r"writable by every user: chmod o-w") as caught:
+        read_credentials_file(path)
+    assert FILE_SK not in str(caught.value)
+    path.chmod(0o640)  # readable by its group is the user's call
+    assert read_credentials_file(path)[0].ak == FILE_AK
+
+
 def test_percent_in_a_value_is_literal(tmp_path: Path) -> None:
     path = write_credentials(tmp_path / "creds", "[basic]\nak = AK%1\nsk = s%(x)s\n")
     assert read_credentials_file(path)[0].sk == "s%(x)s"
@@ -205,6 +234,15 @@ def test_metadata_failures_are_one_line(script: list[object], message: str) -> N
     ):
         MetadataService(standin.url).fetch()
     assert "\n" not in str(caught.value)
+
+
+def test_metadata_credentials_already_expired_are_refused() -> None:
+    with (
+        run_standin(lambda n: rotating(lifetime_s=-100)) as standin,
+        pytest.raises(ConfigError, match=r"gave credentials that expired 10\d s ago") as caught,
+    ):
+        MetadataService(standin.url).fetch()
+    assert "temp-secret-sk" not in str(caught.value)
 
 
 def test_metadata_that_does_not_answer_is_one_line() -> None:
