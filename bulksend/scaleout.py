@@ -12,7 +12,8 @@ a LocalCluster of N single-threaded worker processes on 127.0.0.1; ``ClusterSpec
 2. cuts plain JSONL inputs into one byte span per shard (``split_inputs``) and submits one
    plain Dask task per shard (``shard_task.run_shard``), each the run harness
    (``run.run``) over its own records at its share of ``--rate``, and shows one progress
-   line from the counts the shards post to Dask's event log;
+   line from the counts the shards post to Dask's event log (with ``--metrics-addr``,
+   their figures' sum at /metrics, served from the start to the last output written);
 3. merges the parts into ``--out`` (each line with ``"shard": i``) and ``--failed``, adds
    the shards' stats (latency histograms added, never averaged), and ends as a single run
    ends (``run._finish``: ``--stats``, ``--html``, the summary).
@@ -34,12 +35,13 @@ without them never loads Dask (~1.3 s of imports).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from typing import Any, TextIO
 
@@ -59,6 +61,7 @@ from bulksend.identity import input_keys
 from bulksend.job import Outcome, SendJob
 from bulksend.load import TICK_S, LoadJob, LoadOutcome
 from bulksend.merge import RESULT_STATUSES, Parts, merge_parts, parts_dir
+from bulksend.metrics import MetricsEndpoint, ShardedFigures
 from bulksend.result import Result
 from bulksend.run import End, Hooks, Plan, Sinks, _finish
 from bulksend.server.embedded import target_or_embedded
@@ -76,8 +79,15 @@ __all__ = ["ClusterSpec", "run_distributed", "run_distributed_load", "split_inpu
 async def run_distributed(
     job: SendJob, cluster: ClusterSpec, *, stderr: TextIO | None = None
 ) -> Outcome:
-    """Run ``job`` sharded over ``cluster``; every output as a single run writes it."""
-    err = stderr or sys.stderr
+    """Run ``job`` sharded over ``cluster``; every output as a single run writes it, and
+    ``--metrics-addr`` served here, in the driver, for the whole run."""
+    async with _DriverMetrics.serving(job.metrics_addr, load=False) as metrics:
+        return await _run_send(job, cluster, metrics, stderr or sys.stderr)
+
+
+async def _run_send(
+    job: SendJob, cluster: ClusterSpec, metrics: _DriverMetrics, err: TextIO
+) -> Outcome:
     _check(job, cluster)
     outputs = job.outputs()
     with Inputs(job.inputs, fmt=job.fmt, default_topic=job.topic):
@@ -95,7 +105,9 @@ async def run_distributed(
     try:
         parts = _prepare(job, sinks, err)
         await sinks.begin(plan, outputs, err)
-        if await _execute(job, cluster, parts, end, said, report.add if report else None, err):
+        metrics.say(job.progress, err)
+        on_result = report.add if report else None
+        if await _execute(job, cluster, parts, end, said, on_result, err, metrics=metrics):
             for shard in said.reports:
                 shard.stats.add_to(stats)
     except BulksendError as exc:
@@ -118,10 +130,17 @@ async def run_distributed_load(
     they grow (``_PartsWatch``) and builds from their lines what one process builds from
     its results: the stats, the per-second series (``--timeseries``), the windows of
     ``--abort-on-fail`` (a failing second drains every shard), the verdicts and the HTML
-    report: every figure is of the whole run, never an average of the shards'."""
+    report: every figure is of the whole run, never an average of the shards'. The driver
+    serves ``--metrics-addr`` for the whole run."""
+    async with _DriverMetrics.serving(job.metrics_addr, load=True) as metrics:
+        return await _run_load(job, cluster, metrics, stderr or sys.stderr)
+
+
+async def _run_load(
+    job: LoadJob, cluster: ClusterSpec, metrics: _DriverMetrics, err: TextIO
+) -> LoadOutcome:
     from bulksend.load import _LoadHooks
 
-    err = stderr or sys.stderr
     _check_outputs(cluster, {"--out": job.out, "--timeseries": job.timeseries})
     outputs = job.outputs()
     pacer = RampPacer(job.stages)
@@ -146,7 +165,8 @@ async def run_distributed_load(
         parts = _prepare(job, sinks, err)
         watch = _PartsWatch(parts, observers, hooks.live, outcome, end)
         await sinks.begin(plan, outputs, err)
-        await _execute(job, cluster, parts, end, said, None, err, watch=watch)
+        metrics.say(job.progress, err)
+        await _execute(job, cluster, parts, end, said, None, err, watch=watch, metrics=metrics)
     except BulksendError as exc:
         end.error = end.error or exc
     finally:
@@ -245,6 +265,7 @@ async def _execute(
     err: TextIO,
     *,
     watch: _PartsWatch | None = None,
+    metrics: _DriverMetrics,
 ) -> bool:
     """Start or reach the cluster, run every shard, merge their parts (each result line
     to ``on_result``). False when shards were abandoned: their parts stay unmerged."""
@@ -271,7 +292,7 @@ async def _execute(
         ):
             if job.target is None:
                 check_embedded_reach(address)
-            run = ShardRun(client, job, shards, parts, err)
+            run = ShardRun(client, job, shards, parts, err, figures=metrics.figures)
             try:
                 tasks: Sequence[ShardTask | LoadShardTask] = (
                     run.tasks(job, target, credentials, split)
@@ -295,6 +316,32 @@ async def _execute(
     failed = job.failed if isinstance(job, SendJob) else None
     merge_parts(parts, out=job.out, failed=failed, on_result=on_result)
     return True
+
+
+class _DriverMetrics:
+    """The driver's ``/metrics`` (``--metrics-addr``): the sum of what the shards post
+    (``metrics.ShardedFigures``), answered from before the outputs are opened (a port in
+    use refuses the run untouched, as in one process) until every output is written, so
+    that the last figures are there to scrape while the driver merges and writes."""
+
+    def __init__(
+        self, endpoint: MetricsEndpoint | None = None, figures: ShardedFigures | None = None
+    ) -> None:
+        self.endpoint, self.figures = endpoint, figures
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def serving(cls, addr: str | None, *, load: bool) -> AsyncIterator[_DriverMetrics]:
+        if not addr:
+            yield cls()
+            return
+        endpoint, figures = MetricsEndpoint.bind(addr), ShardedFigures(load=load)
+        async with endpoint.serving(figures):
+            yield cls(endpoint, figures)
+
+    def say(self, progress: str, err: TextIO) -> None:
+        if self.endpoint is not None and progress != "off":
+            err.write(f"bulksend: metrics at {self.endpoint.url}\n")
 
 
 class _Shards:
