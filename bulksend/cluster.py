@@ -2,7 +2,8 @@
 on (``connect``: a new LocalCluster of single-threaded worker processes on 127.0.0.1, or
 a running scheduler), and the shards in flight (``ShardRun``: submitted as plain Dask
 tasks, watched, asked to drain through a ``distributed.Event``, their counts gathered
-from Dask's event log into one progress line).
+from Dask's event log into one progress line and, with ``--metrics-addr``, the driver's
+/metrics).
 
 This is the only module that imports Dask, inside the functions that need it.
 """
@@ -47,6 +48,8 @@ from bulksend.sources import Span
 
 if TYPE_CHECKING:
     from distributed import Client, Future
+
+    from bulksend.metrics import ShardedFigures
 
 #: How long a driver waits for a scheduler's first worker, and for its comm to connect.
 CONNECT_TIMEOUT_S = 30.0
@@ -188,8 +191,16 @@ class ShardRun:
     """The shards of one run in flight: submit, watch, stop."""
 
     def __init__(
-        self, client: Client, job: SendJob | LoadJob, shards: int, parts: Parts, err: TextIO
+        self,
+        client: Client,
+        job: SendJob | LoadJob,
+        shards: int,
+        parts: Parts,
+        err: TextIO,
+        *,
+        figures: ShardedFigures | None = None,
     ):
+        """``figures``: the driver's /metrics, fed the figures the shards post."""
         self.client, self.job, self.shards, self.parts, self.err = client, job, shards, parts, err
         token = secrets.token_hex(6)
         self.token = token
@@ -198,7 +209,7 @@ class ShardRun:
         self.interrupted = False
         self.error: BulksendError | None = None
         self._stop_wanted = asyncio.Event()
-        self.progress = _ClusterProgress(job, shards, err)
+        self.progress = _ClusterProgress(job, shards, err, figures)
 
     def load_tasks(self, job: LoadJob) -> list[LoadShardTask]:
         """One task per shard of a load; ``job.target`` is the resolved target."""
@@ -206,6 +217,11 @@ class ShardRun:
         # reaches an idle worker in tens of ms), so no shard starts behind it.
         epoch = time.time() + LOAD_LEAD_S
         n = self.shards
+        figures = self.progress.figures
+        if figures is not None:
+            stages = job.stages
+            # The whole schedule's rate, as one process shows it; a shard knows its share.
+            figures.target_rate = lambda: stages.rate_at(time.time() - epoch)
         return [
             LoadShardTask(
                 index=i,
@@ -250,6 +266,7 @@ class ShardRun:
                 failed_part=os.path.abspath(self.parts.failed(i, n)) if job.failed else None,
                 previous=os.path.abspath(job.out) if job.resume and job.out else None,
                 drain_timeout_s=job.drain_timeout_s,
+                metrics=self.progress.figures is not None,
                 progress_topic=self.topic,
                 stop_event=self.stop_name,
             )
@@ -340,21 +357,32 @@ class ShardRun:
 
 
 class _ClusterProgress:
-    """One progress line for all shards, from the latest report of each."""
+    """One progress line for all shards, from the latest report of each; the figures the
+    reports carry go to the driver's /metrics (``figures``), when it serves them."""
 
-    def __init__(self, job: SendJob | LoadJob, shards: int, stream: TextIO) -> None:
+    def __init__(
+        self,
+        job: SendJob | LoadJob,
+        shards: int,
+        stream: TextIO,
+        figures: ShardedFigures | None = None,
+    ) -> None:
         mode = job.progress
         self.mode = ("bar" if stream.isatty() else "lines") if mode == "auto" else mode
         self.interval = 0.25 if self.mode == "bar" else job.progress_interval_s
         rate = job.options.rate if isinstance(job, SendJob) else job.stages.mean_rate
         self.shards, self.stream, self.rate = shards, stream, rate
         self.latest: dict[int, Progress] = {}
+        self.figures = figures
         #: When the first result came: the rate is over sending time, not the cluster's start.
         self.started: float | None = None
 
     def update(self, event: tuple[float, Progress]) -> None:
         msg = event[1]
-        self.latest[int(msg["shard"])] = msg
+        shard = int(msg["shard"])
+        self.latest[shard] = msg
+        if self.figures is not None and "metrics" in msg:
+            self.figures.add(shard, msg["metrics"])
         if self.started is None and msg.get("total"):
             # A shard's first report counts up to a report interval of sends: dated from
             # its arrival, the first line's rate would be many times the real one.

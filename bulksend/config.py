@@ -141,6 +141,10 @@ class Target:
         return f"{parts.scheme}://{parts.netloc}{self.path}"
 
 
+#: What every character of a credential is: printable ASCII, no space.
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
+
+
 @dataclass(frozen=True, slots=True)
 class Credentials:
     """AK/SK (with an optional security token), or an IAM token, or nothing (no auth)."""
@@ -155,6 +159,20 @@ class Credentials:
             raise ConfigError(
                 "AK and SK go together: set both HUAWEICLOUD_SDK_AK and HUAWEICLOUD_SDK_SK"
             )
+        for name, value in (
+            ("AK", self.ak),
+            ("SK", self.sk),
+            ("security token", self.security_token),
+            ("auth token", self.auth_token),
+        ):
+            # Each goes into a request head or a signature. Keys and tokens the cloud
+            # issues are visible ASCII; anything else is a paste error, and a CR/LF would
+            # add headers of its own to every request. Never quote the value.
+            if value and not _VISIBLE_ASCII.fullmatch(value):
+                raise ConfigError(
+                    f"the {name} holds a character no credential has (a space, a control"
+                    " character or non-ASCII): check how it was set"
+                )
 
     @property
     def mode(self) -> str:

@@ -41,6 +41,8 @@ from __future__ import annotations
 import configparser
 import datetime
 import http.client
+import stat
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -60,6 +62,8 @@ ENV_CREDENTIALS_FILE = "HUAWEICLOUD_SDK_CREDENTIALS_FILE"
 #: ``~/.huaweicloud/credentials``, below HOME as the SDK finds it.
 DEFAULT_CREDENTIALS_FILE = (".huaweicloud", "credentials")
 CREDENTIALS_SECTION = "basic"
+#: A credentials file is a few lines; anything longer is something else.
+MAX_CREDENTIALS_FILE_BYTES = 1 << 20
 
 ENV_METADATA_URL = "BULKSEND_METADATA_URL"
 METADATA_URL = "http://169.254.169.254"
@@ -69,6 +73,8 @@ SECURITY_KEY_PATH = "/openstack/latest/securitykey"
 TOKEN_TTL_S = 6 * 60 * 60
 #: The SDK's per-request timeout to the metadata service (connect and read, 3 s each).
 METADATA_TIMEOUT_S = 3.0
+#: bulksend's bound on the whole exchange (two or four requests); the SDK has none.
+METADATA_DEADLINE_S = 10.0
 #: The answer to a 401 when the ECS has no agency: asking again will not help.
 NO_AGENCY = "Please configure Cloud Service Agency first"
 #: A security-key answer is a few KB; more than this is not one.
@@ -171,8 +177,26 @@ def read_credentials_file(path: Path, named: bool = True) -> tuple[Credentials, 
     wrong is a ConfigError that quotes no line of the file (a line may hold a secret)."""
     parser = configparser.ConfigParser(interpolation=None)
     try:
-        with path.open(encoding="utf-8") as fh:
-            parser.read_file(fh)
+        # Looked at before it is opened: a FIFO nobody writes would block the start for
+        # ever, and /dev/zero would be read until memory runs out.
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"the credentials file {path} is not a regular file")
+        if info.st_mode & stat.S_IWOTH:
+            # Anyone on the host could put their keys in it and have this run sign with
+            # them: refused, as ssh refuses a world-writable config.
+            raise ConfigError(
+                f"the credentials file {path} is writable by every user: chmod o-w {path}"
+            )
+        with path.open("rb") as fh:
+            data = fh.read(MAX_CREDENTIALS_FILE_BYTES + 1)
+        if len(data) > MAX_CREDENTIALS_FILE_BYTES:
+            raise ConfigError(
+                f"the credentials file {path} is over {MAX_CREDENTIALS_FILE_BYTES:,} bytes:"
+                " not a credentials file"
+            )
+        # utf-8-sig: a byte-order mark (editors on Windows write one) is not a section.
+        parser.read_string(data.decode("utf-8-sig"), source=str(path))
     except FileNotFoundError:
         if named:
             raise ConfigError(
@@ -247,9 +271,16 @@ class MetadataService:
     do not call for an HTTP client session.
     """
 
-    def __init__(self, url: str, *, timeout_s: float = METADATA_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = METADATA_TIMEOUT_S,
+        deadline_s: float = METADATA_DEADLINE_S,
+    ) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
+        self.deadline_s = deadline_s
         # No proxy handler: the service is link-local, no proxy reaches it.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
 
@@ -257,7 +288,34 @@ class MetadataService:
         return f"MetadataService({self.url!r})"
 
     def fetch(self) -> TemporaryCredentials:
-        """Blocking; ConfigError (one line, no secret in it) when no credentials come."""
+        """Blocking, at most ``deadline_s``; ConfigError (one line, no secret in it) when
+        no credentials come.
+
+        urllib's timeout bounds each read of the socket, not the exchange: a service that
+        trickles a byte a second holds it for minutes. The exchange runs on a daemon thread
+        that is abandoned at the deadline (it ends when its socket times out or closes;
+        a daemon thread never holds the process at exit)."""
+        outcome: list[TemporaryCredentials | BaseException] = []
+
+        def exchange() -> None:
+            try:
+                outcome.append(self._exchange())
+            except BaseException as exc:  # handed to the caller, raised there
+                outcome.append(exc)
+
+        worker = threading.Thread(target=exchange, name="bulksend-metadata", daemon=True)
+        worker.start()
+        worker.join(self.deadline_s)
+        if not outcome:
+            raise ConfigError(
+                f"the ECS metadata service at {self.url} did not answer within"
+                f" {self.deadline_s:g} s"
+            )
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    def _exchange(self) -> TemporaryCredentials:
         token = self._session_token(required=False)
         status, body = self._get_security_key(token)
         if status == 401 and NO_AGENCY.encode() not in body:
@@ -275,9 +333,17 @@ class MetadataService:
                 f"{SECURITY_KEY_PATH}: {_snippet(body)}"
             )
         try:
-            return parse_security_key(body)
+            issued = parse_security_key(body)
         except ConfigError as exc:
             raise ConfigError(f"the ECS metadata service at {self.url}: {exc}") from None
+        now = time.time()
+        if issued.expires_at <= now:
+            # Signing with them would only collect 401s; a refresher tries again later.
+            raise ConfigError(
+                f"the ECS metadata service at {self.url} gave credentials that expired"
+                f" {now - issued.expires_at:,.0f} s ago (is this host's clock right?)"
+            )
+        return issued
 
     async def fetch_async(self) -> TemporaryCredentials:
         """``fetch`` on a worker thread; a cancelled caller does not wait for it."""

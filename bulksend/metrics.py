@@ -5,7 +5,7 @@ The shape::
 
     MetricsSource.figures() -> Figures   what a run has done so far: a local run
                                          (``RunFigures``), or a ``--workers`` driver's
-                                         merged counts of its shards
+                                         sum of its shards' posts (``ShardedFigures``)
     FiguresCollector(source)             turns Figures into metric families, when scraped,
                                          in a private CollectorRegistry (one per run)
     MetricsEndpoint.bind(addr)           the listening socket, bound before the first send
@@ -17,6 +17,11 @@ read, when scraped, from what the run keeps anyway (its ``Stats``, the Sender's 
 and health). ``requests_total`` counts attempts, which only delivery sees: ``AttemptCounts``
 is an attempt observer (one dict increment per attempt) that runs only with
 ``--metrics-addr``.
+
+A ``--workers``/``--cluster`` run serves /metrics from its driver: each shard posts its
+``Figures`` with its progress every second (``post_of``: ~0.3 kB more a post, its
+histograms as bucket counts at ``BUCKETS_S``), and ``ShardedFigures`` adds the shards up,
+so that no counter goes back when Dask runs a shard again (see there).
 
 Served on the run's loop, not in prometheus_client's thread: a scrape reads the stats while
 nothing changes them (a thread would iterate counters the loop is adding to), and costs
@@ -38,12 +43,14 @@ The metrics (``code`` is the HTTP status, or the error_code when no answer came)
 from __future__ import annotations
 
 import contextlib
+import itertools
+import operator
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from itertools import accumulate
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.abc
@@ -104,10 +111,11 @@ class Figures:
     #: Load only: sends that went out late (None: not a load).
     late: int | None = None
     #: Latency of each ok record in µs (``latency_ms`` of the ledger: first attempt's start
-    #: to the final answer), as an HdrHistogram; None: no latency kept.
-    latency: HdrHistogram | None = None
+    #: to the final answer), as an HdrHistogram, or already in Prometheus's buckets (what
+    #: shards post); None: no latency kept.
+    latency: HdrHistogram | Buckets | None = None
     #: Load only: latency from each ok message's intended send time, µs.
-    corrected: HdrHistogram | None = None
+    corrected: HdrHistogram | Buckets | None = None
     #: Outages of the target so far, and whether it is unreachable now.
     outages: int = 0
     down: bool = False
@@ -174,6 +182,157 @@ class RunFigures:
         )
 
 
+# --- a --workers/--cluster run: what shards post, added up in the driver ------------------
+
+
+def post_of(figures: Figures, attempt: str) -> dict[str, Any]:
+    """``figures`` as a shard posts them to its driver (msgpack-able: Dask's event log
+    carries them), marked with ``attempt``: a token of this run of the shard."""
+    return {
+        "attempt": attempt,
+        "records": dict(figures.records),
+        "requests": dict(figures.requests),
+        "retries": figures.retries,
+        "in_flight": figures.in_flight,
+        "target_rate": figures.target_rate,
+        "late": figures.late,
+        "latency": _wire(figures.latency),
+        "corrected": _wire(figures.corrected),
+        "outages": figures.outages,
+        "down": figures.down,
+    }
+
+
+def figures_of(post: Mapping[str, Any]) -> tuple[str, Figures]:
+    """The attempt and the Figures of a shard's post (``post_of``)."""
+    late = post["late"]
+    return str(post["attempt"]), Figures(
+        records={str(k): int(v) for k, v in post["records"].items()},
+        requests={str(k): int(v) for k, v in post["requests"].items()},
+        retries=int(post["retries"]),
+        in_flight=int(post["in_flight"]),
+        target_rate=float(post["target_rate"]),
+        late=None if late is None else int(late),
+        latency=_unwire(post["latency"]),
+        corrected=_unwire(post["corrected"]),
+        outages=int(post["outages"]),
+        down=bool(post["down"]),
+    )
+
+
+def _wire(hist: HdrHistogram | Buckets | None) -> list[float] | None:
+    if hist is None:
+        return None
+    buckets = _buckets(hist)
+    return [*buckets.cumulative, buckets.sum_s]
+
+
+def _unwire(counts: list[float] | None) -> Buckets | None:
+    if counts is None:
+        return None
+    *cumulative, sum_s = counts
+    return Buckets(tuple(int(n) for n in cumulative), float(sum_s))
+
+
+class ShardedFigures:
+    """``MetricsSource`` of a ``--workers``/``--cluster`` driver: the sum over its shards
+    of what they post (``add(shard, post)``, called on the driver's loop).
+
+    Subtleness ahead! A Prometheus counter must never go back, yet a shard may run more
+    than once in a run: Dask runs it again when its worker is lost, and the new attempt
+    starts afresh from what the lost one left in the shard's ledger part. So two kinds of
+    counters, two rules:
+
+    * What the records done say (records by status, retries, late sends, the duration
+      histograms). An attempt counts the results it reads from its part as its own, so
+      each post covers the shard's work so far. A new attempt may start below what the
+      lost one posted (results counted but not yet written when it died: they are sent
+      again), so a shard shows, figure by figure and bucket by bucket, the most any of
+      its posts said.
+    * What an attempt did itself (requests by code, outages). Each attempt's counts start
+      at 0 and are its own: a shard shows the sum over its attempts of each one's latest
+      post (keyed by shard and attempt).
+
+    Gauges (in flight, the target rate, the target down) are each shard's latest post.
+
+    Every request is counted once, but for those a lost worker made after its last post
+    (no one can count them). A shard's last post is its final count, and the driver has it
+    before the shard's result (``shard_task._ShardHooks.finish``), so at the end the
+    records equal the merged ledger's. (A shard writes a result's ledger line in the loop
+    turn after it counts it, while a post takes milliseconds to leave the worker: a lost
+    attempt's post all but never counts a result its part lacks. If one did, and the
+    record ended otherwise when sent again, the end would count that record twice.)
+    """
+
+    def __init__(self, *, load: bool = False) -> None:
+        self.load = load
+        #: The target rate now, when the driver knows it better than the sum of the
+        #: shards' (a load's schedule); None: the sum of the shards' latest posts.
+        self.target_rate: Callable[[], float] | None = None
+        self._done: dict[int, Figures] = {}
+        self._own: dict[tuple[int, str], Figures] = {}
+        self._now: dict[int, Figures] = {}
+
+    def add(self, shard: int, post: Mapping[str, Any]) -> None:
+        attempt, figures = figures_of(post)
+        done = self._done.get(shard)
+        self._done[shard] = figures if done is None else _most(done, figures)
+        own = self._own.get((shard, attempt))
+        self._own[shard, attempt] = figures if own is None else _most(own, figures)
+        self._now[shard] = figures
+
+    def figures(self) -> Figures:
+        done, own, now = self._done.values(), self._own.values(), self._now.values()
+        records: Counter[str] = Counter()
+        latency = corrected = Buckets.empty()
+        for f in done:
+            records.update(f.records)
+            latency += _buckets(f.latency)
+            corrected += _buckets(f.corrected)
+        requests: Counter[str] = Counter()
+        for f in own:
+            requests.update(f.requests)
+        rate = self.target_rate
+        return Figures(
+            records=dict(records),
+            requests=dict(requests),
+            retries=sum(f.retries for f in done),
+            in_flight=sum(f.in_flight for f in now),
+            target_rate=rate() if rate is not None else sum(f.target_rate for f in now),
+            late=sum(f.late or 0 for f in done) if self.load else None,
+            latency=latency,
+            corrected=corrected if self.load else None,
+            outages=sum(f.outages for f in own),
+            down=any(f.down for f in now),
+        )
+
+
+def _most(a: Figures, b: Figures) -> Figures:
+    """Counter by counter the larger of two posts of one shard; ``b``'s gauges (the later)."""
+
+    def most_counts(x: Mapping[str, int], y: Mapping[str, int]) -> dict[str, int]:
+        return {k: max(x.get(k, 0), y.get(k, 0)) for k in x.keys() | y.keys()}
+
+    return Figures(
+        records=most_counts(a.records, b.records),
+        requests=most_counts(a.requests, b.requests),
+        retries=max(a.retries, b.retries),
+        in_flight=b.in_flight,
+        target_rate=b.target_rate,
+        late=None if a.late is None and b.late is None else max(a.late or 0, b.late or 0),
+        latency=_buckets(a.latency).most(_buckets(b.latency)),
+        corrected=_buckets(a.corrected).most(_buckets(b.corrected)),
+        outages=max(a.outages, b.outages),
+        down=b.down,
+    )
+
+
+def _buckets(hist: HdrHistogram | Buckets | None) -> Buckets:
+    if hist is None:
+        return Buckets.empty()
+    return hist if isinstance(hist, Buckets) else Buckets.of(hist)
+
+
 def histogram_buckets(
     hist: HdrHistogram, bounds_s: tuple[float, ...] = BUCKETS_S
 ) -> tuple[list[tuple[str, float]], float]:
@@ -184,31 +343,89 @@ def histogram_buckets(
     a value at most 0.1 % (3 significant digits) above a bound may count in it. The sum is
     hdrh's (each value taken as the middle of its bucket, as ``get_mean_value`` does).
 
-    Both read off the counts array in one pass: a scrape must not hold the loop for a walk
-    over every recorded value (hdrh's iterators cost ~µs a step in Python; its mean took
-    ~150 ms of a million latencies, this ~7 ms: ``benchmarks/bench_metrics.py``)."""
+    Both read off the counts array in one pass of C loops: a scrape must not hold the loop
+    for a walk over every recorded value (hdrh's iterators cost ~µs a step in Python; its
+    mean took ~150 ms of a million latencies), nor for a Python step per bucket (~10 ms);
+    this takes ~1 ms a histogram (a scrape of two: 13 ms before, 3-4 ms after;
+    ``benchmarks/bench_metrics.py``), once a second on each shard of a ``--workers`` run
+    with /metrics (``benchmarks/bench_metrics_post.py``)."""
     total = int(hist.get_total_count())
     if not total:
         return [*((_le(b), 0.0) for b in bounds_s), ("+Inf", 0.0)], 0.0
     top = hist.get_counts_array_index(hist.max_value)
     counts = hist.counts[: top + 1]
-    cumulative = list(accumulate(counts))
+    cumulative = list(itertools.accumulate(counts))
     buckets = []
     for bound in bounds_s:
         index = hist.get_counts_array_index(int(bound * 1_000_000))
         buckets.append((_le(bound), float(cumulative[min(index, top)])))
     buckets.append(("+Inf", float(total)))
-    value_at = hist.get_value_from_index
-    sum_us = 0
-    for index, n in enumerate(counts):
-        if n:
-            low = value_at(index)
-            sum_us += n * (low + ((value_at(index + 1) - low) >> 1))
+    sum_us = sum(map(operator.mul, counts, _middles(hist)))
     return buckets, sum_us / 1_000_000
+
+
+#: The middle value of each bucket, by histogram layout: the same for every histogram of
+#: a run (``stats.new_histogram``), made once (~10 ms) rather than at each scrape.
+_MIDDLES: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _middles(hist: HdrHistogram) -> list[int]:
+    """Each bucket's middle value (its lowest plus half its width, as hdrh's mean takes
+    it), for every bucket of ``hist``'s layout."""
+    layout = (hist.unit_magnitude, hist.sub_bucket_half_count_magnitude, hist.counts_len)
+    middles = _MIDDLES.get(layout)
+    if middles is None:
+        value_at = hist.get_value_from_index
+        lows = [value_at(index) for index in range(hist.counts_len + 1)]
+        middles = [low + ((high - low) >> 1) for low, high in itertools.pairwise(lows)]
+        _MIDDLES[layout] = middles
+    return middles
 
 
 def _le(bound: float) -> str:
     return f"{bound:g}"
+
+
+_LES = (*(_le(b) for b in BUCKETS_S), "+Inf")
+
+
+@dataclass(frozen=True, slots=True)
+class Buckets:
+    """A duration histogram as Prometheus shows it: how many values are at or below each
+    bound of ``BUCKETS_S``, then all of them (cumulative), and their sum in seconds.
+
+    What a shard posts of its HdrHistograms: 16 integers and a float. A post is then
+    ~0.4 kB in all, against 1.5 kB (a thousand latencies) to 13 kB (a million) with hdrh's
+    encoded form, and the driver adds 16 integers a shard rather than decoding and adding
+    histograms every second (``benchmarks/bench_metrics_post.py``)."""
+
+    cumulative: tuple[int, ...]
+    sum_s: float
+
+    @classmethod
+    def of(cls, hist: HdrHistogram) -> Buckets:
+        buckets, sum_s = histogram_buckets(hist)
+        return cls(tuple(int(n) for _, n in buckets), sum_s)
+
+    @classmethod
+    def empty(cls) -> Buckets:
+        return cls((0,) * len(_LES), 0.0)
+
+    def prometheus(self) -> list[tuple[str, float]]:
+        return [(le, float(n)) for le, n in zip(_LES, self.cumulative, strict=True)]
+
+    def __add__(self, other: Buckets) -> Buckets:
+        return Buckets(
+            tuple(a + b for a, b in zip(self.cumulative, other.cumulative, strict=True)),
+            self.sum_s + other.sum_s,
+        )
+
+    def most(self, other: Buckets) -> Buckets:
+        """Each bucket's larger count, and the larger sum: still cumulative."""
+        return Buckets(
+            tuple(max(a, b) for a, b in zip(self.cumulative, other.cumulative, strict=True)),
+            max(self.sum_s, other.sum_s),
+        )
 
 
 class FiguresCollector(Collector):
@@ -271,8 +488,11 @@ class FiguresCollector(Collector):
             )
 
 
-def _histogram(name: str, doc: str, hist: HdrHistogram) -> HistogramMetricFamily:
-    buckets, sum_s = histogram_buckets(hist)
+def _histogram(name: str, doc: str, hist: HdrHistogram | Buckets) -> HistogramMetricFamily:
+    if isinstance(hist, Buckets):
+        buckets, sum_s = hist.prometheus(), hist.sum_s
+    else:
+        buckets, sum_s = histogram_buckets(hist)
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=sum_s)
 
 
@@ -344,6 +564,15 @@ class MetricsEndpoint:
     ) -> None:
         """Answer ``GET /metrics`` with ``source``'s figures until cancelled; closes the
         socket at the end."""
+        async with self.serving(source):
+            task_status.started()
+            await anyio.sleep_forever()
+
+    @contextlib.asynccontextmanager
+    async def serving(self, source: MetricsSource) -> AsyncIterator[None]:
+        """Answer ``GET /metrics`` with ``source``'s figures inside the block; closes the
+        socket at its end. The answers need no task of ours: aiohttp's server handles each
+        connection in its own."""
         # aiohttp's server is imported only by runs that serve metrics.
         from aiohttp import web
 
@@ -360,8 +589,7 @@ class MetricsEndpoint:
         await runner.setup()
         try:
             await web.SockSite(runner, self.sock).start()
-            task_status.started()
-            await anyio.sleep_forever()
+            yield
         finally:
             with anyio.CancelScope(shield=True):
                 await runner.cleanup()

@@ -61,6 +61,7 @@ from bulksend.writeahead import WriteAhead, check_ledger, open_write_ahead
 
 if TYPE_CHECKING:
     from bulksend.metrics import AttemptCounts, MetricsEndpoint
+    from bulksend.observers import AttemptObserver
 
 PROGRESS_MODES = ("auto", "bar", "lines", "off")
 
@@ -224,6 +225,11 @@ class Hooks:
         """Coroutines run beside the Sender until it ends (progress, live series)."""
         return []
 
+    def attempt_observers(self) -> list[AttemptObserver]:
+        """Given to the Sender: called with every attempt's Result (a shard counts its
+        requests by code for the driver's /metrics); they must be quick."""
+        return []
+
     def finish(self, snapshot: dict[str, Any], end: End) -> None:
         """The sends are over: add to the stats document before it is written; the line
         files are still open."""
@@ -262,6 +268,7 @@ async def run(
         if endpoint is not None and outputs.progress != "off":
             err.write(f"bulksend: metrics at {endpoint.url}\n")
         observers = [*hooks.observers(), *([report.add] if report is not None else [])]
+        watching = hooks.attempt_observers()
         async with (
             _target(plan) as (target, creds),
             _write_ahead(plan, sinks, target, creds) as write_ahead,
@@ -270,7 +277,7 @@ async def run(
                 creds,
                 plan.options,
                 schedule=plan.schedule,
-                observers=[attempts] if attempts is not None else (),
+                observers=[*([attempts] if attempts is not None else ()), *watching],
                 write_ahead=write_ahead,
             ) as sender,
         ):

@@ -12,7 +12,8 @@ a LocalCluster of N single-threaded worker processes on 127.0.0.1; ``ClusterSpec
 2. cuts plain JSONL inputs into one byte span per shard (``split_inputs``) and submits one
    plain Dask task per shard (``shard_task.run_shard``), each the run harness
    (``run.run``) over its own records at its share of ``--rate``, and shows one progress
-   line from the counts the shards post to Dask's event log;
+   line from the counts the shards post to Dask's event log (with ``--metrics-addr``,
+   their figures' sum at /metrics, served from the start to the last output written);
 3. merges the parts into ``--out`` (each line with ``"shard": i``) and ``--failed``, adds
    the shards' stats (latency histograms added, never averaged), and ends as a single run
    ends (``run._finish``: ``--stats``, ``--html``, the summary).
@@ -38,12 +39,13 @@ without them never loads Dask (~1.3 s of imports).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from typing import Any, TextIO
 
@@ -63,6 +65,7 @@ from bulksend.identity import input_keys
 from bulksend.job import Outcome, SendJob
 from bulksend.load import TICK_S, LoadJob, LoadOutcome
 from bulksend.merge import RESULT_STATUSES, Parts, merge_parts, parts_dir
+from bulksend.metrics import MetricsEndpoint, ShardedFigures
 from bulksend.remote import RemoteLedger, is_url, last_line
 from bulksend.result import Result
 from bulksend.run import End, Hooks, Plan, Sinks, _finish
@@ -81,8 +84,15 @@ __all__ = ["ClusterSpec", "run_distributed", "run_distributed_load", "split_inpu
 async def run_distributed(
     job: SendJob, cluster: ClusterSpec, *, stderr: TextIO | None = None
 ) -> Outcome:
-    """Run ``job`` sharded over ``cluster``; every output as a single run writes it."""
-    err = stderr or sys.stderr
+    """Run ``job`` sharded over ``cluster``; every output as a single run writes it, and
+    ``--metrics-addr`` served here, in the driver, for the whole run."""
+    async with _DriverMetrics.serving(job.metrics_addr, load=False) as metrics:
+        return await _run_send(job, cluster, metrics, stderr or sys.stderr)
+
+
+async def _run_send(
+    job: SendJob, cluster: ClusterSpec, metrics: _DriverMetrics, err: TextIO
+) -> Outcome:
     _check(job, cluster)
     with Inputs(job.inputs, fmt=job.fmt, default_topic=job.topic):
         pass  # every input opens (or the run stops, exit 2) before a cluster starts
@@ -102,14 +112,19 @@ async def run_distributed(
             html=remote.document(job.html),
         )
     try:
-        return await _run_distributed(job, cluster, plan, remote, err)
+        return await _send(job, cluster, plan, remote, metrics, err)
     finally:
         if remote is not None:
             remote.close()
 
 
-async def _run_distributed(
-    job: SendJob, cluster: ClusterSpec, plan: Plan, remote: RemoteLedger | None, err: TextIO
+async def _send(
+    job: SendJob,
+    cluster: ClusterSpec,
+    plan: Plan,
+    remote: RemoteLedger | None,
+    metrics: _DriverMetrics,
+    err: TextIO,
 ) -> Outcome:
     outputs = job.outputs()
     stats = Stats()
@@ -129,8 +144,11 @@ async def _run_distributed(
         if remote is not None:
             assert sinks.ledger_place is not None
             await anyio.to_thread.run_sync(remote.begin, last_line(sinks.ledger_place.real))
+        metrics.say(job.progress, err)
         on_result = report.add if report else None
-        if await _execute(job, cluster, parts, end, said, on_result, err, remote=remote):
+        if await _execute(
+            job, cluster, parts, end, said, on_result, err, metrics=metrics, remote=remote
+        ):
             for shard in said.reports:
                 shard.stats.add_to(stats)
     except BulksendError as exc:
@@ -158,10 +176,17 @@ async def run_distributed_load(
     they grow (``_PartsWatch``) and builds from their lines what one process builds from
     its results: the stats, the per-second series (``--timeseries``), the windows of
     ``--abort-on-fail`` (a failing second drains every shard), the verdicts and the HTML
-    report: every figure is of the whole run, never an average of the shards'."""
+    report: every figure is of the whole run, never an average of the shards'. The driver
+    serves ``--metrics-addr`` for the whole run."""
+    async with _DriverMetrics.serving(job.metrics_addr, load=True) as metrics:
+        return await _run_load(job, cluster, metrics, stderr or sys.stderr)
+
+
+async def _run_load(
+    job: LoadJob, cluster: ClusterSpec, metrics: _DriverMetrics, err: TextIO
+) -> LoadOutcome:
     from bulksend.load import _LoadHooks
 
-    err = stderr or sys.stderr
     _check_outputs(cluster, {"--out": job.out, "--timeseries": job.timeseries})
     if is_url(job.out):
         # The driver reads a load's parts as they grow: they must be files it reaches.
@@ -192,7 +217,8 @@ async def run_distributed_load(
         parts = await _prepare(job, sinks, err)
         watch = _PartsWatch(parts, observers, hooks.live, outcome, end)
         await sinks.begin(plan, outputs, err)
-        await _execute(job, cluster, parts, end, said, None, err, watch=watch)
+        metrics.say(job.progress, err)
+        await _execute(job, cluster, parts, end, said, None, err, watch=watch, metrics=metrics)
     except BulksendError as exc:
         end.error = end.error or exc
     finally:
@@ -291,6 +317,7 @@ async def _execute(
     err: TextIO,
     *,
     watch: _PartsWatch | None = None,
+    metrics: _DriverMetrics,
     remote: RemoteLedger | None = None,
 ) -> bool:
     """Start or reach the cluster, run every shard, merge their parts (each result line
@@ -319,7 +346,7 @@ async def _execute(
         ):
             if job.target is None:
                 check_embedded_reach(address)
-            run = ShardRun(client, job, shards, parts, err)
+            run = ShardRun(client, job, shards, parts, err, figures=metrics.figures)
             try:
                 tasks: Sequence[ShardTask | LoadShardTask] = (
                     run.tasks(job, target, credentials, split)
@@ -368,6 +395,32 @@ def _uploading(
         # Every shard downloads the merged ledger of earlier runs (its ok records skip).
         previous=remote.url if job.resume else None,
     )
+
+
+class _DriverMetrics:
+    """The driver's ``/metrics`` (``--metrics-addr``): the sum of what the shards post
+    (``metrics.ShardedFigures``), answered from before the outputs are opened (a port in
+    use refuses the run untouched, as in one process) until every output is written, so
+    that the last figures are there to scrape while the driver merges and writes."""
+
+    def __init__(
+        self, endpoint: MetricsEndpoint | None = None, figures: ShardedFigures | None = None
+    ) -> None:
+        self.endpoint, self.figures = endpoint, figures
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def serving(cls, addr: str | None, *, load: bool) -> AsyncIterator[_DriverMetrics]:
+        if not addr:
+            yield cls()
+            return
+        endpoint, figures = MetricsEndpoint.bind(addr), ShardedFigures(load=load)
+        async with endpoint.serving(figures):
+            yield cls(endpoint, figures)
+
+    def say(self, progress: str, err: TextIO) -> None:
+        if self.endpoint is not None and progress != "off":
+            err.write(f"bulksend: metrics at {self.endpoint.url}\n")
 
 
 class _Shards:

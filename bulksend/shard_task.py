@@ -8,7 +8,8 @@ driver could split them (``spans.split_jsonl``), else the whole inputs filtered 
 ``task.plan``. It sends them at its share of the rate on its slots of the run's grid
 (``shards.SlotSchedule``) and returns a ``ShardReport`` (its stats, hdrh-encoded).
 Progress goes to the driver through Dask's event log (``Worker.log_event``: batched on the
-worker's stream to the scheduler, no extra round trip); a stop comes as a
+worker's stream to the scheduler, no extra round trip), with the shard's live figures when
+the driver serves ``/metrics`` (``metrics.post_of``: ~0.3 kB more); a stop comes as a
 ``distributed.Event`` the driver sets, and drains the shard as a first SIGINT drains a run.
 
 **A shard that runs again resumes from its part.** Dask re-runs a shard whose worker was
@@ -29,6 +30,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import secrets
 import time
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
@@ -43,6 +45,8 @@ from bulksend.errors import BulksendError, LedgerError
 from bulksend.ledger import read_ledger
 from bulksend.load import LoadJob
 from bulksend.merge import RESULT_STATUSES, ShardStats, wait_for_part
+from bulksend.metrics import AttemptCounts, RunFigures, post_of
+from bulksend.observers import AttemptObserver
 from bulksend.record import Item
 from bulksend.remote import ShardSegments
 from bulksend.result import SKIPPED, Result, result_for
@@ -85,6 +89,8 @@ class ShardTask:
     #: ``--resume``: the merged ledger of earlier runs (its ok records are skipped).
     previous: str | None
     drain_timeout_s: float = 30.0
+    #: The driver serves /metrics (``--metrics-addr``): post the shard's figures.
+    metrics: bool = False
     #: Dask names of the progress topic and the stop event (None outside Dask).
     progress_topic: str | None = None
     stop_event: str | None = None
@@ -219,7 +225,9 @@ async def run_shard_async(
         with Inputs(task.inputs, fmt=task.fmt, default_topic=task.topic) as inputs:
             owns = None if task.split else task.plan.owner(task.index)
             items = _OwnRecords(inputs, owns, earlier, before, stats)
-            hooks: Hooks = _ShardHooks(task.index, inputs, report, publish, should_stop)
+            hooks: Hooks = _ShardHooks(
+                task.index, inputs, report, publish, should_stop, task.metrics
+            )
             if remote is not None:
                 hooks = remote.hooks(hooks)
             await run(plan, outputs, items, stats, hooks, stderr=io.StringIO())
@@ -281,7 +289,8 @@ async def run_load_shard_async(
             Synthetic(job.message).records(lambda: whole.total), task.index, None, task.shards
         )
         records = (r for r in mine if r.identity not in earlier)
-        hooks = _ShardHooks(task.index, None, report, publish, should_stop)
+        metrics = job.metrics_addr is not None
+        hooks = _ShardHooks(task.index, None, report, publish, should_stop, metrics)
         # The Sender's clock starts at its first message: that is the shard's first due.
         if (delay := pacer.first_due() - time.time()) > 0:
             await anyio.sleep(delay)
@@ -302,17 +311,27 @@ class _ShardHooks(Hooks):
         report: ShardReport,
         publish: Callable[[Progress], None] | None,
         should_stop: Callable[[float], bool] | None,
+        metrics: bool = False,
     ) -> None:
         self.index, self.inputs, self.report = index, inputs, report
         self.publish, self.should_stop = publish, should_stop
         self.live: Live | None = None
+        #: This run of the shard (Dask runs it again when its worker is lost): the driver
+        #: adds up what each attempt did itself (its requests) by this token.
+        self.attempt = secrets.token_hex(8)
+        #: With /metrics only, as in one process: counting each attempt by code costs
+        #: ~0.3 µs, and a post's figures ~1 ms a second (benchmarks/bench_metrics_post.py).
+        self.attempts = AttemptCounts() if metrics else None
+
+    def attempt_observers(self) -> list[AttemptObserver]:
+        return [self.attempts] if self.attempts is not None else []
 
     def progress(self, live: Live) -> Progress:
         stats, sender = live.stats, live.sender
+        assert isinstance(stats, Stats | LoadStats)
         base = stats.base if isinstance(stats, LoadStats) else stats
-        assert isinstance(base, Stats)
         c = sender.counters
-        return {
+        progress: Progress = {
             "shard": self.index,
             **{k: base.counts[k] for k in ("ok", "failed", "invalid", "skipped")},
             "total": base.total,
@@ -322,6 +341,12 @@ class _ShardHooks(Hooks):
             "bytes_read": self.inputs.bytes_read if self.inputs is not None else 0,
             "bytes_total": self.inputs.bytes_total if self.inputs is not None else None,
         }
+        if self.attempts is not None:
+            # Cumulative, the results read from the part included: see
+            # metrics.ShardedFigures for how the driver adds attempts up.
+            figures = RunFigures(stats, sender, self.attempts).figures()
+            progress["metrics"] = post_of(figures, self.attempt)
+        return progress
 
     def tickers(self, live: Live) -> list[Ticker]:
         self.live = live
@@ -347,7 +372,10 @@ class _ShardHooks(Hooks):
         self.live.drain()
 
     def finish(self, snapshot: dict[str, Any], end: End) -> None:
-        # The final count, so the driver's line ends on the shard's true figures.
+        # The final count, so the driver's line and /metrics end on the shard's true
+        # figures. It reaches the driver before the task's result does: both go on the
+        # worker's one ordered stream to the scheduler (this one first), and on to the
+        # driver on its one stream from there.
         if self.publish is not None and self.live is not None:
             self.publish(self.progress(self.live))
 

@@ -35,7 +35,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from types import TracebackType
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 from bulksend.errors import ConfigError, InputOpenError
 from bulksend.identity import canonical_input, input_key, input_keys
@@ -200,14 +200,39 @@ def _open_url(path: str, fmt: str | None, key: str) -> _Input:
         raise InputOpenError(
             f"cannot open input {path}: {exc} (for s3://: pip install 'bulksend[s3]')"
         ) from None
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        # A store's client raises its own exceptions (botocore's, aiohttp's), not only
+        # OSError: no route, no credentials, a refused connection are all one line.
         raise InputOpenError(f"cannot open input {path}: {exc}") from None
     size = getattr(fh, "size", None)
     array = fmt == "jsonl" and _extension(path) == ".json"
+    store = _StoreReader(fh)
     if not path.lower().endswith(".gz"):
-        return _Input(path, fmt, fh.read, size, key, owned=[fh], array=array)
-    gz = gzip.GzipFile(fileobj=fh, mode="rb")
+        return _Input(path, fmt, store.read, size, key, owned=[fh], array=array)
+    gz = gzip.GzipFile(fileobj=store, mode="rb")
     return _Input(path, fmt, gz.read1, size, key, gz_raw=fh, owned=[fh, gz], array=array)
+
+
+class _StoreReader:
+    """An fsspec file whose reads fail as a local file's do: with OSError, so that a store
+    lost mid-read ends the input as a broken file (its unread rest one invalid result),
+    not the run with a traceback."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+
+    def read(self, n: int = -1, /) -> bytes:
+        try:
+            data: bytes = self.fh.read(n)
+        except OSError:
+            raise
+        except Exception as exc:
+            raise OSError(f"the store failed: {type(exc).__name__}: {exc}") from None
+        return data
+
+    def seek(self, offset: int, whence: int = 0, /) -> int:
+        position: int = self.fh.seek(offset, whence)
+        return position
 
 
 def _open_file(path: str) -> io.FileIO:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -130,6 +132,35 @@ def test_a_named_credentials_file_that_is_missing_is_an_error(tmp_path: Path) ->
         find_static({"HUAWEICLOUD_SDK_CREDENTIALS_FILE": str(tmp_path / "nope")})
 
 
+def test_a_byte_order_mark_is_not_a_section(tmp_path: Path) -> None:
+    path = tmp_path / "creds"
+    path.write_bytes(b"\xef\xbb\xbf" + BASIC.encode())
+    assert read_credentials_file(path)[0].ak == FILE_AK
+
+
+def test_a_credentials_file_that_is_not_a_file_or_too_big_is_one_line(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # nobody writes it: opening it would block the run for ever
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        read_credentials_file(fifo)
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        read_credentials_file(Path("/dev/zero"))
+    big = tmp_path / "big"
+    big.write_bytes(b"[basic]\n" + b"# " + b"x" * credentials.MAX_CREDENTIALS_FILE_BYTES)
+    with pytest.raises(ConfigError, match="is over 1,048,576 bytes"):
+        read_credentials_file(big)
+
+
+def test_a_world_writable_credentials_file_is_refused(tmp_path: Path) -> None:
+    path = write_credentials(tmp_path / "creds", BASIC)
+    path.chmod(0o666)
+    with pytest.raises(ConfigError, match=r"writable by every user: chmod o-w") as caught:
+        read_credentials_file(path)
+    assert FILE_SK not in str(caught.value)
+    path.chmod(0o640)  # readable by its group is the user's call
+    assert read_credentials_file(path)[0].ak == FILE_AK
+
+
 def test_percent_in_a_value_is_literal(tmp_path: Path) -> None:
     path = write_credentials(tmp_path / "creds", "[basic]\nak = AK%1\nsk = s%(x)s\n")
     assert read_credentials_file(path)[0].sk == "s%(x)s"
@@ -205,6 +236,76 @@ def test_metadata_failures_are_one_line(script: list[object], message: str) -> N
     ):
         MetadataService(standin.url).fetch()
     assert "\n" not in str(caught.value)
+
+
+def test_metadata_credentials_already_expired_are_refused() -> None:
+    with (
+        run_standin(lambda n: rotating(lifetime_s=-100)) as standin,
+        pytest.raises(ConfigError, match=r"gave credentials that expired 10\d s ago") as caught,
+    ):
+        MetadataService(standin.url).fetch()
+    assert "temp-secret-sk" not in str(caught.value)
+
+
+def test_metadata_that_trickles_its_answer_stops_at_the_deadline() -> None:
+    """A byte every 0.3 s: each read is within urllib's timeout, the exchange never ends."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 9999\r\n\r\n" + b"x" * 9999:
+                if stop.wait(0.3):
+                    return
+                conn.sendall(bytes([byte]))
+
+    feeder = threading.Thread(target=trickle, daemon=True)
+    feeder.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with pytest.raises(ConfigError, match=r"did not answer within 1 s"):
+            MetadataService(url, deadline_s=1).fetch()
+    finally:
+        stop.set()
+        listener.close()
+        feeder.join(timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("ak", "ключ"),
+        ("sk", "secret with space"),
+        ("security_token", "TOK\r\nX-Evil: 1"),
+        ("auth_token", "T\nX: y"),
+    ],
+)
+def test_a_credential_no_cloud_issues_is_refused_without_quoting_it(field: str, value: str) -> None:
+    pair = {} if field in ("ak", "sk") else {"ak": "AK", "sk": "SK"}
+    other = {"ak": {"sk": "SK"}, "sk": {"ak": "AK"}}.get(field, {})
+    with pytest.raises(ConfigError, match="holds a character no credential has") as caught:
+        Credentials(**{**pair, **other, field: value})
+    assert value not in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_header_breaking_token_from_the_environment_stops_the_run(tmp_path: Path) -> None:
+    inputs = write_jsonl(tmp_path / "in.jsonl", [{"topic": "t", "body": "b"}] * 3)
+    env = {
+        "HUAWEICLOUD_SDK_AK": "AKTEST",
+        "HUAWEICLOUD_SDK_SK": "sk-test",
+        "HUAWEICLOUD_SDK_SECURITY_TOKEN": "TOK\r\nX-Evil: 1",
+    }
+    with start_server_subprocess() as (_, url):
+        proc = bulksend(
+            "send", str(inputs), *target(url), "--out", str(tmp_path / "o.jsonl"), env=env
+        )
+    assert proc.returncode == 2 and no_traceback(proc), proc.stderr
+    assert proc.stderr == (
+        "bulksend: error: the security token holds a character no credential has (a space,"
+        " a control character or non-ASCII): check how it was set\n"
+    )
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_metadata_that_does_not_answer_is_one_line() -> None:

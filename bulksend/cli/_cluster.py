@@ -52,11 +52,5 @@ def resolve_cluster(args: argparse.Namespace, env: Mapping[str, str]) -> Cluster
         if shards is not None:
             raise ConfigError("--shards needs --workers N or --cluster ADDRESS")
         return None
-    if r.get("metrics_addr", str, None):
-        # Each shard would serve its own share on one address; the driver does not yet
-        # serve the merged figures, so the pair is refused rather than half-served.
-        raise ConfigError(
-            "--metrics-addr is not served by a --workers/--cluster run yet: drop one of them"
-        )
     interval = r.get("segment_interval", float, 5.0)
     return ClusterSpec(workers=workers, address=address, shards=shards, segment_interval_s=interval)
