@@ -78,6 +78,9 @@ async def connect(cluster: ClusterSpec) -> AsyncIterator[tuple[Client, str, int,
 
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(dask.config.set(QUIET_DASK))
+        # A client closing its comm to a scheduler logs that (with a traceback, at INFO)
+        # once the run is over, after the summary of a run that went well.
+        logging.getLogger("distributed.batched").addFilter(_no_comm_closed)
         if cluster.workers is not None:
             if "forkserver" in multiprocessing.get_all_start_methods():
                 # Worker processes forked from one process that imported Dask once,
@@ -124,6 +127,10 @@ async def connect(cluster: ClusterSpec) -> AsyncIterator[tuple[Client, str, int,
         threads = sum((await client.nthreads()).values())
         await _check_versions(client)
         yield client, address, threads, dashboard
+
+
+def _no_comm_closed(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Batched Comm Closed")
 
 
 @contextlib.contextmanager
