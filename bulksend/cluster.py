@@ -20,6 +20,7 @@ import secrets
 import signal
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
@@ -77,6 +78,9 @@ async def connect(cluster: ClusterSpec) -> AsyncIterator[tuple[Client, str, int,
 
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(dask.config.set(QUIET_DASK))
+        # A client closing its comm to a scheduler logs that (with a traceback, at INFO)
+        # once the run is over, after the summary of a run that went well.
+        logging.getLogger("distributed.batched").addFilter(_no_comm_closed)
         if cluster.workers is not None:
             if "forkserver" in multiprocessing.get_all_start_methods():
                 # Worker processes forked from one process that imported Dask once,
@@ -86,7 +90,11 @@ async def connect(cluster: ClusterSpec) -> AsyncIterator[tuple[Client, str, int,
                 stack.enter_context(
                     dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
                 )
-            with _deaf_to_ctrl_c():
+            with _deaf_to_ctrl_c(), warnings.catch_warnings():
+                # When the dashboard's port is taken Dask picks another and warns, three
+                # lines with a path into site-packages; the line bulksend prints on start
+                # gives the dashboard's actual address.
+                warnings.filterwarnings("ignore", message=r"Port \d+ is already in use")
                 local = await stack.enter_async_context(
                     LocalCluster(
                         n_workers=cluster.workers,
@@ -119,6 +127,10 @@ async def connect(cluster: ClusterSpec) -> AsyncIterator[tuple[Client, str, int,
         threads = sum((await client.nthreads()).values())
         await _check_versions(client)
         yield client, address, threads, dashboard
+
+
+def _no_comm_closed(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Batched Comm Closed")
 
 
 @contextlib.contextmanager
@@ -252,9 +264,7 @@ class ShardRun:
             ShardTask(
                 index=i,
                 plan=plan,
-                # As given, so that sources (and identities) read as in a single-process run;
-                # LocalCluster workers share the driver's working directory.
-                inputs=job.inputs if split is None else split[i],
+                inputs=_anywhere(job.inputs) if split is None else _anywhere_spans(split[i]),
                 fmt=job.fmt,
                 topic=job.topic,
                 target=target,
@@ -354,6 +364,18 @@ class ShardRun:
         if self.error is None:
             self.error = exc
         self.stop()
+
+
+def _anywhere(inputs: tuple[str, ...]) -> tuple[str, ...]:
+    """Local input paths made absolute: a worker's working directory is its own (a
+    ``dask worker`` started elsewhere), and a relative path there names another file,
+    or none. An input's identity is of its real path, so records keep their identities;
+    their ``source`` shows the absolute path. URLs go as they are."""
+    return tuple(p if "://" in p else os.path.abspath(p) for p in inputs)
+
+
+def _anywhere_spans(spans: tuple[Span, ...]) -> tuple[Span, ...]:
+    return tuple(s if "://" in s.path else replace(s, path=os.path.abspath(s.path)) for s in spans)
 
 
 class _ClusterProgress:

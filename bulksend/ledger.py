@@ -64,6 +64,8 @@ __all__ = [
 #: ``status`` of the lines that are not results.
 INTENT: Final = "intent"
 RUN: Final = "run"
+#: How a run line begins, as ``run.run_line`` writes it (orjson keeps the keys in order).
+RUN_LINE_START: Final = b'{"status":"run",'
 
 #: Lines per page of an IdentitySet's bitmap: 2**19 (64 KiB pages).
 _PAGE_SHIFT: Final = 19

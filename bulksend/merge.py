@@ -50,6 +50,13 @@ CHUNK_BYTES = 1 << 20
 RESULT_STATUSES = frozenset({OK, FAILED, INVALID})
 _PART = re.compile(r"^(shard|failed)-(\d{4,})-of-(\d{4,})\.jsonl$")
 _MARKER = "MERGING"
+#: Every name bulksend writes in a parts directory: the parts, their locks and input
+#: fingerprints (``run.Sinks`` keeps them beside a ledger), the merge marker.
+_OWN = re.compile(
+    r"^(?:(?:shard|failed)-\d{4,}-of-\d{4,}\.jsonl(?:\.lock|\.inputs\.json)?|MERGING)$"
+)
+#: How a result line begins (``Result``'s first field).
+_RESULT_LINE = b'{"seq":'
 #: Past the shards' own drain deadline, how long a driver waits for them: for their
 #: reports, and for a shard of an earlier run to let go of its part before a merge.
 SHARD_GRACE_S = 10.0
@@ -96,6 +103,15 @@ class Parts:
             if m is not None and m.group(1) == kind:
                 found.append((int(m.group(2)), os.path.join(self.directory, name)))
         return sorted(found)
+
+    def foreign(self) -> list[str]:
+        """Names in the directory that bulksend does not write there."""
+        try:
+            return sorted(n for n in os.listdir(self.directory) if not _OWN.match(n))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise LedgerError(f"cannot list {self.directory}: {exc.strerror or exc}") from None
 
     def create(self) -> None:
         try:
@@ -293,6 +309,16 @@ def settle_parts(
     parts = Parts(parts_dir(out))
     if not parts.exists():
         return
+    foreign = parts.foreign()
+    if foreign:
+        # Not ours to merge or to delete (a later run removes the directory whole).
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3:,} more" if len(foreign) > 3 else ""
+        )
+        raise LedgerError(
+            f"{parts.directory} holds files bulksend did not write there ({shown}): move them"
+            " away, or give another --out"
+        )
     if resume:
         if recover(parts):
             say(f"bulksend: undid a merge of {parts.directory} that was cut short")
@@ -424,7 +450,10 @@ def _copy_tagged(
                 x for x in block.splitlines(keepends=True) if not x.startswith(_RUN_LINE)
             )
         n = block.count(b"\n")
-        if block.count(b"}\n") != n:
+        # Counted, not parsed (C speed): every line a whole JSON object that begins as a
+        # result line does.
+        starts = block.count(b"\n" + _RESULT_LINE) + block.startswith(_RESULT_LINE)
+        if block.count(b"}\n") != n or starts != n:
             raise LedgerError(f"{path}: holds a line that is not a results line")
         lines += n
         dst.write(block.replace(b"}\n", tag))

@@ -38,7 +38,7 @@ from bulksend.errors import BulksendError, ConfigError, LedgerError, SinkError
 from bulksend.health import TargetHealth
 from bulksend.html import RunReport, render_html
 from bulksend.interrupts import Interrupts
-from bulksend.ledger import check_inputs, read_ledger, write_fingerprints
+from bulksend.ledger import RUN_LINE_START, check_inputs, read_ledger, write_fingerprints
 from bulksend.merge import SHARD_GRACE_S, settle_parts
 from bulksend.pacer import Pacer
 from bulksend.record import Item
@@ -607,7 +607,7 @@ class Sinks:
             self.lock = LedgerLock(place)
             size = os.fstat(fd).st_size
             if size and not outputs.resume:
-                if not outputs.overwrite:
+                if not outputs.overwrite and not _only_run_lines(place.real, size):
                     raise LedgerError(_refusal(path, size, plan.resumable))
                 os.ftruncate(fd, 0)
             # Parts of a distributed run on this ledger are its results too, whether
@@ -674,6 +674,20 @@ class Sinks:
             self.lock.release()
         if first is not None:
             raise first
+
+
+def _only_run_lines(path: str, size: int) -> bool:
+    """Whether the ledger holds nothing but run lines: runs that stopped before their
+    first send (a cluster not reached, a refused start). Such a ledger is no one's
+    results, and a new run may start it again. Only a small one is read."""
+    if size > 1 << 20:
+        return False
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(size)
+    except OSError:
+        return False  # unread, it is kept: the refusal says what to do
+    return all(line.startswith(RUN_LINE_START) for line in data.splitlines() if line.strip())
 
 
 def _refusal(path: str, size: int, resumable: bool) -> str:

@@ -151,6 +151,10 @@ async def _send(
         ):
             for shard in said.reports:
                 shard.stats.add_to(stats)
+        elif said.abandoned:
+            # Not every shard reported: the summary counts what the parts hold, which
+            # is what --resume will find done.
+            _PartsWatch(parts, [stats.add], None, LoadOutcome(LoadStats()), end).poll()
     except BulksendError as exc:
         end.error = end.error or exc
     finally:
@@ -325,7 +329,8 @@ async def _execute(
     ``remote``: the shards upload their parts as segments, merged from there."""
     async with connect(cluster) as (client, address, threads, dashboard):
         shards = cluster.shards or threads
-        err.write(started_line(address, cluster, shards, dashboard))
+        if job.progress != "off":
+            err.write(started_line(address, cluster, shards, dashboard))
         if shards > threads:
             # A shard holds its worker thread to the end: the rest wait their turn.
             paced = f", so the run paces at most {threads}/{shards} of its rate"

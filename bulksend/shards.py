@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +66,8 @@ class ClusterSpec:
     def __post_init__(self) -> None:
         if (self.workers is None) == (self.address is None):
             raise ConfigError("give one of --workers N and --cluster ADDRESS")
+        if self.address is not None:
+            check_scheduler_address(self.address)
         if self.workers is not None and self.workers < 1:
             raise ConfigError("--workers must be >= 1")
         if self.shards is not None and self.shards < 1:
@@ -241,3 +244,18 @@ class InterleavedPacer:
 
     def set_rate(self, rate: float, elapsed: float, sent: int) -> None:
         raise ValueError("a shard of a distributed load keeps the run's schedule")
+
+
+#: The address forms of a Dask scheduler a driver can reach: a comm scheme, a host, a port.
+_SCHEDULER = re.compile(r"(?:(tcp|tls|ws|wss|ucx)://)?(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})")
+
+
+def check_scheduler_address(address: str) -> None:
+    """``--cluster ADDRESS`` looked at before anything opens: Dask's own parser fails a
+    typo with a traceback, after the run's outputs are open."""
+    m = _SCHEDULER.fullmatch(address)
+    if m is None or not 0 < int(m.group(3)) < 65536:
+        raise ConfigError(
+            f"--cluster {address!r} is not a Dask scheduler address: give"
+            " tcp://HOST:PORT (or tls://HOST:PORT), e.g. tcp://10.0.0.5:8786"
+        )

@@ -259,6 +259,62 @@ async def test_cluster_survives_a_worker_killed_mid_run(tmp_path: Path) -> None:
     assert len({_seq(m) for m in stored}) == n
 
 
+async def test_a_shard_lost_for_good_leaves_a_summary_of_what_the_parts_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scheduler that runs no task twice: the shard of a worker killed mid-run is lost,
+    the run stops (exit 2) with the parts left for --resume, and its figures are what the
+    parts hold, not zero."""
+    from bulksend.errors import ClusterError
+
+    monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES", "0")
+    n = 2000
+    inputs = write_jsonl(tmp_path / "in.jsonl", _records(n))
+    out, err = tmp_path / "out.jsonl", io.StringIO()
+    with _scheduler_and_workers(tmp_path) as (address, workers):
+        await _wait_for_workers(address, 2)
+        async with start_server_inprocess() as server:
+            job = _job(server.url, inputs, out, concurrency=8, rate=500.0)
+            run = asyncio.create_task(
+                run_distributed(job, ClusterSpec(address=address), stderr=err)
+            )
+            deadline = time.monotonic() + 60
+            while server.store.accepted < n // 4:
+                assert time.monotonic() < deadline and not run.done()
+                await asyncio.sleep(0.05)
+            os.killpg(workers[await _busy_worker(address)].pid, signal.SIGKILL)
+            with pytest.raises(ClusterError, match="lost its worker"):
+                await asyncio.wait_for(run, 120)
+    parts = tmp_path / "out.jsonl.parts"
+    in_parts = _part_lines(parts)
+    figures = orjson.loads(out.with_suffix(".stats.json").read_bytes())
+    assert in_parts > 0 and figures["ok"] + figures["failed"] == in_parts
+
+
+async def test_cluster_workers_read_a_relative_input_where_the_driver_means_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dask worker`` processes started in another directory, holding a file of the same
+    name: a relative input still names the driver's file."""
+    where_workers_run, where_driver_runs = tmp_path / "workers", tmp_path / "driver"
+    where_workers_run.mkdir()
+    where_driver_runs.mkdir()
+    write_jsonl(
+        where_workers_run / "in.jsonl", [{"topic": "t", "body": f"decoy{i}"} for i in range(50)]
+    )
+    write_jsonl(where_driver_runs / "in.jsonl", _records(200))
+    monkeypatch.chdir(where_workers_run)
+    with _scheduler_and_workers(tmp_path) as (address, _):
+        await _wait_for_workers(address, 2)
+        monkeypatch.chdir(where_driver_runs)
+        async with start_server_inprocess() as server:
+            job = _job(server.url, Path("in.jsonl"), tmp_path / "out.jsonl", concurrency=8)
+            outcome = await run_distributed(job, ClusterSpec(address=address), stderr=io.StringIO())
+            stored = await server.store.messages()
+    assert outcome.exit_code == 0
+    assert sorted(_seq(m) for m in stored) == list(range(200))  # m0..m199, no decoy
+
+
 def _part_lines(parts: Path) -> int:
     """Result lines in the parts (each attempt of a shard begins its part with a run line)."""
     return sum(

@@ -564,15 +564,38 @@ def test_the_cli_does_not_load_dask_unless_asked() -> None:
         (["--cluster", "tcp://127.0.0.1:1"], "--cluster needs --out on storage every worker"),
         (["--workers", "2", "--resume"], "--resume needs --out"),
         (["--workers", "2", "--out", "-"], "need --out and --failed in files"),
+        (["--cluster", "nonsense", "--out", "o.jsonl"], "is not a Dask scheduler address"),
+        (["--cluster", "http://127.0.0.1:1", "--out", "o.jsonl"], "give tcp://HOST:PORT"),
+        (["--cluster", "tcp://127.0.0.1:99999", "--out", "o.jsonl"], "is not a Dask scheduler"),
     ],
 )
 def test_cluster_usage_errors_exit_2_with_one_line(
     tmp_path: Path, flags: list[str], message: str
 ) -> None:
     inputs = _inputs(tmp_path, 3)
-    proc = bulksend("send", str(inputs), "--embedded", *flags, timeout=60)
+    proc = bulksend("send", str(inputs), "--embedded", *flags, timeout=60, cwd=str(tmp_path))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and message in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # nothing opened
+
+
+def test_workers_quiet_is_quiet_and_a_ledger_of_run_lines_alone_starts_again(
+    tmp_path: Path,
+) -> None:
+    """A run that stopped before its first send left a ledger holding only its run line
+    (e.g. a scheduler that was not reached): that is no one's results, and the next run
+    need not be told --overwrite. With --quiet, a --workers run that ends well says
+    nothing at all."""
+    inputs, out = _inputs(tmp_path, 30), tmp_path / "out.jsonl"
+    out.write_bytes(b'{"status":"run","at":1,"command":"send","settings":{}}\n')
+    proc = bulksend(
+        "send", str(inputs), "--embedded", "--workers", "1", "--out", str(out), "--quiet",
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    lines = [orjson.loads(x) for x in out.read_bytes().splitlines()]
+    assert [x["status"] for x in lines].count("run") == 1 and lines[0]["at"] != 1
+    assert sorted(x["seq"] for x in lines[1:]) == list(range(30))
 
 
 def test_workers_cannot_read_stdin(tmp_path: Path) -> None:

@@ -64,3 +64,21 @@ async def test_a_request_waits_for_its_own_intents_write(tmp_path: Path) -> None
         assert seq in on_disk, (seq, on_disk)
     assert on_disk_when_sent[0] == on_disk_when_sent[2] == [0, 2]  # one write for the turn
     assert sorted(intents_in(path)) == [0, 1, 2]
+
+
+def test_the_summary_gives_the_wait_per_check_not_the_sum_of_overlapping_waits(
+    tmp_path: Path,
+) -> None:
+    wa = WriteAhead(
+        Reconciler(Target("http://127.0.0.1:9", "p", "i")),
+        LineWriter(str(tmp_path / "ledger.jsonl")),
+        salt="1",
+    )
+    # 40 checks that waited side by side, 5 s each, in a run of about 5 s.
+    wa.reconciler.counters.checks, wa.reconciler.counters.waited_s = 40, 200.0
+    wa.reconciler.counters.queries = 40
+    (line,) = wa.lines(summary=True, complete=True)
+    assert line.endswith(
+        "40 ListMessages queries for 40 records in doubt, each after 5.0 s on average for the index"
+    )
+    assert "200" not in line

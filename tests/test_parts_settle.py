@@ -123,3 +123,30 @@ def test_a_merge_cut_short_is_undone_on_its_own_files_from_another_directory(
     assert recover(parts) is True
     assert (run_dir / "out.jsonl").read_bytes() == _line(7)
     assert bystander.read_bytes() == _line(100) * 50
+
+
+def test_files_bulksend_did_not_write_in_the_parts_directory_are_left_alone(
+    tmp_path: Path,
+) -> None:
+    inputs = write_jsonl(tmp_path / "in.jsonl", [{"topic": "t", "body": "b"}] * 3)
+    out = tmp_path / "out.jsonl"
+    parts = tmp_path / "out.jsonl.parts"
+    (parts / "sub").mkdir(parents=True)
+    (parts / "notes.txt").write_text("precious")
+    for flags in ([], ["--overwrite"], ["--resume"], ["--workers", "1"]):
+        proc = bulksend("send", str(inputs), "--embedded", "--out", str(out), *flags)
+        assert proc.returncode == 2, (flags, proc.stderr)
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"bulksend: error: {parts} holds files bulksend did not write there (notes.txt,"
+            " sub): move them away, or give another --out"
+        )
+    assert (parts / "notes.txt").read_text() == "precious" and (parts / "sub").is_dir()
+
+
+def test_a_part_line_that_is_not_a_result_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    parts = Parts(f"{out}.parts")
+    parts.create()
+    Path(parts.ledger(7, 9)).write_bytes(b'{"seq":1,"identity":"zzz","status":"ok"}\n{"foo":1}\n')
+    with pytest.raises(LedgerError, match="holds a line that is not a results line"):
+        merge_parts(parts, out=str(out), failed=None)
