@@ -297,6 +297,7 @@ def settle_parts(
     *,
     resume: bool,
     overwrite: bool,
+    resumable: bool = True,
     wait_s: float,
     say: Callable[[str], None],
 ) -> None:
@@ -331,9 +332,9 @@ def settle_parts(
                 f" in {parts.directory}"
             )
     elif (parts.found("shard") or os.path.exists(parts.marker)) and not overwrite:
+        fix = "add --resume to continue it, or --overwrite" if resumable else "add --overwrite"
         raise LedgerError(
-            f"{parts.directory} holds the results of an unfinished run: add --resume to"
-            " continue it, or --overwrite to start again"
+            f"{parts.directory} holds the results of an unfinished run: {fix} to start again"
         )
     else:
         parts.remove()

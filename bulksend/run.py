@@ -617,6 +617,7 @@ class Sinks:
                 outputs.failed if outputs.failed != STDOUT else None,
                 resume=outputs.resume,
                 overwrite=outputs.overwrite,
+                resumable=plan.resumable,
                 wait_s=outputs.drain_timeout_s + SHARD_GRACE_S,
                 say=self.said.append,
             )

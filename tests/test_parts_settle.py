@@ -150,3 +150,21 @@ def test_a_part_line_that_is_not_a_result_is_refused(tmp_path: Path) -> None:
     Path(parts.ledger(7, 9)).write_bytes(b'{"seq":1,"identity":"zzz","status":"ok"}\n{"foo":1}\n')
     with pytest.raises(LedgerError, match="holds a line that is not a results line"):
         merge_parts(parts, out=str(out), failed=None)
+
+
+def test_a_load_left_parts_is_told_overwrite_not_resume(tmp_path: Path) -> None:
+    """``load`` has no --resume: the refusal names only what it has."""
+    out = tmp_path / "load.jsonl"
+    parts = Parts(f"{out}.parts")
+    parts.create()
+    Path(parts.ledger(0, 2)).write_bytes(_line(0))
+    args = ["load", "--embedded", "--rate", "50", "--duration", "1s", "--out", str(out)]
+    refused = bulksend(*args)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"bulksend: error: {parts.directory} holds the results of an unfinished run:"
+        " add --overwrite to start again"
+    )
+    again = bulksend(*args, "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert not Path(parts.directory).exists()
