@@ -67,6 +67,8 @@ from bulksend.run import End, Hooks, Live, Ticker
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
 
+    from bulksend.observers import AttemptObserver
+
 #: Gets each result line merged (for --html).
 OnResult = Callable[[Result], None] | None
 
@@ -301,6 +303,9 @@ class _UploadingHooks(Hooks):
 
     def tickers(self, live: Live) -> list[Ticker]:
         return [*self.inner.tickers(live), self.uploader]
+
+    def attempt_observers(self) -> list[AttemptObserver]:
+        return self.inner.attempt_observers()
 
     def finish(self, snapshot: dict[str, Any], end: End) -> None:
         self.inner.finish(snapshot, end)

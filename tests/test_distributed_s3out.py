@@ -310,3 +310,23 @@ def test_segments_come_back_in_order_past_one_fetch_batch(s3_here: S3) -> None:
         assert segments.uploaders[0].next == count  # the next upload follows them
     finally:
         segments.close()
+
+
+def test_the_uploading_hooks_forward_every_hook_of_the_shard() -> None:
+    """The uploader wraps a shard's hooks: each of them must still reach the harness
+    (a hook added to ``run.Hooks`` later must be forwarded too)."""
+    from bulksend.remote import _UploadingHooks
+    from bulksend.run import Hooks
+
+    hooks = [n for n in vars(Hooks) if not n.startswith("_") and callable(getattr(Hooks, n))]
+    assert "attempt_observers" in hooks
+    assert [n for n in hooks if n not in vars(_UploadingHooks)] == []
+
+    class Inner(Hooks):
+        def attempt_observers(self) -> list[Any]:
+            return ["mine"]
+
+    async def ticker() -> None:
+        return None
+
+    assert _UploadingHooks(Inner(), ticker).attempt_observers() == ["mine"]
