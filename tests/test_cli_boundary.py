@@ -23,6 +23,9 @@ pytestmark = pytest.mark.timeout(120)
 _SIGINT_ON_IMPORT = """
 import importlib.abc, os, runpy, signal, sys
 
+# Ctrl-C as a terminal delivers it, even when this test runs where SIGINT is ignored (a
+# shell's background job inherits that, and Python then keeps it ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 module = sys.argv[1]
 
 class SigintOnImport(importlib.abc.MetaPathFinder):

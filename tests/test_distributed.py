@@ -17,6 +17,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -229,6 +230,22 @@ async def _busy_worker(address: str) -> str:
     return str(busy[0])
 
 
+async def _kill_a_busy_worker_once_stored(
+    server: Any,
+    run: asyncio.Task[Any],
+    address: str,
+    workers: dict[str, subprocess.Popen[bytes]],
+    stored: int,
+) -> None:
+    """SIGKILL to the process group of a worker running a shard, once the server holds
+    ``stored`` messages."""
+    deadline = time.monotonic() + 60
+    while server.store.accepted < stored:
+        assert time.monotonic() < deadline and not run.done()
+        await asyncio.sleep(0.05)
+    os.killpg(workers[await _busy_worker(address)].pid, signal.SIGKILL)
+
+
 async def test_cluster_survives_a_worker_killed_mid_run(tmp_path: Path) -> None:
     n, concurrency = 2000, 16
     inputs = write_jsonl(tmp_path / "in.jsonl", _records(n))
@@ -241,12 +258,7 @@ async def test_cluster_survives_a_worker_killed_mid_run(tmp_path: Path) -> None:
             run = asyncio.create_task(
                 run_distributed(job, ClusterSpec(address=address), stderr=err)
             )
-            deadline = time.monotonic() + 60
-            while server.store.accepted < n // 4:
-                assert time.monotonic() < deadline and not run.done()
-                await asyncio.sleep(0.05)
-            victim = await _busy_worker(address)
-            os.killpg(workers[victim].pid, signal.SIGKILL)
+            await _kill_a_busy_worker_once_stored(server, run, address, workers, n // 4)
             outcome = await asyncio.wait_for(run, 120)
             stored = await server.store.messages()
     assert outcome.exit_code == 0, err.getvalue()
@@ -278,11 +290,7 @@ async def test_a_shard_lost_for_good_leaves_a_summary_of_what_the_parts_hold(
             run = asyncio.create_task(
                 run_distributed(job, ClusterSpec(address=address), stderr=err)
             )
-            deadline = time.monotonic() + 60
-            while server.store.accepted < n // 4:
-                assert time.monotonic() < deadline and not run.done()
-                await asyncio.sleep(0.05)
-            os.killpg(workers[await _busy_worker(address)].pid, signal.SIGKILL)
+            await _kill_a_busy_worker_once_stored(server, run, address, workers, n // 4)
             with pytest.raises(ClusterError, match="lost its worker"):
                 await asyncio.wait_for(run, 120)
     parts = tmp_path / "out.jsonl.parts"

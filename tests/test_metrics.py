@@ -106,6 +106,20 @@ def _env() -> dict[str, str]:
     }
 
 
+def spawn_with_metrics(args: list[str]) -> tuple[subprocess.Popen[str], str]:
+    """``bulksend ARGS`` (with ``--metrics-addr``) in the background, and the metrics URL
+    it says it serves at."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bulksend", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    assert proc.stderr is not None
+    return proc, _metrics_url(proc.stderr)
+
+
 def _metrics_url(stderr: IO[str]) -> str:
     """The address the run says it serves at (its first stderr line, before any send)."""
     line = stderr.readline()
@@ -266,16 +280,8 @@ def test_load_metrics_have_the_schedule_and_late_sends(tmp_path: Path) -> None:
         args = ["load", *target(url), "--rate", "200", "--duration", "3s"]
         args += ["--max-in-flight", "2", "--metrics-addr", "127.0.0.1:0"]
         args += ["--progress-interval", "60", "--stats", str(tmp_path / "s.json")]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bulksend", *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_env(),
-        )
+        proc, metrics = spawn_with_metrics(args)
         try:
-            assert proc.stderr is not None
-            metrics = _metrics_url(proc.stderr)
             # 2 in flight, 30 ms each: at most ~67/s of 200/s go out, the rest late.
             seen = _wait(metrics, "bulksend_late_total", 20)
             assert seen["bulksend_target_rate"] == 200

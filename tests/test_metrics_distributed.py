@@ -18,8 +18,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -48,7 +46,7 @@ from tests.test_distributed import (
     _scheduler_and_workers,
     _wait_for_workers,
 )
-from tests.test_metrics import _env, _wait, scrape
+from tests.test_metrics import _wait, scrape, spawn_with_metrics
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -281,19 +279,8 @@ def test_load_workers_2_serves_the_total_rate_and_late_sends(tmp_path: Path) -> 
         args = ["load", *target(url), "--workers", "2", "--rate", "400", "--duration", "3s"]
         args += ["--max-in-flight", "4", "--metrics-addr", "127.0.0.1:0"]
         args += ["--progress-interval", "60", "--stats", str(stats_path)]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bulksend", *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_env(),
-        )
+        proc, metrics = spawn_with_metrics(args)
         try:
-            assert proc.stderr is not None
-            line = proc.stderr.readline()
-            found = re.fullmatch(r"bulksend: metrics at (http://\S+/metrics)\n", line)
-            assert found, line
-            metrics = found.group(1)
             seen = _wait(metrics, "bulksend_late_total", 20)
             # The whole schedule's rate, not a shard's 200/s.
             assert seen["bulksend_target_rate"] == 400
