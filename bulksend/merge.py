@@ -32,7 +32,7 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import orjson
@@ -267,6 +267,18 @@ def merge_parts(
             _copy_lines(path, dst, merged)
     parts.remove()
     return merged
+
+
+def part_results(parts: Parts) -> Iterator[Result]:
+    """Every result line the ledger parts hold, read a chunk at a time (a part may hold
+    millions); a torn last line is left out, as a merge leaves it out."""
+    merged = Merged()
+    for _, path in parts.found("shard"):
+        for block in _whole_lines(path, merged):
+            for line in block.splitlines():
+                obj = orjson.loads(line)
+                if obj.get("status") in RESULT_STATUSES:
+                    yield Result.from_dict(obj)
 
 
 def recover(parts: Parts) -> bool:

@@ -64,7 +64,7 @@ from bulksend.html import RunReport
 from bulksend.identity import input_keys
 from bulksend.job import Outcome, SendJob
 from bulksend.load import TICK_S, LoadJob, LoadOutcome
-from bulksend.merge import RESULT_STATUSES, Parts, merge_parts, parts_dir
+from bulksend.merge import RESULT_STATUSES, Parts, merge_parts, part_results, parts_dir
 from bulksend.metrics import MetricsEndpoint, ShardedFigures
 from bulksend.remote import RemoteLedger, is_url, last_line
 from bulksend.result import Result
@@ -154,7 +154,8 @@ async def _send(
         elif said.abandoned:
             # Not every shard reported: the summary counts what the parts hold, which
             # is what --resume will find done.
-            _PartsWatch(parts, [stats.add], None, LoadOutcome(LoadStats()), end).poll()
+            for result in part_results(parts):
+                stats.add(result)
     except BulksendError as exc:
         end.error = end.error or exc
     finally:
