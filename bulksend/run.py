@@ -606,12 +606,12 @@ class Sinks:
         try:
             self.lock = LedgerLock(place)
             size = os.fstat(fd).st_size
-            if size and not outputs.resume:
-                if not outputs.overwrite and not _only_run_lines(place.real, size):
-                    raise LedgerError(_refusal(path, size, plan.resumable))
-                os.ftruncate(fd, 0)
+            fresh = not outputs.resume
+            if size and fresh and not outputs.overwrite and not _only_run_lines(place.real, size):
+                raise LedgerError(_refusal(path, size, plan.resumable))
             # Parts of a distributed run on this ledger are its results too, whether
-            # this run is distributed or not.
+            # this run is distributed or not. Settled before the ledger is cut: a
+            # refusal here leaves it as it was.
             settle_parts(
                 path,
                 outputs.failed if outputs.failed != STDOUT else None,
@@ -621,6 +621,8 @@ class Sinks:
                 wait_s=outputs.drain_timeout_s + SHARD_GRACE_S,
                 say=self.said.append,
             )
+            if size and fresh:
+                os.ftruncate(fd, 0)
         except BaseException:
             os.close(fd)
             raise

@@ -168,3 +168,15 @@ def test_a_load_left_parts_is_told_overwrite_not_resume(tmp_path: Path) -> None:
     again = bulksend(*args, "--overwrite")
     assert again.returncode == 0, again.stderr
     assert not Path(parts.directory).exists()
+
+
+def test_a_refusal_over_the_parts_leaves_the_ledger_as_it_was(tmp_path: Path) -> None:
+    """--overwrite would empty the ledger; refused over the parts directory, it has not."""
+    inputs = write_jsonl(tmp_path / "in.jsonl", [{"topic": "t", "body": "b"}] * 3)
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(_line(0) + _line(1))
+    (tmp_path / "out.jsonl.parts").mkdir()
+    (tmp_path / "out.jsonl.parts" / "notes.txt").write_text("precious")
+    proc = bulksend("send", str(inputs), "--embedded", "--out", str(out), "--overwrite")
+    assert proc.returncode == 2 and "holds files bulksend did not write" in proc.stderr
+    assert out.read_bytes() == _line(0) + _line(1)
