@@ -39,6 +39,7 @@ import orjson
 from hdrh.histogram import HdrHistogram
 
 from bulksend.errors import LedgerError, SinkError
+from bulksend.ledger import RUN_LINE_START
 from bulksend.result import FAILED, INVALID, OK, Result
 from bulksend.sinks import write_json
 from bulksend.stats import Stats
@@ -60,8 +61,6 @@ _RESULT_LINE = b'{"seq":'
 #: Past the shards' own drain deadline, how long a driver waits for them: for their
 #: reports, and for a shard of an earlier run to let go of its part before a merge.
 SHARD_GRACE_S = 10.0
-#: How ``run.run_line`` begins a line (orjson keeps the keys in the order written).
-_RUN_LINE = b'{"status":"run",'
 
 
 def parts_dir(out: str) -> str:
@@ -456,11 +455,11 @@ def _copy_tagged(
     tag = b',"shard":%d}\n' % index
     lines = 0
     for block in _whole_lines(path, merged):
-        if _RUN_LINE in block:
+        if RUN_LINE_START in block:
             # Each attempt of a shard began its part with a run line; --out has the
             # driver's own, which holds the run's settings.
             block = b"".join(
-                x for x in block.splitlines(keepends=True) if not x.startswith(_RUN_LINE)
+                x for x in block.splitlines(keepends=True) if not x.startswith(RUN_LINE_START)
             )
         n = block.count(b"\n")
         # Counted, not parsed (C speed): every line a whole JSON object that begins as a

@@ -59,7 +59,7 @@ import anyio.to_thread
 import orjson
 
 from bulksend.errors import ConfigError, LedgerError, SinkError
-from bulksend.ledger import fingerprints_path
+from bulksend.ledger import RUN_LINE_START, fingerprints_path
 from bulksend.merge import Parts, merge_parts
 from bulksend.result import Result
 from bulksend.run import End, Hooks, Live, Ticker
@@ -78,7 +78,6 @@ SEGMENT_INTERVAL_S = 5.0
 FETCH_BATCH = 32
 _SEGMENT = re.compile(r"^seg-(\d{6,})\.jsonl$")
 _GENERATION = re.compile(r"^run-\d{13}-[0-9a-f]{6}$")
-_RUN_LINE = b'{"status":"run",'
 
 
 def is_url(path: str | None) -> bool:
@@ -556,7 +555,7 @@ def _generations_named(ledger: str) -> set[str]:
     """The generations whose run lines the ledger holds."""
     named = set()
     for line in _lines(ledger):
-        if line.startswith(_RUN_LINE):
+        if line.startswith(RUN_LINE_START):
             with contextlib.suppress(orjson.JSONDecodeError):
                 settings = orjson.loads(line).get("settings") or {}
                 if isinstance(settings, dict) and isinstance(settings.get("parts"), str):
