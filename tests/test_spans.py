@@ -128,10 +128,13 @@ def test_more_spans_than_lines_leaves_some_empty(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "data", "message"),
     [
-        ("in.jsonl.gz", gzip.compress(b"{}\n"), r"only a plain \(not gzip\) JSONL file"),
+        # mtime=0: a gzip header holds the time it was written, and pytest-xdist refuses a run
+        # whose workers collect different test ids (each worker collects in its own second).
+        ("in.jsonl.gz", gzip.compress(b"{}\n", mtime=0), r"only a plain \(not gzip\) JSONL file"),
         ("in.csv", b"body\nx\n", r"only a plain \(not gzip\) JSONL file"),
         ("in.json", b'  [{"body":"x"}]', "a JSON array cannot be split"),
     ],
+    ids=["gzip", "csv", "json-array"],
 )
 def test_what_cannot_be_split_says_why(
     tmp_path: Path, name: str, data: bytes, message: str
