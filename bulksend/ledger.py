@@ -360,7 +360,8 @@ def _odd_field(obj: dict[str, Any]) -> str | None:
     """The first field of a results line that no run writes so (a wrong type, a value out
     of range), or None. A ledger edited by hand or by another tool would otherwise end in
     a traceback deep in the stats or the HTML report's timeline (a float where an epoch ms
-    is counted over, a string beside numbers being sorted). About 1 µs a line."""
+    is counted over, a string beside numbers being sorted). About 2 µs a line, a fifth of
+    what `report` spends on one (measured over 200,000 lines: 9.5 -> 11.9 µs)."""
     if obj["status"] not in _STATUSES:
         return "status"
     get = obj.get
