@@ -14,6 +14,8 @@ a LocalCluster of N single-threaded worker processes on 127.0.0.1; ``ClusterSpec
    (``run.run``) over its own records at its share of ``--rate``, and shows one progress
    line from the counts the shards post to Dask's event log (with ``--metrics-addr``,
    their figures' sum at /metrics, served from the start to the last output written);
+   with ``--exactly-once``, the merged ledger's open intents are checked first and every
+   shard keys its records with that ledger's salt (``shard_once.py``);
 3. merges the parts into ``--out`` (each line with ``"shard": i``) and ``--failed``, adds
    the shards' stats (latency histograms added, never averaged), and ends as a single run
    ends (``run._finish``: ``--stats``, ``--html``, the summary).

@@ -17,7 +17,9 @@ lost; the new attempt reads the part first (cutting a torn last line), counts ev
 line in it as this run's, and sends only the records that have none. A record that
 finally failed in the lost attempt is not sent again in the same run (it had its retries;
 ``--resume`` retries it), so the part, and the merged ledger, hold one line per record.
-Re-sends are then at most the requests the lost worker had in flight. The part is written
+Re-sends are then at most the requests the lost worker had in flight; with ``--exactly-once``
+none, as the harness checks the intents the lost attempt left open in the part before the new
+attempt sends anything (``shard_once.py`` has the driver's side). The part is written
 under the harness's ledger lock; a second attempt (its lost worker may still be running)
 first waits for that lock to be free.
 
