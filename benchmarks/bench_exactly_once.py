@@ -298,17 +298,28 @@ def workers_2(url: str, n: int, small: int, concurrency: int, rounds: int) -> No
                 rate[name].append((n - small) / (wall_n - wall_s))
     base_cpu = statistics.median(cpu["--workers 2"])
     base_rate = statistics.median(rate["--workers 2"])
+    # The best round too (least CPU, most msg/s): on a shared machine the medians carry
+    # the other tenants' load, the best rounds less of it.
+    best_cpu, best_rate = min(cpu["--workers 2"]), max(rate["--workers 2"])
     print(
         f"5. --workers 2 (driver + 2 worker processes; the built-in server in another process),"
-        f" --concurrency {concurrency}; ({n:,} - {small:,}) messages, {rounds} rounds, medians"
+        f" --concurrency {concurrency}; ({n:,} - {small:,}) messages, {rounds} rounds"
     )
-    print(f"   {'':28} {'µs CPU/msg':>10} {'ratio':>6} {'msg/s':>8} {'ratio':>6}")
+    print(
+        f"   {'':28} {'µs CPU/msg':>10} {'ratio':>6} {'msg/s':>8} {'ratio':>6}"
+        f"   {'best: µs':>8} {'ratio':>6} {'msg/s':>8} {'ratio':>6}"
+    )
     for name in variants:
         c, r = statistics.median(cpu[name]), statistics.median(rate[name])
+        lo, hi = min(cpu[name]), max(rate[name])
         rounds_text = ", ".join(
             f"{x:.0f}/{y:.0f}" for x, y in zip(cpu[name], rate[name], strict=True)
         )
-        print(f"   {name:28} {c:10.1f} {c / base_cpu:6.3f} {r:8.0f} {r / base_rate:6.3f}   rounds (µs, msg/s): {rounds_text}")  # fmt: skip
+        print(
+            f"   {name:28} {c:10.1f} {c / base_cpu:6.3f} {r:8.0f} {r / base_rate:6.3f}"
+            f"   {lo:8.1f} {lo / best_cpu:6.3f} {hi:8.0f} {hi / best_rate:6.3f}"
+            f"   rounds (µs, msg/s): {rounds_text}"
+        )
 
 
 # --- 3. a resume's reconciliation ----------------------------------------------------------
