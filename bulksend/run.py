@@ -621,6 +621,13 @@ class Sinks:
             fresh = not outputs.resume
             if size and fresh and not outputs.overwrite and not _only_run_lines(place.real, size):
                 raise LedgerError(_refusal(path, size, plan.resumable))
+            other = _first_command(place.real) if size and outputs.resume else None
+            if other is not None and other != plan.command:
+                # A load's synthetic lines and a send's records would read as one run.
+                raise LedgerError(
+                    f"{path} was written by bulksend {other}: bulksend {plan.command} cannot"
+                    " resume it; give another --out, or --overwrite to start it again"
+                )
             # Parts of a distributed run on this ledger are its results too, whether
             # this run is distributed or not. Settled before the ledger is cut: a
             # refusal here leaves it as it was.
@@ -703,6 +710,23 @@ def _only_run_lines(path: str, size: int) -> bool:
     except OSError:
         return False  # unread, it is kept: the refusal says what to do
     return all(line.startswith(RUN_LINE_START) for line in data.splitlines() if line.strip())
+
+
+def _first_command(path: str) -> str | None:
+    """The command of the ledger's first run line (``send``, ``load``), or None when its
+    first line is none (a ledger from before run lines) or cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            first = fh.readline(1 << 20)
+    except OSError:
+        return None
+    if not first.startswith(RUN_LINE_START):
+        return None
+    try:
+        command = orjson.loads(first).get("command")
+    except orjson.JSONDecodeError:
+        return None
+    return command if isinstance(command, str) else None
 
 
 def _refusal(path: str, size: int, resumable: bool) -> str:

@@ -134,6 +134,22 @@ def test_a_non_empty_ledger_is_kept_unless_resume_or_overwrite(tmp_path: Path) -
     assert load.returncode == 2 and "--overwrite" in load.stderr and no_traceback(load)
 
 
+def test_send_does_not_resume_a_load_ledger(tmp_path: Path) -> None:
+    # A synthetic load's lines and a backfill's in one ledger: `report` counted both as one
+    # run's records, and lost the load's latency split.
+    out = tmp_path / "ledger.jsonl"
+    load = bulksend(
+        "load", "--embedded", "--rate", "50", "--duration", "1s", "--out", str(out), *QUIET
+    )
+    assert load.returncode == 0, load.stderr
+    before = out.read_bytes()
+    data = write_jsonl(tmp_path / "in.jsonl", msgs(5))
+    resumed = bulksend("send", str(data), "--embedded", "--out", str(out), "--resume", *QUIET)
+    assert resumed.returncode == 2 and no_traceback(resumed)
+    assert "written by bulksend load" in resumed.stderr and len(resumed.stderr.splitlines()) == 1
+    assert out.read_bytes() == before
+
+
 # --- outputs checked up front -------------------------------------------------------------
 
 
