@@ -38,7 +38,7 @@ import os
 import sqlite3
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -80,6 +80,99 @@ _INSERT = (
 )
 #: The first row at or after an arrival number (a primary-key lookup).
 _STORE_TS_FROM = "SELECT store_ts FROM messages WHERE seq >= ? ORDER BY seq LIMIT 1"
+
+
+#: The SQLite header's application_id of a bulksend store ("BSND"), set when bulksend
+#: creates it, so that no other program's database is taken for one.
+APPLICATION_ID = 0x42534E44
+#: The header's user_version: the store's format. 1: the ``messages`` table above.
+FORMAT = 1
+
+_StoreKind = Literal["new", "marked", "unmarked"]
+
+
+def _table_info(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+    return conn.execute("PRAGMA table_info(messages)").fetchall()
+
+
+def _expected_table_info() -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        conn.execute(_SCHEMA)
+        return _table_info(conn)
+
+
+#: The columns of bulksend's ``messages`` table (name, type, NOT NULL, default, key).
+_TABLE_INFO = _expected_table_info()
+#: What an earlier bulksend kept next to the table (a keys table, an index on the store
+#: time); unused now, and harmless.
+_EARLIER_OBJECTS = {("table", "message_keys"), ("index", "messages_store_ts")}
+
+
+def _kind(conn: sqlite3.Connection) -> _StoreKind:
+    """What the file is: "new" (empty), "marked" (a bulksend store), "unmarked" (an
+    earlier bulksend's store, with its schema but no mark). NotAStore for anything else;
+    sqlite3.DatabaseError for a file SQLite cannot read."""
+    (app_id,) = conn.execute("PRAGMA application_id").fetchone()
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    objects = {
+        (kind, name)
+        for kind, name in conn.execute("SELECT type, name FROM sqlite_master")
+        if not name.startswith("sqlite_")
+    }
+    if app_id not in (0, APPLICATION_ID):
+        raise NotAStore(f"not a bulksend store (application_id {app_id:#x})")
+    if app_id == 0 and version == 0 and not objects:
+        return "new"
+    if ("table", "messages") not in objects:
+        tables = ", ".join(sorted(name for kind, name in objects if kind == "table"))
+        raise NotAStore(f"not a bulksend store (no messages table; tables: {tables or 'none'})")
+    if _table_info(conn) != _TABLE_INFO or not objects <= {
+        ("table", "messages"),
+        *_EARLIER_OBJECTS,
+    }:
+        raise NotAStore("not a bulksend store (its messages table is not bulksend's)")
+    if app_id == 0:
+        if version != 0:
+            raise NotAStore(f"not a bulksend store (user_version {version}, no bulksend mark)")
+        return "unmarked"
+    if version != FORMAT:
+        raise NotAStore(f"store format {version}, this bulksend reads format {FORMAT}")
+    return "marked"
+
+
+#: A row bulksend could not have written: a non-integer where it writes integers, a
+#: negative number, a msg_id that is not 32 hex digits ending in the arrival number
+#: (length() stops at a NUL, so zeroed bytes in it show), a non-text where it writes text.
+_BAD_ROW = """
+SELECT seq FROM messages WHERE NOT (
+    typeof(broker) = 'integer' AND typeof(queue_id) = 'integer'
+    AND typeof(queue_offset) = 'integer' AND typeof(store_ts) = 'integer'
+    AND typeof(born_ts) = 'integer'
+    AND seq >= 0 AND broker >= 0 AND queue_id >= 0 AND queue_offset >= 0 AND store_ts >= 0
+    AND typeof(msg_id) = 'text' AND length(msg_id) = 32
+    AND substr(msg_id, 17) = printf('%016X', seq)
+    AND typeof(instance_id) = 'text' AND typeof(topic) = 'text' AND typeof(body) = 'text'
+    AND typeof(properties) = 'text' AND typeof(born_host) = 'text'
+    AND typeof(keys) IN ('text', 'null')
+) LIMIT 1
+"""
+
+
+def _check_whole(conn: sqlite3.Connection) -> None:
+    """Damaged (a StoreError) unless SQLite finds its pages whole and every row holds
+    what bulksend writes. Reads every page once or twice: COST."""
+    problems = [line for (line,) in conn.execute("PRAGMA quick_check(3)")]
+    if problems != ["ok"]:
+        found = "; ".join(
+            line
+            for problem in problems
+            for line in problem.splitlines()
+            if line and not line.startswith("***")  # "*** in database main ***"
+        )
+        raise DamagedStore(f"damaged (quick_check: {found})")
+    bad = conn.execute(_BAD_ROW).fetchone()
+    if bad is not None:
+        raise DamagedStore(f"damaged (message {bad[0]} holds values bulksend never writes)")
 
 
 def _row(m: StoredMessage) -> tuple[Any, ...]:
@@ -176,6 +269,14 @@ class StoreInUse(StoreError):
     """Another process (another ``bulksend serve``) has the store file open."""
 
 
+class NotAStore(StoreError):
+    """The file is a database, but not a bulksend store (or one of a format unknown here)."""
+
+
+class DamagedStore(StoreError):
+    """The file is a bulksend store whose pages or rows are damaged."""
+
+
 class SqliteJournal:
     """Accepted messages in a SQLite file, committed in batches by one writer thread."""
 
@@ -219,10 +320,18 @@ class SqliteJournal:
     def _open(self) -> Restored:
         conn = sqlite3.connect(self.path, check_same_thread=False)
         self._wconn = conn
+        # Everything is checked before anything is written: a file that is not a whole
+        # bulksend store is refused as it was found (no WAL switch, no table added).
+        state = _kind(conn)
+        if state != "new":
+            _check_whole(conn)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
-        with conn:
-            conn.execute(_SCHEMA)
+        if state != "marked":
+            with conn:
+                conn.execute(_SCHEMA)
+                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version={FORMAT}")
         queues = [
             QueueState(*row)
             for row in conn.execute(
