@@ -19,11 +19,13 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bulksend.errors import ConfigError
 from tests.serve_helpers import (
     list_messages,
     messages_path,
     read_url,
     spawn_server,
+    start_server_inprocess,
     start_server_subprocess,
     stop,
 )
@@ -190,7 +192,7 @@ def store_3000(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def serve_refuses(store: Path) -> str:
     """Run ``bulksend serve --store store``, which must refuse it: exit 2, one line on
     stderr, no traceback, nothing on stdout, the file untouched. That line."""
-    before = store.read_bytes()
+    before, files = store.read_bytes(), sorted(os.listdir(store.parent))
     proc = spawn_server("--store", str(store), stderr=subprocess.PIPE)
     try:
         out, err = proc.communicate(timeout=15)
@@ -203,6 +205,7 @@ def serve_refuses(store: Path) -> str:
     assert len(lines) == 1, err
     assert lines[0].startswith(f"bulksend: error: cannot open --store {store}: "), err
     assert store.read_bytes() == before
+    assert sorted(os.listdir(store.parent)) == files  # no -wal or -shm left behind
     return lines[0]
 
 
@@ -248,19 +251,23 @@ def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
     serve_refuses(text)
 
 
+#: The table every earlier bulksend created, without marking the file.
+OLD_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS messages (\n"
+    "    seq INTEGER PRIMARY KEY, msg_id TEXT NOT NULL, instance_id TEXT NOT NULL,\n"
+    "    topic TEXT NOT NULL, broker INTEGER NOT NULL, queue_id INTEGER NOT NULL,\n"
+    "    queue_offset INTEGER NOT NULL, body TEXT NOT NULL, properties TEXT NOT NULL,\n"
+    "    keys TEXT, store_ts INTEGER NOT NULL, born_ts INTEGER NOT NULL,\n"
+    "    born_host TEXT NOT NULL)"
+)
+
+
 def test_a_store_of_an_earlier_bulksend_is_accepted_and_marked(tmp_path: Path) -> None:
     """Earlier versions created the same table without marking the file: such a store is
     opened, its messages restored, and marked as bulksend's from then on."""
     db = tmp_path / "old.sqlite"
     with contextlib.closing(sqlite3.connect(db)) as conn, conn:
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS messages (\n"
-            "    seq INTEGER PRIMARY KEY, msg_id TEXT NOT NULL, instance_id TEXT NOT NULL,\n"
-            "    topic TEXT NOT NULL, broker INTEGER NOT NULL, queue_id INTEGER NOT NULL,\n"
-            "    queue_offset INTEGER NOT NULL, body TEXT NOT NULL, properties TEXT NOT NULL,\n"
-            "    keys TEXT, store_ts INTEGER NOT NULL, born_ts INTEGER NOT NULL,\n"
-            "    born_host TEXT NOT NULL)"
-        )
+        conn.execute(OLD_SCHEMA)
         conn.executemany(
             "INSERT INTO messages VALUES (?, ?, 'i', 't', 0, ?, ?, ?, '[]', NULL, ?, ?, 'h:1')",
             [
@@ -289,3 +296,82 @@ def test_a_store_of_an_earlier_bulksend_is_accepted_and_marked(tmp_path: Path) -
     with contextlib.closing(sqlite3.connect(db)) as conn:
         assert conn.execute("PRAGMA application_id").fetchone() != (0,)
         assert conn.execute("PRAGMA user_version").fetchone() != (0,)
+
+
+def make_db(path: Path, *statements: str) -> Path:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        for statement in statements:
+            conn.execute(statement)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("statements", "why"),
+    [
+        (["CREATE TABLE messages (id INTEGER PRIMARY KEY, text TEXT)"], "messages table is not"),
+        ([OLD_SCHEMA, "CREATE TABLE people (name TEXT)"], "also holds table people"),
+        (['CREATE TABLE "a\nb" (x)'], "no messages table; it holds table 'a\\nb'"),
+        ([OLD_SCHEMA, "PRAGMA application_id=1"], "application_id 0x1"),
+        ([OLD_SCHEMA, "PRAGMA user_version=7"], "user_version 7"),
+        ([OLD_SCHEMA, "PRAGMA application_id=0x42534E44", "PRAGMA user_version=2"], "format 2"),
+    ],
+    ids=[
+        "other-messages-table",
+        "other-tables-too",
+        "newline-in-a-name",
+        "other-program",
+        "other-version",
+        "newer",
+    ],
+)
+async def test_a_database_that_is_not_a_bulksend_store_is_refused(
+    tmp_path: Path, statements: list[str], why: str
+) -> None:
+    db = make_db(tmp_path / "other.sqlite", *statements)
+    before = db.read_bytes()
+    with pytest.raises(ConfigError) as refused:
+        async with start_server_inprocess(store_path=str(db)):
+            pass
+    assert str(refused.value).startswith(f"cannot open --store {db}: "), refused.value
+    assert why in str(refused.value)
+    assert db.read_bytes() == before
+
+
+async def test_a_store_with_an_earlier_bulksends_index_is_accepted(tmp_path: Path) -> None:
+    """One earlier version kept an index on the store time and a table of keys as well."""
+    db = make_db(
+        tmp_path / "old.sqlite",
+        OLD_SCHEMA,
+        "CREATE TABLE message_keys (key TEXT NOT NULL, seq INTEGER NOT NULL,"
+        " PRIMARY KEY (key, seq)) WITHOUT ROWID",
+        "CREATE INDEX messages_store_ts ON messages (store_ts)",
+        "INSERT INTO messages VALUES (0, 'ABABABABABABABAB0000000000000000', 'i', 't', 0, 0, 0,"
+        " 'old', '[]', NULL, 1000, 1000, 'h:1')",
+    )
+    async with start_server_inprocess(store_path=str(db)) as server:
+        assert [m.body for m in await server.store.messages()] == ["old"]
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA application_id").fetchone() == (0x42534E44,)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "UPDATE messages SET queue_offset = 'twelve' WHERE seq = 1",
+        "UPDATE messages SET store_ts = 1.5 WHERE seq = 1",
+        "UPDATE messages SET broker = -1 WHERE seq = 1",
+        "UPDATE messages SET msg_id = 'ABABABABABABABAB0000000000000007' WHERE seq = 1",
+    ],
+    ids=["text-offset", "real-time", "negative-broker", "msg_id-of-another-seq"],
+)
+async def test_a_row_bulksend_never_writes_is_refused(tmp_path: Path, damage: str) -> None:
+    db = str(tmp_path / "store.sqlite")
+    async with start_server_inprocess(store_path=db) as server:
+        for i in range(3):
+            server.store.append("i", "t", f"m{i}", (), "h:1", 1000 + i)
+        await server.store.flush()
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(damage)
+    with pytest.raises(ConfigError, match="message 1 holds values bulksend never writes"):
+        async with start_server_inprocess(store_path=db):
+            pass

@@ -108,6 +108,16 @@ _TABLE_INFO = _expected_table_info()
 _EARLIER_OBJECTS = {("table", "message_keys"), ("index", "messages_store_ts")}
 
 
+def _names(objects: set[tuple[str, str]]) -> str:
+    """ "table people, index x" for a one-line message: a few names, each printable."""
+    shown = [
+        f"{kind} {name if name.isprintable() else ascii(name)}"
+        for kind, name in sorted(objects, key=lambda o: (o[0] != "table", o))[:5]
+    ]
+    more = f" and {len(objects) - 5} more" if len(objects) > 5 else ""
+    return (", ".join(shown) + more) or "nothing"
+
+
 def _kind(conn: sqlite3.Connection) -> _StoreKind:
     """What the file is: "new" (empty), "marked" (a bulksend store), "unmarked" (an
     earlier bulksend's store, with its schema but no mark). NotAStore for anything else;
@@ -124,13 +134,12 @@ def _kind(conn: sqlite3.Connection) -> _StoreKind:
     if app_id == 0 and version == 0 and not objects:
         return "new"
     if ("table", "messages") not in objects:
-        tables = ", ".join(sorted(name for kind, name in objects if kind == "table"))
-        raise NotAStore(f"not a bulksend store (no messages table; tables: {tables or 'none'})")
-    if _table_info(conn) != _TABLE_INFO or not objects <= {
-        ("table", "messages"),
-        *_EARLIER_OBJECTS,
-    }:
+        raise NotAStore(f"not a bulksend store (no messages table; it holds {_names(objects)})")
+    if _table_info(conn) != _TABLE_INFO:
         raise NotAStore("not a bulksend store (its messages table is not bulksend's)")
+    others = objects - {("table", "messages"), *_EARLIER_OBJECTS}
+    if others:
+        raise NotAStore(f"not a bulksend store (it also holds {_names(others)})")
     if app_id == 0:
         if version != 0:
             raise NotAStore(f"not a bulksend store (user_version {version}, no bulksend mark)")
