@@ -27,6 +27,13 @@ never decreasing; only the rows in that range are scanned, for ``key`` too.
 One server per file: an exclusive ``flock`` on the file itself, taken before SQLite opens
 it and held until the journal is closed (SQLite's own locks are POSIX locks; Linux keeps
 the two apart). A second server fails to open the store, naming the pid that holds it.
+
+Nothing is served from a file, nor written to it, before it is known to be a whole
+bulksend store: marked as one (``application_id``, ``user_version``; an earlier
+bulksend's unmarked store with the same table is marked), its pages whole (``PRAGMA
+quick_check``), and every row holding what bulksend writes, so a restore never meets a
+NULL or hands out offsets read from a damaged page. Anything else raises NotAStore or
+DamagedStore, the file as it was found.
 """
 
 from __future__ import annotations
@@ -361,6 +368,9 @@ class SqliteJournal:
         conn.execute("PRAGMA synchronous=NORMAL")
         if kind != "marked":
             with conn:
+                # One transaction (sqlite3 would run each of these on its own): a store
+                # is never left with its table but half a mark.
+                conn.execute("BEGIN")
                 conn.execute(_SCHEMA)
                 conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version={FORMAT}")
