@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from bulksend.errors import ConfigError
+from bulksend.server import journal
 from tests.serve_helpers import (
     list_messages,
     messages_path,
@@ -375,3 +376,34 @@ async def test_a_row_bulksend_never_writes_is_refused(tmp_path: Path, damage: st
     with pytest.raises(ConfigError, match="message 1 holds values bulksend never writes"):
         async with start_server_inprocess(store_path=db):
             pass
+
+
+async def test_a_store_cut_short_while_created_opens_next_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new store's table and mark are one transaction: a creation that stops half way
+    (here: writing the format refused) leaves a file the next open takes as new, never a
+    table with half a mark that it would refuse."""
+    db = str(tmp_path / "store.sqlite")
+    connect = sqlite3.connect
+
+    def refusing_the_format(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = connect(*args, **kwargs)
+
+        def authorize(action: int, arg1: str | None, arg2: str | None, *_: Any) -> int:
+            writes_format = action == sqlite3.SQLITE_PRAGMA and arg1 == "user_version" and arg2
+            return sqlite3.SQLITE_DENY if writes_format else sqlite3.SQLITE_OK
+
+        conn.set_authorizer(authorize)
+        return conn
+
+    with monkeypatch.context() as patched:
+        patched.setattr(journal.sqlite3, "connect", refusing_the_format)
+        with pytest.raises(ConfigError, match="not authorized"):
+            async with start_server_inprocess(store_path=db):
+                pass
+    async with start_server_inprocess(store_path=db) as server:
+        server.store.append("i", "t", "first", (), "h:1", 1000)
+        await server.store.flush()
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
