@@ -179,13 +179,13 @@ _QUEUES = (
     " FROM messages GROUP BY instance_id, topic, broker, queue_id"
 )
 
-# Cost at open, measured on a store of 1,000,000 messages (100-byte bodies, 257 MiB, in
-# the page cache), in CPU seconds: the restore's scans as they were 1.6 s; quick_check
-# 0.36 s (integrity_check costs the same here: what it adds checks indexes, and the store
-# has none); the row check 0.7 s more in the store-time scan it shares. Start-up grows
-# ~1.7 times, and stays one pass or two over the pages the restore reads anyway: cheap
-# enough for every open, the one moment a damaged page can be caught before offsets are
-# handed out again from it.
+# Cost at open, measured by benchmarks/bench_serve_open.py on a store of 1,000,000
+# messages (100-byte bodies, 257 MiB, in the page cache), in CPU seconds: the restore's
+# scans as they were 1.6 s; quick_check 0.35 s (integrity_check costs the same here: what
+# it adds checks indexes, and the store has none); the row check 0.66 s more in the
+# store-time scan it shares. Start-up grows ~1.6 times, and stays a pass or two over the
+# pages the restore reads anyway: cheap enough for every open, the one moment a damaged
+# page can be caught before offsets are handed out again from it.
 
 
 def _check_pages(conn: sqlite3.Connection) -> None:
