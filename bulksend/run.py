@@ -616,7 +616,7 @@ class Sinks:
         except OSError as exc:
             raise SinkError(f"cannot open {path} for writing: {exc.strerror or exc}") from None
         try:
-            self.lock = LedgerLock(place)
+            self.lock = LedgerLock(place, fd)
             size = os.fstat(fd).st_size
             fresh = not outputs.resume
             if size and fresh and not outputs.overwrite and not _only_run_lines(place.real, size):

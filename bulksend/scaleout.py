@@ -208,7 +208,7 @@ async def run_distributed_load(
 async def _run_load(
     job: LoadJob, cluster: ClusterSpec, metrics: _DriverMetrics, err: TextIO
 ) -> LoadOutcome:
-    from bulksend.load import _LoadHooks
+    from bulksend.load import Pace, _LoadHooks, behind_schedule
 
     _check_outputs(cluster, {"--out": job.out, "--timeseries": job.timeseries})
     if is_url(job.out):
@@ -228,6 +228,16 @@ async def _run_load(
     class ShardedLoadHooks(_LoadHooks):
         async def epilogue(self, snapshot: dict[str, Any], end: End) -> list[str]:
             return [*await super().epilogue(snapshot, end), *said.lines()]
+
+        def behind(self, snapshot: dict[str, Any]) -> str | None:
+            # The driver sends nothing: the shards' paces say what held the sends back.
+            return behind_schedule(
+                snapshot,
+                Pace.busiest([r.pace for r in said.reports if r.pace is not None]),
+                max_in_flight=job.options.concurrency,
+                shards=max(2, len(said.reports)),
+                lost=sum(r.resumed > 0 for r in said.reports),
+            )
 
     hooks = ShardedLoadHooks(job, pacer, outcome)
     report = RunReport() if job.html else None

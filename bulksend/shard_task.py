@@ -45,7 +45,7 @@ import orjson
 from bulksend.config import Credentials, SendOptions, Target
 from bulksend.errors import BulksendError, LedgerError
 from bulksend.ledger import read_ledger
-from bulksend.load import LoadJob
+from bulksend.load import LoadJob, Pace, watch_pace
 from bulksend.merge import RESULT_STATUSES, ShardStats, wait_for_part
 from bulksend.metrics import AttemptCounts, RunFigures, post_of
 from bulksend.observers import AttemptObserver
@@ -132,6 +132,8 @@ class ShardReport:
     error: BulksendError | None = None
     #: --exactly-once: the shard's figures (``WriteAhead.snapshot``), added up by the driver.
     exactly_once: dict[str, Any] | None = None
+    #: A load shard: how its generator fared, for the driver's "behind schedule" line.
+    pace: Pace | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +308,7 @@ async def run_load_shard_async(
         )
         records = (r for r in mine if r.identity not in earlier)
         metrics = job.metrics_addr is not None
+        report.pace = Pace()
         hooks = _ShardHooks(task.index, None, report, publish, should_stop, metrics)
         # The Sender's clock starts at its first message: that is the shard's first due.
         if (delay := pacer.first_due() - time.time()) > 0:
@@ -371,6 +374,8 @@ class _ShardHooks(Hooks):
             tickers.append(self._report)
         if self.should_stop is not None:
             tickers.append(self._watch)
+        if (pace := self.report.pace) is not None:
+            tickers.append(lambda: watch_pace(live, pace))
         return tickers
 
     async def _report(self) -> None:
