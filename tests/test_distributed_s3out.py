@@ -200,7 +200,8 @@ def test_a_resume_removes_parts_the_ledger_already_holds(s3_here: S3) -> None:
     line = orjson.dumps({"seq": 0, "identity": "x:1", "status": "ok", "shard": 0})
     out = _put(fs, "window/out.jsonl", run + b"\n" + line + b"\n")
     _put(fs, f"window/out.jsonl.parts/{gen}/run.jsonl", run + b"\n")
-    _put(fs, f"window/out.jsonl.parts/{gen}/shard-0000-of-0001/seg-000000.jsonl", line + b"\n")
+    seg = "shard-0000-of-0001/attempt-1764556800000-000000/seg-000000.jsonl"
+    _put(fs, f"window/out.jsonl.parts/{gen}/{seg}", line + b"\n")
     remote = RemoteLedger(out, None, resume=True, overwrite=False)
     try:
         remote.open()
@@ -241,12 +242,13 @@ async def test_a_shard_run_again_resumes_from_its_uploaded_segments(
     inputs.write_bytes(_jsonl(0, n))
     key = input_key(str(inputs))
     prefix = "rerun/out.jsonl.parts/run-1764556800000-abcdef/shard-0000-of-0001"
+    first = f"{prefix}/attempt-1764556800000-000000"  # its lost first attempt's
     earlier = b"".join(
         orjson.dumps({"seq": s, "source": f"{inputs}:{s + 1}", "id": None,
                       "identity": f"{key}:{s + 1}", "status": "ok"}) + b"\n"
         for s in range(60)
     )  # fmt: skip
-    _put(fs, f"{prefix}/seg-000000.jsonl", earlier)
+    _put(fs, f"{first}/seg-000000.jsonl", earlier)
     async with start_server_inprocess() as server:
         task = ShardTask(
             index=0, plan=ShardPlan(1), inputs=(str(inputs),), fmt=None, topic=None,
@@ -259,8 +261,12 @@ async def test_a_shard_run_again_resumes_from_its_uploaded_segments(
         stored = sorted(int(m.body[1:]) for m in await server.store.messages())
     assert report.error is None and report.resumed == 60
     assert stored == list(range(60, n))  # none of the uploaded ones again
-    segments = _objects(fs, f"{prefix}/")
-    assert segments[0].endswith("seg-000000.jsonl") and len(segments) >= 2
+    objects = _objects(fs, f"{prefix}/")
+    segments = [o for o in objects if o.endswith(".jsonl")]
+    assert segments[0] == f"{BUCKET}/{first}/seg-000000.jsonl" and len(segments) >= 2
+    # The second attempt says what it resumed from: a merge needs it (see the next test).
+    bases = [o for o in objects if o.endswith("/base.json")]
+    assert [orjson.loads(fs.cat_file(b)) for b in bases] == [{first.rsplit("/", 1)[1]: 1}]
     lines = [orjson.loads(x) for s in segments for x in fs.cat_file(s).splitlines()]
     assert Counter(x["seq"] for x in lines if x["status"] != "run") == Counter(range(n))
 
@@ -278,8 +284,9 @@ def test_a_resume_cuts_the_failed_object_back_before_merging_again(s3_here: S3) 
     failed = _put(fs, "cut/failed.jsonl", b'{"before":1}\n{"x":1}\n')  # its merge uploaded
     parts = f"cut/out.jsonl.parts/{gen}"
     _put(fs, f"{parts}/run.jsonl", run + b"\n")
-    _put(fs, f"{parts}/shard-0000-of-0001/seg-000000.jsonl", line + b"\n")
-    _put(fs, f"{parts}/failed-0000-of-0001/seg-000000.jsonl", b'{"x":1}\n')
+    attempt = "attempt-1764556800000-000000"
+    _put(fs, f"{parts}/shard-0000-of-0001/{attempt}/seg-000000.jsonl", line + b"\n")
+    _put(fs, f"{parts}/failed-0000-of-0001/{attempt}/seg-000000.jsonl", b'{"x":1}\n')
     _put(fs, f"{parts}/MERGING", orjson.dumps({"failed_size": len(b'{"before":1}\n')}))
     remote = RemoteLedger(out, failed, resume=True, overwrite=False)
     try:
@@ -301,13 +308,15 @@ def test_segments_come_back_in_order_past_one_fetch_batch(s3_here: S3) -> None:
     prefix = "order/out.jsonl.parts/run-1764556800000-012345/shard-0000-of-0001"
     count = FETCH_BATCH + 9
     for i in reversed(range(count)):  # written out of order: read back by number
-        _put(fs, f"{prefix}/seg-{i:06d}.jsonl", b"%d\n" % i)
+        _put(fs, f"{prefix}/attempt-1764556800000-000000/seg-{i:06d}.jsonl", b"%d\n" % i)
     segments = ShardSegments(f"s3://{BUCKET}/{prefix}", None, ("part.jsonl", None))
     try:
         segments.download()
         with open(segments.part, "rb") as fh:
             assert fh.read().splitlines() == [b"%d" % i for i in range(count)]
-        assert segments.uploaders[0].next == count  # the next upload follows them
+        # This attempt's segments go under its own prefix, numbered from 0.
+        assert segments.ledger.next == 0
+        assert segments.ledger.uploaded == os.path.getsize(segments.part)
     finally:
         segments.close()
 
@@ -330,3 +339,92 @@ def test_the_uploading_hooks_forward_every_hook_of_the_shard() -> None:
         return None
 
     assert _UploadingHooks(Inner(), ticker).attempt_observers() == ["mine"]
+
+
+def _ledger_line(seq: int, status: str = "ok") -> bytes:
+    return orjson.dumps(
+        {"seq": seq, "source": f"in.jsonl:{seq + 1}", "id": None,
+         "identity": f"k:{seq + 1}", "status": status}
+    ) + b"\n"  # fmt: skip
+
+
+def _failed_line(seq: int) -> bytes:
+    return orjson.dumps({"topic": "t", "body": f"m{seq}", "_source": f"in.jsonl:{seq + 1}"}) + b"\n"
+
+
+def _append(path: str | None, data: bytes) -> None:
+    assert path is not None
+    with open(path, "ab") as fh:
+        fh.write(data)
+
+
+def test_a_shard_run_again_while_its_lost_attempt_still_uploads(s3_here: S3) -> None:
+    """Dask declared a worker lost while its process still ran (a partition, a GC pause,
+    SIGSTOP): the shard ran again elsewhere and resumed from the segments it listed; then
+    the lost attempt woke and uploaded what it had done since. Both attempts' uploads
+    are kept, and the merge keeps one line per record: an ok one where either was ok,
+    its --failed line only where the line kept is a failure."""
+    from bulksend.remote import RemoteLedger
+
+    _, fs = s3_here
+    out, failed = f"s3://{BUCKET}/race/out.jsonl", f"s3://{BUCKET}/race/failed.jsonl"
+    remote = RemoteLedger(out, failed, resume=False, overwrite=False)
+    remote.open()  # the driver's lock and local copies, before any part
+    try:
+        _race(fs, remote)
+    finally:
+        remote.close()
+    lines = _results(fs, "race/out.jsonl")
+    assert Counter(x["seq"] for x in lines) == Counter(range(200))  # each record once
+    assert {x["seq"] for x in lines if x["status"] != "ok"} == {77, 150}
+    failed_lines = fs.cat_file(f"{BUCKET}/race/failed.jsonl").splitlines()
+    assert sorted(orjson.loads(x)["body"] for x in failed_lines) == ["m150", "m77"]
+    assert _objects(fs, "race/") == [f"{BUCKET}/race/failed.jsonl", f"{BUCKET}/race/out.jsonl"]
+
+
+def _race(fs: Any, remote: Any) -> None:
+    from bulksend.remote import ShardSegments
+
+    gen = remote.generation
+    run = orjson.dumps({"status": "run", "at": 1, "command": "send", "settings": {"parts": gen}})
+    _put(fs, f"race/out.jsonl.parts/{gen}/run.jsonl", run + b"\n")
+    parts = f"s3://{BUCKET}/race/out.jsonl.parts/{gen}"
+    names = ("shard-0000-of-0001.jsonl", "failed-0000-of-0001.jsonl")
+
+    def attempt() -> ShardSegments:
+        return ShardSegments(
+            f"{parts}/shard-0000-of-0001", f"{parts}/failed-0000-of-0001", names
+        )  # fmt: skip
+
+    lost, again = attempt(), attempt()
+    try:
+        lost.download()
+        _append(lost.part, b"".join(_ledger_line(s) for s in range(60)))
+        lost.upload()  # its first interval
+        again.download()  # Dask ran the shard again: it lists and resumes from 60 records
+        assert Path(again.part).read_bytes().count(b"\n") == 60
+        # The lost attempt wakes and uploads what it did meanwhile: records 60-79 (70
+        # and 77 failed), which the new attempt did not see and sends again.
+        late = [_ledger_line(s, "failed" if s in (70, 77) else "ok") for s in range(60, 80)]
+        _append(lost.part, b"".join(late))
+        _append(lost.failed_part, _failed_line(70) + _failed_line(77))
+        lost.upload()
+        # The new attempt: 70 ok this time, 75 and 77 failed, 150 failed.
+        bad = (75, 77, 150)
+        _append(again.part, b"".join(_ledger_line(s, "failed" if s in bad else "ok")
+                                      for s in range(60, 200)))  # fmt: skip
+        _append(again.failed_part, b"".join(_failed_line(s) for s in bad))
+        again.upload()  # no collision with the lost attempt's segments
+    finally:
+        lost.close()
+        again.close()
+
+    # A third attempt resumes from both: each record once, none to send again.
+    third = attempt()
+    try:
+        third.download()
+        seqs = [orjson.loads(x)["seq"] for x in Path(third.part).read_bytes().splitlines()]
+        assert Counter(seqs) == Counter(range(200))
+    finally:
+        third.close()
+    remote.finish()
