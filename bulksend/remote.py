@@ -77,6 +77,7 @@ from bulksend.ledger import RUN_LINE_START, fingerprints_path
 from bulksend.merge import RESULT_STATUSES, Parts, merge_parts
 from bulksend.result import OK, Result
 from bulksend.run import End, Hooks, Live, Ticker
+from bulksend.stats import Stats
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -721,6 +722,11 @@ class RemoteLedger:
                     obj = orjson.loads(raw)
                     if obj.get("status") in RESULT_STATUSES:
                         yield Result.from_dict(obj)
+
+    def count(self, stats: Stats) -> None:
+        """Add every result of ``results`` to ``stats`` (in a thread: it downloads)."""
+        for result in self.results():
+            stats.add(result)
 
     def _publish(self, gens: list[str], failed_base: int) -> None:
         """Upload the local copies whole (--failed first, the ledger last: the ledger

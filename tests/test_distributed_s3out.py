@@ -428,3 +428,52 @@ def _race(fs: Any, remote: Any) -> None:
     finally:
         third.close()
     remote.finish()
+
+
+def test_an_abandoned_runs_summary_counts_the_uploaded_segments(tmp_path: Path, s3: S3) -> None:
+    """Ctrl-C twice: the shards are abandoned mid-run, their segments stay for --resume,
+    and the summary and --stats count what those segments hold (the driver has no local
+    parts to count), each record once."""
+    env, fs = s3
+    n = 3000
+    source = _put(fs, "in-abandoned.jsonl", _jsonl(0, n))
+    out, stats = f"s3://{BUCKET}/abandoned/out.jsonl", tmp_path / "stats.json"
+    # 1 s answers: requests are in flight when the second Ctrl-C comes, so the shards
+    # cannot all report in between.
+    with start_server_subprocess("--latency", "1000") as (_, url):
+        cmd = [sys.executable, "-m", "bulksend", "send", source, *target(url), "--workers", "2"]
+        cmd += ["--concurrency", "64", "--out", out, "--stats", str(stats)]
+        cmd += ["--segment-interval", "0.3", "--progress-interval", "1"]
+        driver = subprocess.Popen(
+            cmd,
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 90
+            while _uploaded_lines(fs, "abandoned/out.jsonl") < 100:
+                assert time.monotonic() < deadline and driver.poll() is None
+                time.sleep(0.1)
+            driver.send_signal(signal.SIGINT)  # the driver only: its workers go on
+            time.sleep(0.3)  # two signals at once may arrive as one
+            driver.send_signal(signal.SIGINT)
+            _, err = driver.communicate(timeout=90)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+                driver.wait(timeout=30)
+    stderr = err.decode()
+    assert driver.returncode == 130, stderr
+    assert f"their parts stay in {out}.parts" in stderr and "Traceback" not in stderr
+    uploaded = Counter(
+        orjson.loads(x)["seq"]
+        for path in _objects(fs, "abandoned/out.jsonl.parts/")
+        if "/shard-" in path and path.endswith(".jsonl")
+        for x in fs.cat_file(path).splitlines()
+        if not x.startswith(b'{"status":"run"')
+    )
+    assert uploaded and max(uploaded.values()) == 1
+    figures = orjson.loads(stats.read_bytes())
+    assert (figures["total"], figures["ok"]) == (len(uploaded), len(uploaded))
