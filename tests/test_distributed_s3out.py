@@ -477,3 +477,27 @@ def test_an_abandoned_runs_summary_counts_the_uploaded_segments(tmp_path: Path, 
     assert uploaded and max(uploaded.values()) == 1
     figures = orjson.loads(stats.read_bytes())
     assert (figures["total"], figures["ok"]) == (len(uploaded), len(uploaded))
+
+
+def test_segment_interval_without_an_object_store_out_is_refused(tmp_path: Path) -> None:
+    """``--segment-interval`` only paces a shard's uploads to ``--out s3://...``: given on
+    the command line for any other run it would do nothing, so the run is refused in
+    one line (exit 2) before anything starts. From the environment or a config file it
+    is a default for the runs that upload, and other runs go on."""
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_bytes(_jsonl(0, 5))
+    out = tmp_path / "out.jsonl"
+    for extra in ([], ["--workers", "2"], ["--workers", "2", "--out", str(out)]):
+        proc = bulksend("send", str(inputs), "--embedded", *extra, "--segment-interval", "1")
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "--out s3://" in proc.stderr, proc.stderr
+        assert not out.exists()
+    load = bulksend("load", "--embedded", "--rate", "10", "--duration", "1s",
+                    "--segment-interval", "1")  # fmt: skip
+    assert load.returncode == 2 and "--segment-interval" in load.stderr, load.stderr
+    quiet = bulksend(
+        "send", str(inputs), "--embedded", "--out", str(out), "--quiet",
+        env={"BULKSEND_SEGMENT_INTERVAL": "1"},
+    )  # fmt: skip
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    assert len(out.read_bytes().splitlines()) == 6  # the run line and 5 results
