@@ -3,7 +3,10 @@ segments, the driver merges them into the one ledger object. Against moto's S3 s
 and a real ``bulksend serve`` on 127.0.0.1: every record once in the merged object and at
 the server; a non-empty object refused untouched; a driver killed with SIGKILL mid-run,
 then ``--resume``: every record once, re-sends within the bound README states (one
-segment interval of sends, plus the requests in flight)."""
+segment interval of sends, plus the requests in flight); a worker stopped (SIGSTOP) past
+the scheduler's TTL and woken once its shard runs again: the lost attempt's late upload
+and the new attempt's both kept, the run ends normally, every record once; an abandoned
+run's summary counts the uploaded segments."""
 
 from __future__ import annotations
 
