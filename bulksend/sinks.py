@@ -23,6 +23,7 @@ import fcntl
 import os
 import secrets
 import stat
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,38 @@ from bulksend.result import Result
 #: The path that means stdout.
 STDOUT = "-"
 _STDOUT_FD = 1
+
+#: Which of fd 0-2 were closed when the process started (``reopen_closed_std``).
+_closed_at_start: set[int] = set()
+
+
+def reopen_closed_std() -> None:
+    """Point each of fd 0-2 that is closed (``>&-``, ``2>&-``, ``<&-``, as cron and daemons
+    may start a process) at /dev/null, first thing. Otherwise the first socket or file
+    opened takes the number, output meant for stderr lands in it, and the event loop aborts
+    the process (exit 134) when it closes an fd it takes for a standard stream, whatever
+    the run did. What writes its main output to stdout asks ``stdout_closed``: a ledger or a
+    report must not vanish unread."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd, the lower are open
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        _closed_at_start.add(fd)
+        if getattr(sys, name) is None:  # Python sets it so when the fd was closed at start
+            setattr(sys, name, open(fd, mode, encoding="utf-8", closefd=False))  # noqa: SIM115
+
+
+def stdout_closed() -> SinkError | None:
+    """The error for an output meant for stdout when stdout was closed at start, else None."""
+    if _STDOUT_FD in _closed_at_start:
+        return SinkError("stdout is closed: give a file instead of - (or open stdout)")
+    return None
 
 
 def _reason(exc: OSError) -> str:
@@ -63,6 +96,8 @@ class Place:
 def locate(path: str) -> Place:
     """Where ``path`` leads; SinkError (one line) when it cannot be an output at all."""
     if path == STDOUT:
+        if (closed := stdout_closed()) is not None:
+            raise closed
         return Place(path, "stdout", STDOUT)
     try:
         info = os.stat(path)  # follows symlinks: what a write would reach

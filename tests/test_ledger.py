@@ -179,6 +179,36 @@ def test_report_reader_reads_stdin_and_refuses_other_lines(
         list(read_results([str(bad)]))
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("status", "weird", "status"),
+        ("seq", "0", "seq"),
+        ("seq", -1, "seq"),
+        ("latency_ms", 1e308, "latency_ms"),
+        ("latency_ms", "12", "latency_ms"),
+        ("latency_ms", -5, "latency_ms"),
+        ("queue_ms", [1], "queue_ms"),
+        ("http_status", "abc", "http_status"),
+        ("http_status", True, "http_status"),
+        ("attempts", 1.5, "attempts"),
+        ("started_at", -1e20, "started_at"),
+        ("done_at", 2**63, "done_at"),
+        ("error_msg", {"a": 1}, "error_msg"),
+        ("reconciled", "yes", "reconciled"),
+    ],
+)
+def test_report_reader_refuses_a_field_a_run_never_writes(
+    tmp_path: Path, field: str, value: Any, why: str
+) -> None:
+    # A ledger edited by hand (or by another tool) must give a line-precise error, never a
+    # traceback from deep inside the stats or the HTML report's timeline.
+    fine = result(0, "k:1", http_status=200, latency_ms=1.5, started_at=1, done_at=2)
+    bad = write_lines(tmp_path / "odd.jsonl", fine, {**fine, "seq": 1, field: value})
+    with pytest.raises(LedgerError, match=rf"odd.jsonl:2: not a results line \(bad {why}"):
+        list(read_results([str(bad)]))
+
+
 # --- fingerprints -------------------------------------------------------------------------------
 
 

@@ -299,6 +299,58 @@ def test_out_dash_refuses_resume_and_a_second_stdout(tmp_path: Path) -> None:
     assert resumed.stdout == twice.stdout == ""
 
 
+# --- closed standard streams (cron, daemons: `>&-`, `2>&-`, `<&-`) ---------------------------
+
+
+def _closing(*fds: int) -> Any:
+    """For Popen's preexec_fn: the child starts with these fds closed."""
+    return lambda: [os.close(fd) for fd in fds]
+
+
+@pytest.mark.parametrize(("closed", "extra"), [((1,), QUIET), ((2,), ()), ((0, 1, 2), QUIET)])
+def test_a_run_with_closed_std_streams_exits_with_its_real_code(
+    tmp_path: Path, server: str, closed: tuple[int, ...], extra: tuple[str, ...]
+) -> None:
+    # With fd 0-2 closed, the first sockets and files take those numbers; the event loop
+    # then aborted the process (exit 134) on closing them, after or before the sends.
+    data = write_jsonl(tmp_path / "in.jsonl", msgs(300, topic="closed"))
+    out = tmp_path / "out.jsonl"
+    args = ["send", str(data), *target(server), "--out", str(out), *extra]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bulksend", *args],
+        stdin=None if 0 in closed else subprocess.DEVNULL,
+        stdout=None if 1 in closed else subprocess.PIPE,
+        stderr=None if 2 in closed else subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if not k.startswith("BULKSEND_")}
+        | {"BULKSEND_METADATA_URL": "off", "HUAWEICLOUD_SDK_AK": AK, "HUAWEICLOUD_SDK_SK": SK},
+        preexec_fn=_closing(*closed),
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(r["seq"] for r in read_jsonl(out) if r["status"] == "ok") == list(range(300))
+
+
+def test_a_closed_stdout_is_an_output_error_for_what_writes_there(tmp_path: Path) -> None:
+    # The ledger or the report must not vanish into a stdout nobody reads: one line, exit 2.
+    data = write_jsonl(tmp_path / "in.jsonl", msgs(3))
+    ledger = tmp_path / "l.jsonl"
+    assert bulksend("send", str(data), "--embedded", "--out", str(ledger), *QUIET).returncode == 0
+    for args in (
+        ["send", str(data), "--embedded", "--out", "-", *QUIET],
+        ["report", str(ledger)],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "bulksend", *args],
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_closing(1),
+            timeout=60,
+        )
+        assert proc.returncode == 2 and "stdout is closed" in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
 # --- the run line --------------------------------------------------------------------------
 
 

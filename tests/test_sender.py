@@ -156,10 +156,31 @@ async def test_retry_after_is_honoured(header: str) -> None:
         return ok_answer(b)
 
     async with ScriptedServer(script) as srv:
-        [r] = await run(srv.url, records(1))
+        # Honoured in full while it is within --backoff-max.
+        [r] = await run(srv.url, records(1), retry=RetryPolicy(backoff_base=0.001, backoff_max=5))
     gap = srv.seen[1].at - srv.seen[0].at
     # Backoff alone would wait <= 1 ms; an HTTP date has 1 s resolution, hence >= 0.9.
     assert r.status == "ok" and r.attempts == 2 and gap >= 0.9
+
+
+@pytest.mark.parametrize("header", ["1000000000", "date"])
+async def test_a_retry_after_longer_than_backoff_max_waits_backoff_max(header: str) -> None:
+    # A broken or hostile gateway's Retry-After (a billion seconds, a date in 2100) must not
+    # park records past the wait the user allowed (--backoff-max): they would hold the pool.
+    value = header if header != "date" else "Fri, 31 Dec 2100 23:59:59 GMT"
+
+    def script(n: int, b: bytes) -> Answer:
+        if n == 0:
+            return Answer(429, {"error_code": "APIG.0308"}, headers={"Retry-After": value})
+        return ok_answer(b)
+
+    async with ScriptedServer(script) as srv:
+        [r] = await asyncio.wait_for(
+            run(srv.url, records(1), retry=RetryPolicy(backoff_base=0.001, backoff_max=0.3)),
+            timeout=30,
+        )
+    gap = srv.seen[1].at - srv.seen[0].at
+    assert r.status == "ok" and r.attempts == 2 and 0.25 <= gap < 5
 
 
 async def test_connection_drop_and_hang_are_retried() -> None:

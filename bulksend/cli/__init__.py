@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from bulksend import __version__
 from bulksend.errors import BulksendError
+from bulksend.sinks import reopen_closed_std
 from bulksend.summary import printable
 
 T = TypeVar("T")
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    reopen_closed_std()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

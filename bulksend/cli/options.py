@@ -91,7 +91,10 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
         "--backoff-base", type=float, metavar="S", help="backoff base, seconds (default 0.2)"
     )
     g.add_argument(
-        "--backoff-max", type=float, metavar="S", help="backoff cap, seconds (default 20)"
+        "--backoff-max",
+        type=float,
+        metavar="S",
+        help="longest wait before a retry, a server's Retry-After included, seconds (default 20)",
     )
     g.add_argument(
         "--max-answer-bytes",

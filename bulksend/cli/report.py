@@ -10,7 +10,7 @@ import sys
 from bulksend.cli import EXIT_OK
 from bulksend.html import RunReport, render_html
 from bulksend.report import rebuild
-from bulksend.sinks import DocumentWriter, json_document
+from bulksend.sinks import DocumentWriter, json_document, stdout_closed
 from bulksend.summary import summary_text
 
 
@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Checked before a long ledger is read, as a run checks its outputs before sending.
+    if (closed := stdout_closed()) is not None:
+        raise closed
     page = DocumentWriter(args.html) if args.html else None
     report = RunReport() if page is not None else None
     rebuilt = rebuild(args.results, observers=[report.add] if report is not None else [])
