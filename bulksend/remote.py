@@ -392,10 +392,10 @@ class Attempts:
             yield from self.store.get_many(self._paths(self.prefix))
             return
         held: dict[object, _Line] = {}
-        for data in self.store.get_many(late):
+        for path, data in self._fetch(late):
             passed = []
-            for raw in data.splitlines(keepends=True):
-                line = _Line.parse(raw)
+            for lineno, raw in enumerate(data.splitlines(keepends=True), 1):
+                line = _Line.parse(raw, path, lineno)
                 if line.key is None:
                     passed.append(raw)  # a run line: not a record's
                 elif line.key in held:
@@ -403,16 +403,21 @@ class Attempts:
                 else:
                     held[line.key] = line
             yield b"".join(passed)
-        for data in self.store.get_many(self._paths(self.prefix, late=False)):
+        for path, data in self._fetch(self._paths(self.prefix, late=False)):
             kept = []
-            for raw in data.splitlines(keepends=True):
-                line = _Line.parse(raw)
+            for lineno, raw in enumerate(data.splitlines(keepends=True), 1):
+                line = _Line.parse(raw, path, lineno)
                 if line.key is not None and line.key in held:
                     held[line.key] = self._contest(held[line.key], line)
                 else:
                     kept.append(raw)
             yield b"".join(kept)
         yield b"".join(line.raw for line in held.values())
+
+    def _fetch(self, paths: list[str]) -> Iterator[tuple[str, bytes]]:
+        """Each segment's URL (for an error) and its contents."""
+        urls = (self.store.fs.unstrip_protocol(p) for p in paths)
+        return zip(urls, self.store.get_many(paths), strict=True)
 
     def _contest(self, first: _Line, then: _Line) -> _Line:
         kept = then if then.ok and not first.ok else first
@@ -454,14 +459,14 @@ class _Line:
         self.raw, self.key, self.ok, self.source = raw, key, ok, source
 
     @classmethod
-    def parse(cls, raw: bytes) -> _Line:
+    def parse(cls, raw: bytes, where: str, lineno: int) -> _Line:
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise LedgerError(
-                f"a segment holds a line that is not a results line: {raw[:80]!r}"
-            ) from None
-        if not isinstance(obj, dict) or obj.get("status") not in RESULT_STATUSES:
+            obj = None
+        if not isinstance(obj, dict):
+            raise LedgerError(f"{where}:{lineno}: not a results line")
+        if obj.get("status") not in RESULT_STATUSES:
             return cls(raw, None, False, "")
         key = obj.get("identity") or ("seq", obj.get("seq"))
         return cls(raw, key, obj.get("status") == OK, str(obj.get("source")))

@@ -669,3 +669,35 @@ async def _moved(address: str, worker: str, key: str, *, deadline: float) -> boo
             return True
         await asyncio.sleep(0.2)
     return False
+
+
+def test_attempts_come_in_the_order_they_resumed_from_each_other() -> None:
+    """By start (their names) unless one resumed from another: a worker whose clock is
+    behind names its attempt earlier than the one it read, and still comes after it."""
+    from bulksend.remote import _in_order
+
+    first, second, third = (f"attempt-176455680000{i}-000000" for i in (1, 2, 3))
+    assert _in_order({third: {}, first: {}, second: {}}) == [first, second, third]
+    assert _in_order({first: {second: 2}, second: {}, third: {first: 1, second: 2}}) == [
+        second,
+        first,
+        third,
+    ]
+
+
+def test_a_bad_line_in_a_raced_shard_is_named_with_its_segment(s3_here: S3) -> None:
+    from bulksend.errors import LedgerError
+    from bulksend.remote import Attempts, Store
+
+    _, fs = s3_here
+    prefix = "bad/out.jsonl.parts/run-1764556800000-0a0b0d/shard-0000-of-0001"
+    lost, again = "attempt-1764556800001-000000", "attempt-1764556800002-000000"
+    _put(fs, f"{prefix}/{lost}/seg-000000.jsonl", _ledger_line(0) + _ledger_line(1))
+    _put(fs, f"{prefix}/{again}/base.json", b"{}")  # it saw nothing: seg 0 is late
+    _put(fs, f"{prefix}/{again}/seg-000000.jsonl", _ledger_line(1) + b"{not json\n")
+    attempts = Attempts.read(Store(f"s3://{BUCKET}/{prefix}"), f"{BUCKET}/{prefix}")
+    with pytest.raises(LedgerError) as caught:
+        list(attempts.ledger_blocks())
+    assert str(caught.value) == (
+        f"s3://{BUCKET}/{prefix}/{again}/seg-000000.jsonl:2: not a results line"
+    )
