@@ -724,7 +724,13 @@ class RemoteLedger:
                 continue
             for block in Attempts.read(self.store, f"{prefix}/{name}").ledger_blocks():
                 for raw in block.splitlines():
-                    obj = orjson.loads(raw)
+                    try:
+                        obj = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        obj = None
+                    if not isinstance(obj, dict):
+                        where = self.store.fs.unstrip_protocol(f"{prefix}/{name}")
+                        raise LedgerError(f"{where}: holds a line that is not a results line")
                     if obj.get("status") in RESULT_STATUSES:
                         yield Result.from_dict(obj)
 

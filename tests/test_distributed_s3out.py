@@ -701,3 +701,19 @@ def test_a_bad_line_in_a_raced_shard_is_named_with_its_segment(s3_here: S3) -> N
     assert str(caught.value) == (
         f"s3://{BUCKET}/{prefix}/{again}/seg-000000.jsonl:2: not a results line"
     )
+
+
+def test_an_abandoned_runs_count_refuses_a_bad_line_in_one_line(s3_here: S3) -> None:
+    from bulksend.errors import LedgerError
+    from bulksend.remote import RemoteLedger
+    from bulksend.stats import Stats
+
+    _, fs = s3_here
+    remote = RemoteLedger(f"s3://{BUCKET}/badcount/out.jsonl", None, resume=False, overwrite=False)
+    shard = f"badcount/out.jsonl.parts/{remote.generation}/shard-0000-of-0001"
+    _put(fs, f"{shard}/attempt-1764556800001-000000/seg-000000.jsonl", _ledger_line(0) + b"[1\n")
+    try:
+        with pytest.raises(LedgerError, match=r"shard-0000-of-0001: holds a line that is not"):
+            remote.count(Stats())
+    finally:
+        remote.close()
