@@ -334,9 +334,9 @@ class Attempts:
     a record is done twice only when an earlier attempt X uploaded it in a segment Y did
     not see: *late* segments, uploaded by a lost worker still running (a partition, a GC
     pause, SIGSTOP) after Y listed. Those are at most what X had in flight plus one
-    upload interval, so they are held in memory, and only when there are any is every
-    other line of the shard parsed (to find its record among them); otherwise the
-    segments are copied as they are, as fast as before."""
+    upload interval, so they are held in memory, and only when there are any are the
+    lines of the attempts after X parsed (to find their records among them); every other
+    segment is copied as it is, as fast as without attempts."""
 
     def __init__(
         self,
@@ -376,10 +376,12 @@ class Attempts:
         later = self.order[self.order.index(attempt) + 1 :]
         return any(self.seen[y].get(attempt, 0) <= number for y in later)
 
-    def _paths(self, root: str, late: bool | None = None) -> list[str]:
+    def _segments(self, late: bool | None = None) -> list[tuple[int, str]]:
+        """(the attempt's place in ``order``, the segment's path), in order; only the
+        late ones, or only the others."""
         return [
-            f"{root}/{a}/seg-{n:06d}.jsonl"
-            for a in self.order
+            (i, f"{self.prefix}/{a}/seg-{n:06d}.jsonl")
+            for i, a in enumerate(self.order)
             for n in self.segments.get(a, ())
             if late is None or self._late(a, n) == late
         ]
@@ -387,12 +389,12 @@ class Attempts:
     def ledger_blocks(self) -> Iterator[bytes]:
         """The shard's ledger lines, each record once (an ok line over any other, else
         the first), ``FETCH_BATCH`` segments at a time."""
-        late = self._paths(self.prefix, late=True)
+        late = self._segments(late=True)
         if not late:
-            yield from self.store.get_many(self._paths(self.prefix))
+            yield from self.store.get_many([path for _, path in self._segments()])
             return
         held: dict[object, _Line] = {}
-        for path, data in self._fetch(late):
+        for path, data in self._fetch([path for _, path in late]):
             passed = []
             for lineno, raw in enumerate(data.splitlines(keepends=True), 1):
                 line = _Line.parse(raw, path, lineno)
@@ -403,7 +405,13 @@ class Attempts:
                 else:
                     held[line.key] = line
             yield b"".join(passed)
-        for path, data in self._fetch(self._paths(self.prefix, late=False)):
+        # The records of late lines were done again only by attempts after the one that
+        # uploaded them: the lines of that attempt and of earlier ones (hours of a long
+        # run, often) go as they are; only the later attempts' lines are parsed.
+        first = late[0][0]
+        rest = self._segments(late=False)
+        yield from self.store.get_many([path for i, path in rest if i <= first])
+        for path, data in self._fetch([path for i, path in rest if i > first]):
             kept = []
             for lineno, raw in enumerate(data.splitlines(keepends=True), 1):
                 line = _Line.parse(raw, path, lineno)
