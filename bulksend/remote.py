@@ -429,7 +429,8 @@ class Attempts:
 
     def _contest(self, first: _Line, then: _Line) -> _Line:
         kept = then if then.ok and not first.ok else first
-        self.contested[kept.source] = not kept.ok
+        if kept.source is not None:  # a --failed line is found by its source
+            self.contested[kept.source] = not kept.ok
         return kept
 
     def failed_blocks(self, root: str) -> Iterator[bytes]:
@@ -463,7 +464,7 @@ class _Line:
 
     __slots__ = ("key", "ok", "raw", "source")
 
-    def __init__(self, raw: bytes, key: object, ok: bool, source: str) -> None:
+    def __init__(self, raw: bytes, key: object, ok: bool, source: str | None) -> None:
         self.raw, self.key, self.ok, self.source = raw, key, ok, source
 
     @classmethod
@@ -475,16 +476,17 @@ class _Line:
         if not isinstance(obj, dict):
             raise LedgerError(f"{where}:{lineno}: not a results line")
         if obj.get("status") not in RESULT_STATUSES:
-            return cls(raw, None, False, "")
+            return cls(raw, None, False, None)
         key = obj.get("identity") or ("seq", obj.get("seq"))
-        return cls(raw, key, obj.get("status") == OK, str(obj.get("source")))
+        source = obj.get("source")
+        return cls(raw, key, obj.get("status") == OK, source if isinstance(source, str) else None)
 
 
 def _failed_source(raw: bytes) -> str | None:
     with contextlib.suppress(orjson.JSONDecodeError):
         obj = orjson.loads(raw)
-        if isinstance(obj, dict):
-            return str(obj.get("_source"))
+        if isinstance(obj, dict) and isinstance(obj.get("_source"), str):
+            return str(obj["_source"])
     return None
 
 
