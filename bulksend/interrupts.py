@@ -1,8 +1,10 @@
 """How a run stops early, shared by every kind of run (first SIGINT drains, second cancels):
 
-* First SIGINT or SIGTERM (or ``drain()``, e.g. ``load --abort-on-fail``): the sender stops
-  reading; what is in flight finishes within ``timeout_s``, then the run is cancelled.
-* Second SIGINT or SIGTERM: cancel at once.
+* First SIGINT, SIGTERM or SIGHUP (or ``drain()``, e.g. ``load --abort-on-fail``): the sender
+  stops reading; what is in flight finishes within ``timeout_s``, then the run is cancelled.
+  SIGHUP is an ssh session or terminal gone under a long run: its default, to die at once,
+  would cost the requests in flight sent again by the resume.
+* Second signal: cancel at once.
 
 Either way the caller's outputs stay whole: cancellation only ever lands between writes.
 The run goes inside ``scope`` (an anyio cancel scope, so the drain's deadline is the scope's
@@ -45,13 +47,13 @@ class Interrupts:
     async def listen(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Turn SIGINT and SIGTERM into a drain, then a cancel; runs until cancelled.
+        """Turn SIGINT, SIGTERM and SIGHUP into a drain, then a cancel; runs until cancelled.
         Started (``task_group.start``) once the handlers are in place, so no early signal
         falls to Python's default KeyboardInterrupt in the middle of a run."""
         with contextlib.ExitStack() as stack:
             try:
                 signals = stack.enter_context(
-                    anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+                    anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
                 )
             except (NotImplementedError, RuntimeError, ValueError):
                 # Not on Windows' loop, nor outside the main thread (a shard in a worker

@@ -151,6 +151,11 @@ class Plan:
     #: Renews temporary credentials (ECS metadata) during the run: run beside the Sender,
     #: each renewal handed to ``Sender.set_credentials``.
     refresher: CredentialRefresher | None = field(default=None, compare=False)
+    #: --exactly-once in a shard of a distributed run: the salt of the run's merged ledger
+    #: (None: this ledger's own), so keys match across parts and resumes, and what the
+    #: driver's check of that ledger's crashed intents found stored (identity -> outcome).
+    key_salt: str | None = None
+    settled: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @property
     def title(self) -> str:
@@ -364,7 +369,14 @@ def _write_ahead(
         return contextlib.nullcontext(None)
     assert sinks.ledger is not None and sinks.ledger_place is not None
     return open_write_ahead(
-        target, creds, plan.options, sinks.ledger, sinks.ledger_place.real, sinks.intents
+        target,
+        creds,
+        plan.options,
+        sinks.ledger,
+        sinks.ledger_place.real,
+        sinks.intents,
+        salt=plan.key_salt,
+        settled=plan.settled,
     )
 
 
@@ -604,11 +616,18 @@ class Sinks:
         except OSError as exc:
             raise SinkError(f"cannot open {path} for writing: {exc.strerror or exc}") from None
         try:
-            self.lock = LedgerLock(place)
+            self.lock = LedgerLock(place, fd)
             size = os.fstat(fd).st_size
             fresh = not outputs.resume
             if size and fresh and not outputs.overwrite and not _only_run_lines(place.real, size):
                 raise LedgerError(_refusal(path, size, plan.resumable))
+            other = _first_command(place.real) if size and outputs.resume else None
+            if other is not None and other != plan.command:
+                # A load's synthetic lines and a send's records would read as one run.
+                raise LedgerError(
+                    f"{path} was written by bulksend {other}: bulksend {plan.command} cannot"
+                    " resume it; give another --out, or --overwrite to start it again"
+                )
             # Parts of a distributed run on this ledger are its results too, whether
             # this run is distributed or not. Settled before the ledger is cut: a
             # refusal here leaves it as it was.
@@ -691,6 +710,23 @@ def _only_run_lines(path: str, size: int) -> bool:
     except OSError:
         return False  # unread, it is kept: the refusal says what to do
     return all(line.startswith(RUN_LINE_START) for line in data.splitlines() if line.strip())
+
+
+def _first_command(path: str) -> str | None:
+    """The command of the ledger's first run line (``send``, ``load``), or None when its
+    first line is none (a ledger from before run lines) or cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            first = fh.readline(1 << 20)
+    except OSError:
+        return None
+    if not first.startswith(RUN_LINE_START):
+        return None
+    try:
+        command = orjson.loads(first).get("command")
+    except orjson.JSONDecodeError:
+        return None
+    return command if isinstance(command, str) else None
 
 
 def _refusal(path: str, size: int, resumable: bool) -> str:

@@ -99,6 +99,16 @@ def test_a_second_run_on_a_ledger_in_use_exits_2_at_once_and_sends_nothing(tmp_p
             assert first.poll() is None  # refused while the first still runs
             assert second.returncode == 2 and no_traceback(second), second.stderr
             assert second.stderr == f"bulksend: error: {out} is in use by pid {first.pid}\n"
+        # The same file by another name (a hard link: a `cp -al` snapshot, say) is the same
+        # ledger: a resume through it ran beside the first, records ok twice.
+        (tmp_path / "snap").mkdir()
+        linked = tmp_path / "snap" / "ledger.jsonl"
+        os.link(out, linked)
+        second = bulksend(
+            "send", str(second_in), *target(url), "--out", str(linked), "--resume", *QUIET
+        )
+        assert first.poll() is None
+        assert second.returncode == 2 and "in use by another run" in second.stderr, second.stderr
         assert stored(url, "second") == 0
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=60)
@@ -132,6 +142,22 @@ def test_a_non_empty_ledger_is_kept_unless_resume_or_overwrite(tmp_path: Path) -
         "load", "--embedded", "--rate", "10", "--duration", "1s", "--out", str(out), *QUIET
     )
     assert load.returncode == 2 and "--overwrite" in load.stderr and no_traceback(load)
+
+
+def test_send_does_not_resume_a_load_ledger(tmp_path: Path) -> None:
+    # A synthetic load's lines and a backfill's in one ledger: `report` counted both as one
+    # run's records, and lost the load's latency split.
+    out = tmp_path / "ledger.jsonl"
+    load = bulksend(
+        "load", "--embedded", "--rate", "50", "--duration", "1s", "--out", str(out), *QUIET
+    )
+    assert load.returncode == 0, load.stderr
+    before = out.read_bytes()
+    data = write_jsonl(tmp_path / "in.jsonl", msgs(5))
+    resumed = bulksend("send", str(data), "--embedded", "--out", str(out), "--resume", *QUIET)
+    assert resumed.returncode == 2 and no_traceback(resumed)
+    assert "written by bulksend load" in resumed.stderr and len(resumed.stderr.splitlines()) == 1
+    assert out.read_bytes() == before
 
 
 # --- outputs checked up front -------------------------------------------------------------

@@ -115,7 +115,12 @@ def test_kill_9_then_resume_loses_nothing(tmp_path: Path, seed: int) -> None:
     assert n <= total_accepted <= n + kills * concurrency
 
 
-def test_sigint_drains_then_resume_completes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["INT", "TERM", "HUP"]
+)
+def test_a_signal_drains_then_resume_completes(tmp_path: Path, sig: signal.Signals) -> None:
+    # SIGHUP too: an ssh session dropping under a backfill (no nohup, no tmux) must cost no
+    # more than Ctrl-C does, not the requests in flight sent again by the resume.
     n = 2000
     data = write_jsonl(tmp_path / "in.jsonl", msgs(n))
     out, stats = tmp_path / "ledger.jsonl", tmp_path / "stats.json"
@@ -135,7 +140,7 @@ def test_sigint_drains_then_resume_completes(tmp_path: Path) -> None:
             "60",
         )
         wait_for_lines(out, 100, deadline_s=60)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130 and "Traceback" not in err
         assert "records" in err  # the summary is still printed
@@ -161,6 +166,33 @@ def test_sigint_drains_then_resume_completes(tmp_path: Path) -> None:
     assert Counter(r["id"] for r in lines) == Counter({f"r{i}": 1 for i in range(n)})
     second = orjson.loads(stats.read_bytes())
     assert second["skipped"] == first["ok"] and second["ok"] == n - first["ok"]
+
+
+def test_a_hangup_with_stderr_gone_drains_and_nothing_is_sent_twice(tmp_path: Path) -> None:
+    # A terminal that hangs up takes stderr with it: every later progress line and the
+    # summary fail to write. That must neither end the run (it did: exit 1 at the next
+    # progress line) nor spoil the drain the SIGHUP asks for.
+    n = 2000
+    data = write_jsonl(tmp_path / "in.jsonl", msgs(n))
+    out = tmp_path / "ledger.jsonl"
+    with start_server_subprocess("--latency", "20") as (_, url):
+        proc = spawn_send(
+            str(data), *target(url), "--out", str(out), "--rate", "400",
+            "--progress-interval", "0.1",
+        )  # fmt: skip
+        wait_for_lines(out, 100, deadline_s=60)
+        assert proc.stderr is not None
+        proc.stderr.close()  # every write to stderr from here on fails (EPIPE)
+        wait_for_lines(out, 400, deadline_s=60)  # progress lines went to the closed pipe
+        assert proc.poll() is None, "the run ended when stderr went away"
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=60) == 130
+        lines, tail = ledger_lines(out)
+        assert tail == b"" and 400 <= len(lines) < n
+        assert all(r["status"] == "ok" for r in lines)
+        again = bulksend("send", str(data), *target(url), "--out", str(out), "--resume", *FAST)
+        assert again.returncode == 0, again.stderr
+        assert accepted(url) == n  # the drain left nothing in flight to send twice
 
 
 def test_second_sigint_aborts_at_once_with_whole_lines(tmp_path: Path) -> None:

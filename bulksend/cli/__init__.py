@@ -9,7 +9,7 @@ import asyncio
 import sys
 import textwrap
 from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar, cast
 
 from bulksend import __version__
 from bulksend.errors import BulksendError
@@ -84,8 +84,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Outliving:
+    """stderr for a run that must outlive its reader: a terminal that hangs up (or a pipe
+    whose reader went) fails every later write, and a progress line or the summary must
+    not end a backfill that is sending fine (it did: exit 1 at the next progress line).
+    After the first failed write, the rest is dropped: nobody is there to read it."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._gone = False
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except OSError:
+                self._gone = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except OSError:
+                self._gone = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     reopen_closed_std()
+    stderr = sys.stderr
+    sys.stderr = cast(TextIO, _Outliving(stderr))
+    try:
+        return _main(argv)
+    finally:
+        sys.stderr = stderr  # as it was, for a caller that runs main() in its own process
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
