@@ -359,6 +359,12 @@ class Attempts:
         segments: dict[str, list[int]] = {}
         seen: dict[str, dict[str, int]] = {}
         for name in store.names(prefix):
+            if _SEGMENT.match(name):
+                where = store.fs.unstrip_protocol(f"{prefix}/{name}")
+                raise LedgerError(
+                    f"{where}: a segment of a bulksend from before attempts (they are read"
+                    " from attempt-*/ only): finish that run with that version"
+                )
             if not _ATTEMPT.match(name):
                 continue
             listed = store.names(f"{prefix}/{name}")

@@ -717,3 +717,16 @@ def test_an_abandoned_runs_count_refuses_a_bad_line_in_one_line(s3_here: S3) -> 
             remote.count(Stats())
     finally:
         remote.close()
+
+
+def test_segments_of_an_older_layout_are_refused_not_skipped(s3_here: S3) -> None:
+    """Segments right under a shard's prefix (no attempt) were written by a bulksend
+    before attempts: read as none they would be lost, so the read stops in one line."""
+    from bulksend.errors import LedgerError
+    from bulksend.remote import Attempts, Store
+
+    _, fs = s3_here
+    prefix = "old/out.jsonl.parts/run-1764556800000-0a0b0e/shard-0000-of-0001"
+    _put(fs, f"{prefix}/seg-000000.jsonl", _ledger_line(0))
+    with pytest.raises(LedgerError, match=r"shard-0000-of-0001/seg-000000.jsonl: a segment of"):
+        Attempts.read(Store(f"s3://{BUCKET}/{prefix}"), f"{BUCKET}/{prefix}")
