@@ -110,6 +110,17 @@ def test_several_ledgers_add_up(load_ledger: Ledger, send_ledger: Ledger) -> Non
     assert "service_latency_ms" not in both  # not every record is a load's: send's keys
 
 
+def test_records_ok_more_than_once_are_named(send_ledger: Ledger) -> None:
+    # Two runs on one ledger at once, or a ledger given twice: every count doubles, and
+    # nothing said so. The stats stay the ledgers' sum (as --stats would); a line warns.
+    once = bulksend("report", str(send_ledger.out))
+    assert once.returncode == 0 and "more than once" not in once.stderr, once.stderr
+    twice = bulksend("report", str(send_ledger.out), str(send_ledger.out))
+    ok = orjson.loads(send_ledger.stats.read_bytes())["ok"]
+    assert twice.returncode == 0, twice.stderr
+    assert f"warning: {ok:,} records are ok more than once" in twice.stderr, twice.stderr
+
+
 def test_report_streams_in_bounded_memory(tmp_path: Path) -> None:
     """Peak RSS of ``report --html`` over 10,000 and 100,000 records: ten times the records
     must not cost memory in proportion (holding the Results would cost ~50 MB more)."""

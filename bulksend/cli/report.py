@@ -41,6 +41,13 @@ def run(args: argparse.Namespace) -> int:
     snapshot = rebuilt.snapshot
     for where in rebuilt.read.torn:
         print(f"bulksend: ignored a torn last line at {where}", file=sys.stderr)
+    if rebuilt.ok_twice:
+        print(
+            f"bulksend: warning: {rebuilt.ok_twice:,} records are ok more than once in these"
+            " ledgers (a ledger given twice, or two runs on one ledger): the counts hold each"
+            " line",
+            file=sys.stderr,
+        )
     if page is not None and report is not None:
         title = "bulksend load" if rebuilt.load else "bulksend send"
         settings = {
