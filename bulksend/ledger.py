@@ -526,8 +526,8 @@ def check_inputs(
             now = fingerprint(path)
             if now != before:
                 raise LedgerError(
-                    f"input {path} changed since {out} was written (fingerprint {before[:16]}… is now "
-                    f"{now[:16]}…): resuming would skip or resend the wrong records; use --force to resume anyway"
+                    f"input {path} changed since {out} was written ({_what_changed(before, now)}):"
+                    " resuming would skip or resend the wrong records; use --force to resume anyway"
                 )
             continue
         if state is None:
@@ -549,6 +549,22 @@ def check_inputs(
                     f" again. Give {other} as the input (move the file back), or --force to"
                     " send them again"
                 )
+
+
+def _what_changed(before: str, now: str) -> str:
+    """What differs between two fingerprints, in words: their first characters alone look
+    the same whenever the size does (``v1:<size>:<mtime_ns>:<sha256>``)."""
+    old, new = before.split(":"), now.split(":")
+    if len(old) != 4 or len(new) != 4 or old[0] != new[0] or old[0] != "v1":
+        return f"fingerprint {before} is now {now}"
+    changes = []
+    if old[1] != new[1]:
+        changes.append(f"size {int(old[1]):,} -> {int(new[1]):,} bytes")
+    if old[2] != new[2]:
+        changes.append("modification time")
+    if old[3] != new[3]:
+        changes.append("content of its first or last MiB")
+    return "its " + ", ".join(changes)
 
 
 def check_target(out: str, settings: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> None:
