@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 import time
 from collections.abc import Callable
@@ -47,6 +48,16 @@ from bulksend.record import Item, Record
 
 #: Default dashboard address of --workers: loopback only (it shows the inputs' paths).
 DASHBOARD = "127.0.0.1:8787"
+
+
+#: Local workers a CPU may have: a network-bound run gains from more workers than cores
+#: (each waits on its answers), and beyond this a machine only swaps.
+WORKERS_PER_CPU = 8
+
+
+def local_workers_max() -> int:
+    """The most --workers of one machine's LocalCluster."""
+    return WORKERS_PER_CPU * (os.cpu_count() or 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +81,14 @@ class ClusterSpec:
             check_scheduler_address(self.address)
         if self.workers is not None and self.workers < 1:
             raise ConfigError("--workers must be >= 1")
+        if self.workers is not None and self.workers > (most := local_workers_max()):
+            # Each worker is a process of ~60 MB that starts in about a second: 100,000 of
+            # them grew the driver without end and never started one.
+            raise ConfigError(
+                f"--workers {self.workers:,} is more than one machine runs (at most {most}"
+                f" here: {WORKERS_PER_CPU} a CPU); for more, start `dask worker`s on more"
+                " machines and give --cluster ADDRESS"
+            )
         if self.shards is not None and self.shards < 1:
             raise ConfigError("--shards must be >= 1")
         if not (math.isfinite(self.segment_interval_s) and self.segment_interval_s > 0):

@@ -559,6 +559,8 @@ def test_the_cli_does_not_load_dask_unless_asked() -> None:
     [
         (["--shards", "2"], "--shards needs --workers N or --cluster ADDRESS"),
         (["--workers", "0"], "--workers must be >= 1"),
+        # Never started one, growing the driver without end.
+        (["--workers", "100000"], "--workers 100,000 is more than one machine runs"),
         (["--workers", "2", "--cluster", "tcp://127.0.0.1:1"], "give one of --workers N and"),
         (["--workers", "2", "--shards", "0"], "--shards must be >= 1"),
         (["--cluster", "tcp://127.0.0.1:1"], "--cluster needs --out on storage every worker"),
