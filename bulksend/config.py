@@ -131,14 +131,17 @@ class Target:
         if not self.instance_id:
             raise ConfigError("an instance id is needed: --instance-id")
         # The project id is also the X-Project-Id header: a CR/LF would add headers of its
-        # own to every request. Ids the cloud issues are hex and dashes; the path quotes
-        # the rest. The value is not quoted back: it may be a paste of something else.
-        for name, value in (("project id", self.project_id), ("instance id", self.instance_id)):
-            if not _VISIBLE_ASCII.fullmatch(value):
-                raise ConfigError(
-                    f"the {name} holds a character no id has (a space, a control character"
-                    " or non-ASCII): check how it was set"
-                )
+        # own to every request, so only visible ASCII (ids the cloud issues are hex). The
+        # instance id goes only into the path, which quotes it: a control character there
+        # is still a paste error. Neither value is quoted back: it may be a paste of
+        # something else.
+        if not _VISIBLE_ASCII.fullmatch(self.project_id):
+            raise ConfigError(
+                "the project id holds a character no id has (a space, a control character"
+                " or non-ASCII): check how it was set"
+            )
+        if _CONTROL.search(self.instance_id):
+            raise ConfigError("the instance id holds a control character: check how it was set")
 
     @property
     def path(self) -> str:
@@ -157,6 +160,7 @@ class Target:
 
 #: What every character of a credential is: printable ASCII, no space.
 _VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)

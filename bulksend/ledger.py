@@ -567,20 +567,30 @@ def _what_changed(before: str, now: str) -> str:
     return "its " + ", ".join(changes)
 
 
+#: What names the instance a run sends to. Not the endpoint: one instance is reached by
+#: more than one (a region's name, a VPC endpoint's address, a server restarted on
+#: another port).
+_INSTANCE: Final = ("engine", "project_id", "instance_id")
+
+
 def check_target(out: str, settings: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> None:
-    """Before a resume (without --force): refuse a target (endpoint, project, instance,
-    engine) other than the one the ledger's latest run sent to: the backfill would be split
-    between the two without a word. ``--embedded`` runs name no target to compare."""
-    now = settings.get("target")
+    """Before a resume (without --force): refuse another instance (engine, project,
+    instance id) than the one the ledger's latest run sent to: the backfill would be split
+    between the two without a word. ``--embedded`` runs name no instance to compare."""
     last = runs[-1].get("settings") if runs else None
-    before = last.get("target") if isinstance(last, Mapping) else None
-    if not isinstance(now, str) or not isinstance(before, str) or "embedded" in (now, before):
+    if not isinstance(last, Mapping) or "embedded" in (settings.get("target"), last.get("target")):
         return
-    if now != before:
-        raise LedgerError(
-            f"{out} was sent to {before}; this run sends to {now}: resume with the same"
-            " target, or --force to send the rest there"
-        )
+    before = tuple(last.get(k) for k in _INSTANCE)
+    now = tuple(settings.get(k) for k in _INSTANCE)
+    if None in before or None in now or before == now:
+        return
+    said = ", ".join(
+        f"{k} {b} -> {n}" for k, b, n in zip(_INSTANCE, before, now, strict=True) if b != n
+    )
+    raise LedgerError(
+        f"{out} was sent to another instance than this run's ({said}): resume with the"
+        " same one, or --force to send the rest there"
+    )
 
 
 def _run_fingerprints(runs: Sequence[Mapping[str, Any]]) -> dict[str, str]:

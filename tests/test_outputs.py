@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 import pytest
 
+from bulksend.ledger import fingerprint
 from tests.cli_helpers import (
     accepted,
     bulksend,
@@ -395,7 +396,11 @@ def test_every_run_writes_its_settings_first_without_secrets(tmp_path: Path) -> 
     runs = [i for i, r in enumerate(lines) if r["status"] == "run"]
     assert runs == [0, 6]  # one per run, first, each before its results
     first, resumed = lines[0], lines[6]
-    assert set(first) == {"status", "at", "command", "settings"} and first["command"] == "send"
+    assert set(first) == {"status", "at", "command", "settings", "fingerprints"}
+    assert first["command"] == "send"
+    # The inputs' fingerprints travel with the ledger (a resume checks them without the
+    # sidecar), by canonical path.
+    assert first["fingerprints"] == {str(data.resolve()): fingerprint(str(data))}
     assert abs(first["at"] - time.time() * 1000) < 600_000
     s = first["settings"]
     assert s["inputs"] == [str(data)] and s["rate"] == 100 and s["auth"] == "aksk"

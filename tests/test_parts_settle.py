@@ -16,6 +16,7 @@ import pytest
 
 from bulksend.config import Credentials, RetryPolicy, SendOptions, Target
 from bulksend.errors import LedgerError
+from bulksend.ledger import write_fingerprints
 from bulksend.merge import Parts, merge_parts, recover
 from bulksend.shard_task import ShardTask, run_shard_async
 from bulksend.shards import ShardPlan
@@ -32,6 +33,7 @@ def _killed_distributed_run(tmp_path: Path, url: str) -> tuple[Path, Path, Path]
     inputs = write_jsonl(tmp_path / "in.jsonl", [{"topic": "t", "body": f"m{i}"} for i in range(N)])
     out = tmp_path / "out.jsonl"
     out.write_bytes(b'{"status":"run","at":0,"command":"send","settings":{"workers":2}}\n')
+    write_fingerprints(str(out), [str(inputs)])  # as the driver does before any shard runs
     parts = Parts(f"{out}.parts")
     parts.create()
     task = ShardTask(
