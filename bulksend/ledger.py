@@ -593,6 +593,16 @@ def check_target(out: str, settings: Mapping[str, Any], runs: Sequence[Mapping[s
     )
 
 
+def inputs_left_out(runs: Sequence[Mapping[str, Any]], inputs: Sequence[str]) -> list[str]:
+    """The inputs (canonical paths) the ledger's latest run read that ``inputs`` do not
+    name: a resume that leaves one out leaves its records unsent, which deserves a word."""
+    prints = runs[-1].get("fingerprints") if runs else None
+    if not isinstance(prints, dict):
+        return []
+    given = {canonical_input(p) for p in inputs}
+    return [path for path in prints if path not in given]
+
+
 def _run_fingerprints(runs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """The inputs' fingerprints the run lines hold, by canonical path: the latest wins."""
     known: dict[str, str] = {}

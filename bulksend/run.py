@@ -42,6 +42,7 @@ from bulksend.ledger import (
     RUN_LINE_START,
     check_inputs,
     check_target,
+    inputs_left_out,
     read_ledger,
     write_fingerprints,
 )
@@ -682,6 +683,11 @@ class Sinks:
                 if state.torn_bytes and outputs.progress != "off":
                     err.write(
                         f"bulksend: ignored a torn last line ({state.torn_bytes} bytes) in {place.path}\n"
+                    )
+                for left in inputs_left_out(state.runs, plan.inputs):
+                    err.write(
+                        f"bulksend: warning: {place.path} was begun with {left} too, which"
+                        " this run does not read: its records not yet ok stay unsent\n"
                     )
             if plan.inputs:
                 prints = write_fingerprints(place.real, plan.inputs)

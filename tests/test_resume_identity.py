@@ -349,3 +349,15 @@ def test_a_resume_to_another_target_is_refused_unless_forced(tmp_path: Path) -> 
         # The latest run's target is the one a resume keeps to.
         again = bulksend("send", str(data), *other, "--out", str(out), "--resume", "--quiet")
         assert again.returncode == 0, again.stderr
+
+
+def test_a_resume_that_leaves_an_input_out_says_so(tmp_path: Path) -> None:
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    one.write_bytes(jsonl_bytes(msgs(5)))
+    two.write_bytes(jsonl_bytes(msgs(5)))
+    out = tmp_path / "l.jsonl"
+    first = bulksend("send", str(one), str(two), "--embedded", "--out", str(out), "--quiet")
+    assert first.returncode == 0, first.stderr
+    again = bulksend("send", str(one), "--embedded", "--out", str(out), "--resume", "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert f"was begun with {two} too, which this run does not read" in again.stderr
