@@ -48,7 +48,7 @@ from bulksend.parse import (
     parse_jsonl_line,
     record_from_obj,
 )
-from bulksend.record import Invalid, Item
+from bulksend.record import Invalid, Item, Record
 
 __all__ = [
     "FORMATS",
@@ -448,10 +448,12 @@ class Inputs:
                 yield self._marked(inp, seq, name + digits, key + digits)
             else:
                 item = parse_jsonl(line, seq, name + digits, topic, key + digits)
-                if item is None:  # blank: no seq
-                    continue
-                if type(item) is Invalid and _cr_only(line):
-                    item = replace(item, error=f"{item.error}; {_CR_HINT}")
+                # One test on the normal path, as the blank-line test alone was.
+                if item.__class__ is not Record:
+                    if item is None:  # blank: no seq
+                        continue
+                    if isinstance(item, Invalid) and _cr_only(line):
+                        item = replace(item, error=f"{item.error}; {_CR_HINT}")
                 yield item
             seq += 1
         return seq
@@ -624,7 +626,7 @@ class _CsvFeed:
         self.kept: list[bytes | _Overlong] = []  # the current row's lines
         self.problem: str | None = None  # what is wrong with the current row's bytes
         self.nonblank = False  # whether any of its lines has more than whitespace
-        self._text = ""  # the last line handed out, decoded
+        self._text = ""  # the last line handed out, as text
         self._spilled = 0  # bytes of the current row's lines after its first
         self._cut = False  # the row passed MAX_CSV_FIELD: csv was told the input ended
 
@@ -633,36 +635,32 @@ class _CsvFeed:
         self.kept = []
         self.problem = None
         self.nonblank = False
-        self._spilled = 0
-        self._cut = False
 
     def raw(self) -> str:
         """The current row's lines as text, line ends dropped."""
-        kept = self.kept
-        if len(kept) == 1 and kept[0].__class__ is bytes:  # nearly every row: one line
+        if len(self.kept) == 1:  # nearly every row
             return self._text.rstrip("\r")
-        return "\n".join(
-            decode_raw(line.tail if isinstance(line, _Overlong) else line) for line in kept
-        )
+        return "\n".join(_text(line).rstrip("\r") for line in self.kept)
 
     def unclosed(self, error: str) -> str | None:
         """The message for a row whose quoted field is never closed (csv's ``error``, its
         end of data or field limit, says so), after putting the row's later lines back to
         be read again; None for any other csv error."""
-        if self._cut or (error.startswith("field larger than") and len(self.kept) > 1):
+        kept = self.kept
+        if self._cut or (error.startswith("field larger than") and len(kept) > 1):
             where = f"is not closed within {_size(MAX_CSV_FIELD)}"
         elif error == "unexpected end of data":  # strict mode: the input ended in quotes
             where = "is never closed"
         else:
             return None
+        self._cut = False
         message = f"malformed CSV: a quoted field opened at line {self.first} {where}"
-        again = self.kept[1:]
-        if again:
-            self._again.extendleft(reversed(again))
-            self.count -= len(again)
-            del self.kept[1:]
-            self._text = self._decoded(self.kept[0])
-            n = len(again)
+        n = len(kept) - 1
+        if n:
+            self._again.extendleft(reversed(kept[1:]))
+            self.count -= n
+            del kept[1:]
+            self._text = _text(kept[0])
             rows = (
                 "are read again as rows of their own"
                 if n > 1
@@ -692,40 +690,45 @@ class _CsvFeed:
                     raise StopIteration
                 return self._overlong(_Overlong(self._inp.tail, self._inp.cr_only))
         self.count += 1
-        self.kept.append(line)
-        if len(self.kept) > 1:  # inside a quoted field that holds a line end
+        kept = self.kept
+        if kept:  # a quoted field holds a line end: the row goes on
+            kept.append(line)
             self._spill(len(line) + 1)
+        else:
+            kept.append(line)
         if not self.nonblank and line.strip():
             self.nonblank = True
-        self._text = text = self._decoded(line)
-        return text + "\n"
-
-    def _decoded(self, line: bytes | _Overlong) -> str:
-        if isinstance(line, _Overlong):
-            return ""
         try:
-            return line.decode("utf-8")
+            text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
+            text = line.decode("utf-8", "replace")
             self.problem = (
                 self.problem or f"invalid UTF-8 at line {self.count}, byte {exc.start + 1}"
             )
-            return line.decode("utf-8", "replace")
+        self._text = text
+        return text + "\n"
 
     def _overlong(self, line: _Overlong) -> str:
         self.count += 1
         self.kept.append(line)
+        self._text = _text(line)
         self.problem = self.problem or f"line {self.count} {_overlong_error(line.cr_only)}"
         if len(self.kept) > 1:
             self._spill(MAX_LINE_BYTES)
         return "\n"
 
     def _spill(self, n: int) -> None:
-        self._spilled += n
+        """Count the ``n`` bytes of the line just kept, a line after the row's first; past
+        MAX_CSV_FIELD, end the row as the end of the input would: csv raises "unexpected
+        end of data" and ``unclosed`` hands the lines out again."""
+        self._spilled = n if len(self.kept) == 2 else self._spilled + n
         if self._spilled > MAX_CSV_FIELD:
-            # Ends the row as the end of the input would: csv raises "unexpected end of
-            # data" and the next row starts with the lines handed out again.
             self._cut = True
             raise StopIteration
+
+
+def _text(line: bytes | _Overlong) -> str:
+    return decode_raw(line.tail if isinstance(line, _Overlong) else line)
 
 
 def _overlong_error(cr_only: bool) -> str:
