@@ -578,6 +578,27 @@ def test_csv_multiline_fields_and_a_closed_field_with_junk_stay_whole_around_a_s
     assert after == rec(4, f"{path}:8", "t", "after")
 
 
+@pytest.mark.parametrize("field_limit", [50, 10_000])
+def test_csv_over_long_line_swallowed_by_a_stray_quote_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, field_limit: int
+) -> None:
+    # With the 50-byte limit the over-long line cuts the open field (as 8 MiB lines
+    # always cut a 4 MiB field); with 10,000 the field runs to the end of the file.
+    monkeypatch.setattr("bulksend.sources.CHUNK_BYTES", 64)  # lines are checked across reads
+    monkeypatch.setattr("bulksend.sources.MAX_LINE_BYTES", 100)
+    monkeypatch.setattr("bulksend.sources.MAX_CSV_FIELD", field_limit)
+    long = "t," + "x" * 200
+    path = write(tmp_path, "o.csv", f'topic,body\nt,"stray\nt,one\n{long}\nt,two\n')
+    stray, one, over, two = read(path)
+    assert isinstance(stray, Invalid)
+    assert (stray.source, stray.raw) == (f"{path}:2", 't,"stray')
+    assert one == rec(1, f"{path}:3", "t", "one")
+    assert isinstance(over, Invalid)
+    assert (over.seq, over.source, over.error) == (2, f"{path}:4", "line 4 is longer than 0 MiB")
+    assert long.startswith(over.raw)
+    assert two == rec(3, f"{path}:5", "t", "two")
+
+
 def test_csv_stray_quote_in_the_header_row_then_the_next_line_is_the_header(
     tmp_path: Path,
 ) -> None:
