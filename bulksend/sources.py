@@ -542,7 +542,7 @@ class Inputs:
         elif parts:
             yield b"".join(parts)
 
-    # --- CSV ---------------------------------------------------------------------------
+    # --- CSV -----------------------------------------------------------------------------
 
     def _csv_items(self, inp: _Input, seq: int) -> Generator[Item, None, int]:
         """Rows through the csv module (quoted fields may span lines), fed line by line so
@@ -567,7 +567,9 @@ class Inputs:
                     error = f"{error}; {_CR_HINT}"
             first = feed.first
             if inp.broken is not None:  # the broken tail swallows the unfinished row
-                raw = "\n".join([feed.raw(), decode_raw(inp.tail)])
+                raw = decode_raw(inp.tail)
+                if feed.kept:
+                    raw = f"{feed.raw()}\n{raw}"
                 yield Invalid(
                     seq, f"{inp.name}:{first}", raw, inp.broken, None, f"{inp.key}:{first}"
                 )
@@ -640,7 +642,7 @@ class _CsvFeed:
         """The current row's lines as text, line ends dropped."""
         if len(self.kept) == 1:  # nearly every row
             return self._text.rstrip("\r")
-        return "\n".join(_text(line).rstrip("\r") for line in self.kept)
+        return "\n".join(_text(line) for line in self.kept)
 
     def unclosed(self, error: str) -> str | None:
         """The message for a row whose quoted field is never closed (csv's ``error``, its
@@ -728,6 +730,7 @@ class _CsvFeed:
 
 
 def _text(line: bytes | _Overlong) -> str:
+    """A kept line as ``Invalid.raw`` shows it."""
     return decode_raw(line.tail if isinstance(line, _Overlong) else line)
 
 

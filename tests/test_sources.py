@@ -715,6 +715,7 @@ def test_csv_gzip_corrupt_midway(tmp_path: Path) -> None:
     assert isinstance(items[-1], Invalid)
     assert items[-1].source == f"{path}:{len(items) + 1}"
     assert "gzip data is corrupt" in items[-1].error
+    assert "t,row".startswith(items[-1].raw[:5]), items[-1].raw  # the partial line alone
 
 
 # --- the pure functions ----------------------------------------------------------------------
