@@ -151,6 +151,11 @@ class Plan:
     #: Renews temporary credentials (ECS metadata) during the run: run beside the Sender,
     #: each renewal handed to ``Sender.set_credentials``.
     refresher: CredentialRefresher | None = field(default=None, compare=False)
+    #: --exactly-once in a shard of a distributed run: the salt of the run's merged ledger
+    #: (None: this ledger's own), so keys match across parts and resumes, and what the
+    #: driver's check of that ledger's crashed intents found stored (identity -> outcome).
+    key_salt: str | None = None
+    settled: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @property
     def title(self) -> str:
@@ -364,7 +369,14 @@ def _write_ahead(
         return contextlib.nullcontext(None)
     assert sinks.ledger is not None and sinks.ledger_place is not None
     return open_write_ahead(
-        target, creds, plan.options, sinks.ledger, sinks.ledger_place.real, sinks.intents
+        target,
+        creds,
+        plan.options,
+        sinks.ledger,
+        sinks.ledger_place.real,
+        sinks.intents,
+        salt=plan.key_salt,
+        settled=plan.settled,
     )
 
 
