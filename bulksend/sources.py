@@ -561,10 +561,11 @@ class Inputs:
             except StopIteration:
                 row, error = None, None
             except csv.Error as exc:
-                row = []
-                error = feed.unclosed(str(exc)) or feed.problem or f"malformed CSV: {exc}"
-                if feed.cr_only():
-                    error = f"{error}; {_CR_HINT}"
+                row, error = [], None
+                if inp.broken is None:  # else the broken tail swallows the row, below
+                    error = feed.unclosed(str(exc)) or feed.problem or f"malformed CSV: {exc}"
+                    if feed.cr_only():
+                        error = f"{error}; {_CR_HINT}"
             first = feed.first
             if inp.broken is not None:  # the broken tail swallows the unfinished row
                 raw = decode_raw(inp.tail)
@@ -623,6 +624,9 @@ class _CsvFeed:
         self._lines = lines
         self._inp = inp
         self._again: deque[bytes | _Overlong] = deque()  # lines to hand out again, in order
+        # Where the next line comes from: the input, or ``_again`` while it holds lines
+        # (swapped, so that the normal path pays no test for it).
+        self._next: Callable[[], bytes] = lines.__next__
         self.count = 0  # physical lines handed out so far
         self.first = 1  # the current row's first line
         self.kept: list[bytes | _Overlong] = []  # the current row's lines
@@ -660,6 +664,7 @@ class _CsvFeed:
         n = len(kept) - 1
         if n:
             self._again.extendleft(reversed(kept[1:]))
+            self._next = self._next_again
             self.count -= n
             del kept[1:]
             self._text = _text(kept[0])
@@ -681,16 +686,11 @@ class _CsvFeed:
         return self
 
     def __next__(self) -> str:
-        if self._again:
-            line = self._again.popleft()
-            if isinstance(line, _Overlong):
-                return self._overlong(line)
-        else:
-            line = next(self._lines)
-            if line is _MARK:
-                if self._inp.broken is not None:
-                    raise StopIteration
-                return self._overlong(_Overlong(self._inp.tail, self._inp.cr_only))
+        line = self._next()
+        if line is _MARK:
+            if self._inp.broken is not None:
+                raise StopIteration
+            return self._overlong(_Overlong(self._inp.tail, self._inp.cr_only))
         self.count += 1
         kept = self.kept
         if kept:  # a quoted field holds a line end: the row goes on
@@ -709,6 +709,15 @@ class _CsvFeed:
             )
         self._text = text
         return text + "\n"
+
+    def _next_again(self) -> bytes:
+        line = self._again.popleft()
+        if not self._again:
+            self._next = self._lines.__next__
+        if isinstance(line, _Overlong):  # handed out as the input's reader hands one out
+            self._inp.tail, self._inp.cr_only = line.tail, line.cr_only
+            return _MARK
+        return line
 
     def _overlong(self, line: _Overlong) -> str:
         self.count += 1

@@ -718,6 +718,18 @@ def test_csv_gzip_corrupt_midway(tmp_path: Path) -> None:
     assert "t,row".startswith(items[-1].raw[:5]), items[-1].raw  # the partial line alone
 
 
+def test_csv_gzip_corrupt_inside_an_open_quote_keeps_the_row_whole(tmp_path: Path) -> None:
+    rows = "".join(f"t,row {i}\n" for i in range(100))
+    packed = gzip.compress(f'topic,body\nt,first\nt,"open\n{rows}'.encode())
+    path = write(tmp_path, "in.csv.gz", packed[:-10])  # the trailer cut: the break is last
+    first, broken = read(path)
+    assert first == rec(0, f"{path}:2", "t", "first")
+    assert isinstance(broken, Invalid)
+    assert broken.source == f"{path}:3"
+    assert "gzip data is corrupt" in broken.error
+    assert broken.raw.startswith('t,"open\nt,row 0\n')
+
+
 # --- the pure functions ----------------------------------------------------------------------
 
 
