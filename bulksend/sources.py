@@ -624,9 +624,9 @@ class _CsvFeed:
         self._lines = lines
         self._inp = inp
         self._again: deque[bytes | _Overlong] = deque()  # lines to hand out again, in order
-        # Where the next line comes from: the input, or ``_again`` while it holds lines
-        # (swapped, so that the normal path pays no test for it).
-        self._next: Callable[[], bytes] = lines.__next__
+        # Where the next line comes from: the input, or ``_replaying`` while ``_again``
+        # holds lines (swapped, so that the normal path pays no test for it).
+        self._source: Iterator[bytes] = lines
         self.count = 0  # physical lines handed out so far
         self.first = 1  # the current row's first line
         self.kept: list[bytes | _Overlong] = []  # the current row's lines
@@ -664,7 +664,8 @@ class _CsvFeed:
         n = len(kept) - 1
         if n:
             self._again.extendleft(reversed(kept[1:]))
-            self._next = self._next_again
+            if self._source is self._lines:
+                self._source = self._replaying()
             self.count -= n
             del kept[1:]
             self._text = _text(kept[0])
@@ -686,7 +687,7 @@ class _CsvFeed:
         return self
 
     def __next__(self) -> str:
-        line = self._next()
+        line = next(self._source)
         if line is _MARK:
             if self._inp.broken is not None:
                 raise StopIteration
@@ -710,14 +711,22 @@ class _CsvFeed:
         self._text = text
         return text + "\n"
 
-    def _next_again(self) -> bytes:
-        line = self._again.popleft()
-        if not self._again:
-            self._next = self._lines.__next__
-        if isinstance(line, _Overlong):  # handed out as the input's reader hands one out
-            self._inp.tail, self._inp.cr_only = line.tail, line.cr_only
-            return _MARK
-        return line
+    def _replaying(self) -> Iterator[bytes]:
+        """The lines of ``_again`` (it may grow meanwhile), then the input's next line, by
+        when ``_source`` is the input again."""
+        again = self._again
+        while again:
+            line = again.popleft()
+            if isinstance(line, _Overlong):  # handed out as the input's reader hands one out
+                self._inp.tail, self._inp.cr_only = line.tail, line.cr_only
+                yield _MARK
+            else:
+                yield line
+        self._source = self._lines
+        # Not ``yield from``: closing this generator would close the input's.
+        for line in self._lines:
+            yield line
+            return
 
     def _overlong(self, line: _Overlong) -> str:
         self.count += 1
