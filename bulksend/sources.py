@@ -563,7 +563,9 @@ class Inputs:
             except csv.Error as exc:
                 row, error = [], None
                 if inp.broken is None:  # else the broken tail swallows the row, below
-                    error = feed.unclosed(str(exc)) or feed.problem or f"malformed CSV: {exc}"
+                    # csv's advice on opening a file in Python is no use to a user.
+                    what = str(exc).partition(" - do you need to open the file")[0]
+                    error = feed.unclosed(what) or feed.problem or f"malformed CSV: {what}"
                     if feed.cr_only():
                         error = f"{error}; {_CR_HINT}"
             first = feed.first
