@@ -4,7 +4,8 @@
 Every path is opened and checked when ``Inputs`` is built, so an unusable input stops the
 run (``InputOpenError``) before a single record is sent. After that, bad input is data: a
 malformed line, bad UTF-8, an over-long line or a gzip file corrupt midway each become one
-``Invalid`` and the stream goes on. Each input is read exactly once, front to back, so a
+``Invalid`` and the stream goes on; a CSV quoted field that is never closed costs only the
+line it opens on (``_CsvFeed``). Each input is read exactly once, front to back, so a
 pipe, a FIFO or ``/dev/stdin`` gives all its records.
 
 Reading is streamed in 1 MiB binary chunks split on ``\\n`` here, not through a text file:
