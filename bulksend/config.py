@@ -307,6 +307,10 @@ class SendOptions:
     #: Seconds the target may stay unreachable mid-run (dispatch paused, probed with
     #: backoff) before the run stops, TargetUnreachable (see health.py).
     outage_timeout: float = 300.0
+    #: Wait out a target that stops answering (hold dispatch, probe, resume: health.py)
+    #: rather than charge each failure to its record. Off for a load: a dead target is
+    #: what it measures, each message failed when due.
+    ride_outages: bool = True
     #: Each record carries bulksend's key in KEYS, the ledger holds an intent before its
     #: first request, and an attempt whose answer was lost is checked with ListMessages
     #: before any re-send (see writeahead.py). Needs a ledger file (``Outputs.out``).

@@ -51,8 +51,9 @@ _PREDICTION_SLACK_MS = 2
 
 def default_options() -> SendOptions:
     """A load's sender: 256 in flight, no retries (a retry would hold a worker and blur
-    the latency of the schedule being measured)."""
-    return SendOptions(concurrency=256, retry=RetryPolicy(max_retries=0))
+    the latency of the schedule being measured), and a target that stops answering is
+    measured, not waited out (``ride_outages``)."""
+    return SendOptions(concurrency=256, retry=RetryPolicy(max_retries=0), ride_outages=False)
 
 
 @dataclass(frozen=True)

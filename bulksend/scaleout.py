@@ -172,8 +172,11 @@ async def _send(
         elif said.abandoned:
             # Not every shard reported: the summary counts what the parts hold, which
             # is what --resume will find done.
-            for result in part_results(parts):
-                stats.add(result)
+            if remote is not None:
+                await anyio.to_thread.run_sync(remote.count, stats)  # the uploaded parts
+            else:
+                for result in part_results(parts):
+                    stats.add(result)
     except BulksendError as exc:
         end.error = end.error or exc
     finally:
