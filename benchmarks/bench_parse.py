@@ -3,9 +3,9 @@
     python benchmarks/bench_parse.py [--records 200000] [--repeat 5] [--rounds 3]
                                      [--against DIR]
 
-Four inputs of ``--records`` records each: string bodies (what nearly every input has, the
-fast path), non-string bodies (sent as the input's own JSON text), numeric ids, and one
-JSON array file of the string-body records. Each is read whole in a child process
+Five inputs of ``--records`` records each: string bodies (what nearly every input has, the
+fast path), non-string bodies (sent as the input's own JSON text), numeric ids, one JSON
+array file and one CSV file of the string-body records. Each is read whole in a child process
 ``--repeat`` times; the best CPU time (``time.process_time``) per record over ``--rounds``
 children is reported, with the floor measured in the same run: ``orjson.loads`` of every
 line of the string-body file. CPU time and a same-run floor keep the figures comparable
@@ -94,6 +94,12 @@ def write_inputs(d: Path, n: int) -> dict[str, Path]:
         paths[name].write_bytes(b"\n".join(lines) + b"\n")
     paths["JSON array (.json)"] = d / "array.json"
     paths["JSON array (.json)"].write_bytes(b"[\n" + b",\n".join(strings) + b"\n]\n")
+    # The string-body records as CSV: the body quoted, its quotes doubled.
+    paths["CSV"] = d / "records.csv"
+    paths["CSV"].write_text(
+        "topic,body,keys\n"
+        + "".join(f'orders,"{{""order"": {i}, ""note"": ""replayed""}}",k{i}\n' for i in range(n))
+    )
     return paths
 
 

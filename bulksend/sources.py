@@ -4,7 +4,8 @@
 Every path is opened and checked when ``Inputs`` is built, so an unusable input stops the
 run (``InputOpenError``) before a single record is sent. After that, bad input is data: a
 malformed line, bad UTF-8, an over-long line or a gzip file corrupt midway each become one
-``Invalid`` and the stream goes on. Each input is read exactly once, front to back, so a
+``Invalid`` and the stream goes on; a CSV quoted field that is never closed costs only the
+line it opens on (``_CsvFeed``). Each input is read exactly once, front to back, so a
 pipe, a FIFO or ``/dev/stdin`` gives all its records.
 
 Reading is streamed in 1 MiB binary chunks split on ``\\n`` here, not through a text file:
@@ -31,8 +32,9 @@ import os
 import stat
 import sys
 import zlib
+from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from types import TracebackType
 from typing import Any, BinaryIO, Final
@@ -47,7 +49,7 @@ from bulksend.parse import (
     parse_jsonl_line,
     record_from_obj,
 )
-from bulksend.record import Invalid, Item
+from bulksend.record import Invalid, Item, Record
 
 __all__ = [
     "FORMATS",
@@ -72,6 +74,8 @@ CHUNK_BYTES: Final = 1 << 20
 #: element of a JSON array file, in characters.
 MAX_LINE_BYTES: Final = 8 << 20
 #: Longest CSV field, in characters (the csv module's default, 128 Ki, is below a message).
+#: Also the most bytes of lines after its first that a row may hold: past that, a quoted
+#: field is taken to be one that is never closed (see ``_CsvFeed``).
 MAX_CSV_FIELD: Final = 4 << 20
 _BOM: Final = b"\xef\xbb\xbf"
 _GZIP_MAGIC: Final = b"\x1f\x8b"
@@ -80,6 +84,8 @@ _RAW_PREFIX: Final = 1024
 #: Stands in for an over-long line, or for the unreadable rest of a file (then
 #: ``_Input.broken`` says why). Compared by identity, so no real line can be mistaken for it.
 _MARK: Final = b"\0bulksend-mark\0"
+#: Added to the error of a line that holds several CR line ends.
+_CR_HINT: Final = "the file's lines end in CR only (a classic Mac export): convert them to LF"
 
 
 def format_for(path: str, fmt: str | None) -> str:
@@ -144,6 +150,7 @@ class _Input:
     seq0: int | None = None  # the first record's seq (a Span's); None: carry on
     bom: bool = True  # at the file's start: a UTF-8 BOM there is dropped
     array: bool = False  # may be a JSON array (a .json name): look at the first byte
+    cr_only: bool = False  # the over-long line in ``tail`` holds CR line ends
 
     def close(self) -> None:
         for f in reversed(self.owned):
@@ -442,8 +449,12 @@ class Inputs:
                 yield self._marked(inp, seq, name + digits, key + digits)
             else:
                 item = parse_jsonl(line, seq, name + digits, topic, key + digits)
-                if item is None:  # blank: no seq
-                    continue
+                # One test on the normal path, as the blank-line test alone was.
+                if item.__class__ is not Record:
+                    if item is None:  # blank: no seq
+                        continue
+                    if isinstance(item, Invalid) and _cr_only(line):
+                        item = replace(item, error=f"{item.error}; {_CR_HINT}")
                 yield item
             seq += 1
         return seq
@@ -453,9 +464,7 @@ class Inputs:
         raw = decode_raw(inp.tail)
         if inp.broken is not None:
             return Invalid(seq, source, raw, inp.broken, None, identity)
-        return Invalid(
-            seq, source, raw, f"line is longer than {MAX_LINE_BYTES >> 20} MiB", None, identity
-        )
+        return Invalid(seq, source, raw, f"line {_overlong_error(inp.cr_only)}", None, identity)
 
     # --- reading -------------------------------------------------------------------------
 
@@ -501,7 +510,8 @@ class Inputs:
                     pending += len(chunk)
                     if pending > MAX_LINE_BYTES:
                         # The line's start, however the reads cut it.
-                        inp.tail = b"".join(parts)[:_RAW_PREFIX]
+                        head = b"".join(parts)
+                        inp.tail, inp.cr_only = head[:_RAW_PREFIX], _cr_only(head)
                         parts, pending, overlong = [], 0, True
                 continue
             last = lines.pop()
@@ -511,7 +521,8 @@ class Inputs:
                 parts.append(lines[0])
                 lines[0] = b"".join(parts)
                 if len(lines[0]) > MAX_LINE_BYTES:
-                    inp.tail, lines[0] = lines[0][:_RAW_PREFIX], _MARK
+                    inp.tail, inp.cr_only = lines[0][:_RAW_PREFIX], _cr_only(lines[0])
+                    lines[0] = _MARK
             if inp.size is None:
                 # From the last line with a record on it (blank lines after it hold none).
                 k = len(lines) - 1
@@ -551,10 +562,18 @@ class Inputs:
             except StopIteration:
                 row, error = None, None
             except csv.Error as exc:
-                row, error = [], feed.problem or f"malformed CSV: {exc}"
+                row, error = [], None
+                if inp.broken is None:  # else the broken tail swallows the row, below
+                    # csv's advice on opening a file in Python is no use to a user.
+                    what = str(exc).partition(" - do you need to open the file")[0]
+                    error = feed.unclosed(what) or feed.problem or f"malformed CSV: {what}"
+                    if feed.cr_only():
+                        error = f"{error}; {_CR_HINT}"
             first = feed.first
             if inp.broken is not None:  # the broken tail swallows the unfinished row
-                raw = "\n".join([*feed.raw, decode_raw(inp.tail)])
+                raw = decode_raw(inp.tail)
+                if feed.kept:
+                    raw = f"{feed.raw()}\n{raw}"
                 yield Invalid(
                     seq, f"{inp.name}:{first}", raw, inp.broken, None, f"{inp.key}:{first}"
                 )
@@ -564,7 +583,7 @@ class Inputs:
             if error is None and not feed.nonblank:
                 continue
             source, identity = f"{inp.name}:{first}", f"{inp.key}:{first}"
-            raw = "\n".join(feed.raw)
+            raw = feed.raw()
             if error is not None:
                 message = f"CSV header row: {error}" if header is None else error
                 yield Invalid(seq, source, raw, message, None, identity)
@@ -583,38 +602,106 @@ class Inputs:
             seq += 1
 
 
+@dataclass(frozen=True, slots=True)
+class _Overlong:
+    """An over-long line inside a CSV row, kept to be read again: its start and whether it
+    holds CR line ends."""
+
+    tail: bytes
+    cr_only: bool
+
+
 class _CsvFeed:
-    """Lines for csv.reader, as text with a ``\\n``, noting what the current row spans."""
+    """Lines for csv.reader, as text with a ``\\n``, noting what the current row spans.
+
+    Subtleness ahead: a quoted field that is never closed (one stray ``"``) would swallow
+    every line after it into one row, to the end of the file or to the field limit. So the
+    current row's lines are kept, as bytes, and when its quoted field reaches the end of the
+    input or holds more than ``MAX_CSV_FIELD`` bytes of further lines, ``unclosed`` makes
+    the row its first line alone and hands the later lines out again, numbered as before:
+    each is read as if that first line had not been there, with the line number, and so
+    the identity, it has in the file. Memory: the kept lines are at most the field limit
+    plus one line (the csv module's own limit, in characters, usually trips first)."""
 
     def __init__(self, lines: Iterator[bytes], inp: _Input) -> None:
         self._lines = lines
         self._inp = inp
+        self._again: deque[bytes | _Overlong] = deque()  # lines to hand out again, in order
+        # Where the next line comes from: the input, or ``_replaying`` while ``_again``
+        # holds lines (swapped, so that the normal path pays no test for it).
+        self._source: Iterator[bytes] = lines
         self.count = 0  # physical lines handed out so far
         self.first = 1  # the current row's first line
-        self.raw: list[str] = []  # the current row's lines, decoded
+        self.kept: list[bytes | _Overlong] = []  # the current row's lines
         self.problem: str | None = None  # what is wrong with the current row's bytes
         self.nonblank = False  # whether any of its lines has more than whitespace
+        self._text = ""  # the last line handed out, as text
+        self._spilled = 0  # bytes of the current row's lines after its first
+        self._cut = False  # the row passed MAX_CSV_FIELD: csv was told the input ended
 
     def start_record(self) -> None:
         self.first = self.count + 1
-        self.raw = []
+        self.kept = []
         self.problem = None
         self.nonblank = False
+
+    def raw(self) -> str:
+        """The current row's lines as text, line ends dropped."""
+        if len(self.kept) == 1:  # nearly every row
+            return self._text.rstrip("\r")
+        return "\n".join(_text(line) for line in self.kept)
+
+    def unclosed(self, error: str) -> str | None:
+        """The message for a row whose quoted field is never closed (csv's ``error``, its
+        end of data or field limit, says so), after putting the row's later lines back to
+        be read again; None for any other csv error."""
+        kept = self.kept
+        if self._cut or (error.startswith("field larger than") and len(kept) > 1):
+            where = f"is not closed within {_size(MAX_CSV_FIELD)}"
+        elif error == "unexpected end of data":  # strict mode: the input ended in quotes
+            where = "is never closed"
+        else:
+            return None
+        self._cut = False
+        message = f"malformed CSV: a quoted field opened at line {self.first} {where}"
+        n = len(kept) - 1
+        if n:
+            self._again.extendleft(reversed(kept[1:]))
+            if self._source is self._lines:
+                self._source = self._replaying()
+            self.count -= n
+            del kept[1:]
+            self._text = _text(kept[0])
+            rows = (
+                "are read again as rows of their own"
+                if n > 1
+                else "is read again as a row of its own"
+            )
+            message += f"; the {n:,} line{'s' if n > 1 else ''} after it {rows}"
+        return message
+
+    def cr_only(self) -> bool:
+        """Whether the current row looks like many lines joined by CR-only line ends."""
+        return any(
+            line.cr_only if isinstance(line, _Overlong) else _cr_only(line) for line in self.kept
+        )
 
     def __iter__(self) -> _CsvFeed:
         return self
 
     def __next__(self) -> str:
-        line = next(self._lines)
-        self.count += 1
+        line = next(self._source)
         if line is _MARK:
             if self._inp.broken is not None:
                 raise StopIteration
-            self.raw.append(decode_raw(self._inp.tail))
-            self.problem = (
-                self.problem or f"line {self.count} is longer than {MAX_LINE_BYTES >> 20} MiB"
-            )
-            return "\n"
+            return self._overlong(_Overlong(self._inp.tail, self._inp.cr_only))
+        self.count += 1
+        kept = self.kept
+        if kept:  # a quoted field holds a line end: the row goes on
+            kept.append(line)
+            self._spill(len(line) + 1)
+        else:
+            kept.append(line)
         if not self.nonblank and line.strip():
             self.nonblank = True
         try:
@@ -624,5 +711,62 @@ class _CsvFeed:
             self.problem = (
                 self.problem or f"invalid UTF-8 at line {self.count}, byte {exc.start + 1}"
             )
-        self.raw.append(text.rstrip("\r"))
+        self._text = text
         return text + "\n"
+
+    def _replaying(self) -> Iterator[bytes]:
+        """The lines of ``_again`` (it may grow meanwhile), then the input's next line, by
+        when ``_source`` is the input again."""
+        again = self._again
+        while again:
+            line = again.popleft()
+            if isinstance(line, _Overlong):  # handed out as the input's reader hands one out
+                self._inp.tail, self._inp.cr_only = line.tail, line.cr_only
+                yield _MARK
+            else:
+                yield line
+        self._source = self._lines
+        # Not ``yield from``: closing this generator would close the input's.
+        for line in self._lines:
+            yield line
+            return
+
+    def _overlong(self, line: _Overlong) -> str:
+        self.count += 1
+        self.kept.append(line)
+        self._text = _text(line)
+        self.problem = self.problem or f"line {self.count} {_overlong_error(line.cr_only)}"
+        if len(self.kept) > 1:
+            self._spill(MAX_LINE_BYTES)
+        return "\n"
+
+    def _spill(self, n: int) -> None:
+        """Count the ``n`` bytes of the line just kept, a line after the row's first; past
+        MAX_CSV_FIELD, end the row as the end of the input would: csv raises "unexpected
+        end of data" and ``unclosed`` hands the lines out again."""
+        self._spilled = n if len(self.kept) == 2 else self._spilled + n
+        if self._spilled > MAX_CSV_FIELD:
+            self._cut = True
+            raise StopIteration
+
+
+def _text(line: bytes | _Overlong) -> str:
+    """A kept line as ``Invalid.raw`` shows it."""
+    return decode_raw(line.tail if isinstance(line, _Overlong) else line)
+
+
+def _overlong_error(cr_only: bool) -> str:
+    error = f"is longer than {MAX_LINE_BYTES >> 20} MiB"
+    return f"{error}; {_CR_HINT}" if cr_only else error
+
+
+def _cr_only(line: bytes) -> bool:
+    """Whether a line that failed looks like lines joined by CR-only line ends: two CRs or
+    more before its end (three lines or more), so that a stray CR inside a line of a CRLF
+    file is not taken for that. Only ever called on a line that failed: the normal path
+    pays nothing."""
+    return line.rstrip(b"\r\t ").count(b"\r") >= 2
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 and not n % (1 << 20) else f"{n:,} bytes"

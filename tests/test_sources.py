@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from bulksend.errors import ConfigError, InputOpenError
 from bulksend.parse import CsvHeader, parse_jsonl_line, record_from_obj
 from bulksend.record import Invalid, Item, Record
 from bulksend.sources import MAX_LINE_BYTES, Inputs, format_for, input_key
+from tests.cli_helpers import bulksend, read_jsonl
 
 
 def read(*paths: str | Path, **kw: object) -> list[Item]:
@@ -461,12 +463,231 @@ def test_csv_invalid_utf8_blank_lines_and_bom(tmp_path: Path) -> None:
 
 
 def test_csv_unterminated_quote_at_end(tmp_path: Path) -> None:
-    path = write(tmp_path, "in.csv", 'body,topic\nok,t\n"never closed,t\nmore\n')
+    path = write(tmp_path, "in.csv", 'body,topic\nok,t\n"never closed,t\nmore,t\n')
     items = read(path)
     bad = items[1]
     assert isinstance(bad, Invalid)
-    assert (bad.source, bad.error) == (f"{path}:3", "malformed CSV: unexpected end of data")
-    assert bad.raw == '"never closed,t\nmore'
+    assert bad.source == f"{path}:3"
+    assert bad.error == (
+        "malformed CSV: a quoted field opened at line 3 is never closed; "
+        "the 1 line after it is read again as a row of its own"
+    )
+    assert bad.raw == '"never closed,t'
+    assert items[2] == rec(2, f"{path}:4", "t", "more")
+    assert len(items) == 3
+    path = write(tmp_path, "last.csv", 'body,topic\nok,t\n"last')
+    last = read(path)[1]
+    assert isinstance(last, Invalid)
+    assert (last.source, last.raw) == (f"{path}:3", '"last')
+    assert last.error == "malformed CSV: a quoted field opened at line 3 is never closed"
+
+
+# --- CSV: one stray quote costs one record -----------------------------------------------
+
+
+def stray_quote_csv(tmp_path: Path, rows: int, stray: set[int], name: str = "q.csv") -> Path:
+    """``topic,body`` and ``rows`` rows ``t,row I``; a row in ``stray`` opens a quote that
+    nothing closes. Row I is on line I + 2."""
+    lines = ["topic,body", *(f't,"row {i}' if i in stray else f"t,row {i}" for i in range(rows))]
+    return write(tmp_path, name, "\n".join(lines) + "\n")
+
+
+def rows_read_as_if_absent(path: Path, items: list[Item], rows: int, stray: set[int]) -> None:
+    """Every row is one item, seq in row order: each stray row Invalid, the others Records
+    exactly as if the stray rows had not been there."""
+    assert len(items) == rows
+    for i, item in enumerate(items):
+        if i in stray:
+            assert isinstance(item, Invalid), item
+            assert (item.seq, item.source, item.raw) == (i, f"{path}:{i + 2}", f't,"row {i}')
+            assert item.identity == f"{input_key(str(path))}:{i + 2}"
+        else:
+            assert item == rec(i, f"{path}:{i + 2}", "t", f"row {i}")
+
+
+def test_csv_stray_quote_costs_one_record_not_the_rest_of_the_file(tmp_path: Path) -> None:
+    path = stray_quote_csv(tmp_path, 2000, {10})
+    items = read(path)
+    rows_read_as_if_absent(path, items, 2000, {10})
+    bad = items[10]
+    assert isinstance(bad, Invalid)
+    assert bad.error == (
+        "malformed CSV: a quoted field opened at line 12 is never closed; "
+        "the 1,989 lines after it are read again as rows of their own"
+    )
+
+
+def test_csv_quote_open_past_the_field_limit_is_cut_there_and_its_lines_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 1,000-byte limit: the first stray quote is cut after ~100 lines, which are read
+    # again; a second stray quote far below it then runs to the end of the file.
+    monkeypatch.setattr("bulksend.sources.MAX_CSV_FIELD", 1000)
+    path = stray_quote_csv(tmp_path, 300, {3, 250})
+    items = read(path)
+    rows_read_as_if_absent(path, items, 300, {3, 250})
+    first, second = items[3], items[250]
+    assert isinstance(first, Invalid)
+    assert isinstance(second, Invalid)
+    assert first.error.startswith(
+        "malformed CSV: a quoted field opened at line 5 is not closed within 1,000 bytes; the "
+    )
+    assert second.error == (
+        "malformed CSV: a quoted field opened at line 252 is never closed; "
+        "the 49 lines after it are read again as rows of their own"
+    )
+
+
+def test_csv_quote_open_past_the_real_field_limit(tmp_path: Path) -> None:
+    # Rows of ~100 bytes: the csv module's own limit (4 Mi characters) ends the field
+    # after ~42,000 of them, in the middle of a line.
+    body = "x" * 90
+    rows = 46_000
+    lines = ["topic,body", *(f't,"{i} {body}' if i == 7 else f"t,{i} {body}" for i in range(rows))]
+    path = write(tmp_path, "big.csv", "\n".join(lines) + "\n")
+    items = read(path)
+    assert len(items) == rows
+    bad = items[7]
+    assert isinstance(bad, Invalid)
+    assert (bad.source, bad.raw) == (f"{path}:9", f't,"7 {body}')
+    assert "opened at line 9 is not closed within 4 MiB" in bad.error
+    assert [i for i in items if isinstance(i, Invalid)] == [bad]
+    assert [i.body for i in items if isinstance(i, Record)] == [
+        f"{i} {body}" for i in range(rows) if i != 7
+    ]
+    assert [i.source for i in items] == [f"{path}:{i + 2}" for i in range(rows)]
+
+
+def test_csv_multiline_fields_and_a_closed_field_with_junk_stay_whole_around_a_stray_quote(
+    tmp_path: Path,
+) -> None:
+    path = write(
+        tmp_path,
+        "m.csv",
+        'topic,body\nt,"one\ntwo"\nt,"bad\nend"junk\nt,plain\nt,"stray\nt,after\n',
+    )
+    legit, junk, plain, stray, after = read(path)
+    assert legit == rec(0, f"{path}:2", "t", "one\ntwo")
+    # A field that is closed, then followed by junk, is one invalid row with all its lines.
+    assert isinstance(junk, Invalid)
+    assert (junk.source, junk.raw) == (f"{path}:4", 't,"bad\nend"junk')
+    assert junk.error.startswith("malformed CSV: ',' expected after '\"'")
+    assert plain == rec(2, f"{path}:6", "t", "plain")
+    assert isinstance(stray, Invalid)
+    assert (stray.source, stray.raw) == (f"{path}:7", 't,"stray')
+    assert after == rec(4, f"{path}:8", "t", "after")
+
+
+@pytest.mark.parametrize("field_limit", [50, 10_000])
+def test_csv_over_long_line_swallowed_by_a_stray_quote_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, field_limit: int
+) -> None:
+    # With the 50-byte limit the over-long line cuts the open field (as 8 MiB lines
+    # always cut a 4 MiB field); with 10,000 the field runs to the end of the file.
+    monkeypatch.setattr("bulksend.sources.CHUNK_BYTES", 64)  # lines are checked across reads
+    monkeypatch.setattr("bulksend.sources.MAX_LINE_BYTES", 100)
+    monkeypatch.setattr("bulksend.sources.MAX_CSV_FIELD", field_limit)
+    long = "t," + "x" * 200
+    path = write(tmp_path, "o.csv", f'topic,body\nt,"stray\nt,one\n{long}\nt,two\n')
+    stray, one, over, two = read(path)
+    assert isinstance(stray, Invalid)
+    assert (stray.source, stray.raw) == (f"{path}:2", 't,"stray')
+    assert one == rec(1, f"{path}:3", "t", "one")
+    assert isinstance(over, Invalid)
+    assert (over.seq, over.source, over.error) == (2, f"{path}:4", "line 4 is longer than 0 MiB")
+    assert long.startswith(over.raw)
+    assert two == rec(3, f"{path}:5", "t", "two")
+
+
+def test_csv_stray_quote_in_the_header_row_then_the_next_line_is_the_header(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, "h.csv", 'topic,"body\ntopic,body\nt,a\n')
+    header, row = read(path)
+    assert isinstance(header, Invalid)
+    assert header.source == f"{path}:1"
+    assert header.error.startswith("CSV header row: malformed CSV: a quoted field opened at line 1")
+    assert row == rec(1, f"{path}:3", "t", "a")
+
+
+def test_csv_stray_quote_identities_are_the_same_on_every_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bulksend.sources.MAX_CSV_FIELD", 500)
+    path = stray_quote_csv(tmp_path, 300, {5, 120})
+    first = [(i.seq, i.identity, type(i)) for i in read(path)]
+    assert first == [(i.seq, i.identity, type(i)) for i in read(path)]
+    assert len({identity for _, identity, _ in first}) == 300
+
+
+def test_csv_stray_quote_send_and_resume_end_to_end(tmp_path: Path) -> None:
+    path = stray_quote_csv(tmp_path, 2000, {10})
+    done = bulksend("validate", "q.csv", cwd=str(tmp_path))
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == [
+        "q.csv:12: malformed CSV: a quoted field opened at line 12 is never closed; "
+        "the 1,989 lines after it are read again as rows of their own",
+        "1 problem in 2000 records",
+    ]
+    out = tmp_path / "ledger.jsonl"
+    send = ["send", str(path), "--embedded", "--out", str(out)]
+    done = bulksend(*send, "--stats", str(tmp_path / "s.json"))
+    assert done.returncode == 1, done.stderr
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert (stats["total"], stats["ok"], stats["invalid"]) == (2000, 1999, 1)
+    first = read_jsonl(out)
+    key = input_key(str(path))
+    ok = {r["identity"] for r in first if r["status"] == "ok"}
+    assert ok == {f"{key}:{i + 2}" for i in range(2000) if i != 10}
+    # Nothing fixed: the resume skips exactly the rows that were ok and meets the stray
+    # row again under the same identity.
+    done = bulksend(*send, "--resume")
+    assert done.returncode == 1, done.stderr
+    again = read_jsonl(out)[len(first) :]
+    assert [(r["identity"], r["status"]) for r in again] == [(f"{key}:12", "invalid")]
+    assert re.search(r"^ *skipped +1,?999$", done.stderr, re.MULTILINE), done.stderr
+
+
+# --- a file whose lines end in CR only ---------------------------------------------------
+
+CR_HINT = "the file's lines end in CR only (a classic Mac export): convert them to LF"
+
+
+def test_jsonl_with_cr_only_line_ends_says_so(tmp_path: Path) -> None:
+    lines = "".join(f'{{"topic":"t","body":"cr-{i}"}}\r' for i in range(50))
+    path = write(tmp_path, "cr.jsonl", lines)
+    bad = only(read(path))
+    assert isinstance(bad, Invalid)
+    assert bad.error == f"malformed JSON: unexpected content after document at column 29; {CR_HINT}"
+
+
+def test_over_long_line_with_cr_only_line_ends_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bulksend.sources.MAX_LINE_BYTES", 1000)
+    lines = "".join(f'{{"topic":"t","body":"cr-{i}"}}\r' for i in range(500))
+    for name, data in (("cr.jsonl", lines), ("cr.csv", "topic,body\r" + lines)):
+        bad = only(read(write(tmp_path, name, data)))
+        assert isinstance(bad, Invalid)
+        assert bad.error.endswith(f"is longer than 0 MiB; {CR_HINT}"), bad.error
+
+
+def test_csv_with_cr_only_line_ends_says_so(tmp_path: Path) -> None:
+    path = write(tmp_path, "cr.csv", "topic,body\r" + "".join(f"t,row {i}\r" for i in range(50)))
+    bad = only(read(path))
+    assert isinstance(bad, Invalid)
+    assert bad.error == (
+        f"CSV header row: malformed CSV: new-line character seen in unquoted field; {CR_HINT}"
+    )
+
+
+def test_a_single_stray_cr_is_not_taken_for_cr_line_ends(tmp_path: Path) -> None:
+    jsonl = write(tmp_path, "in.jsonl", '{"topic":"t","body":"a\rb"}\r\n{"topic":"t","body":"c"}\n')
+    csv = write(tmp_path, "in.csv", "topic,body\nt\r,x\r\n")
+    for path in (jsonl, csv):
+        bad = read(path)[0]
+        assert isinstance(bad, Invalid)
+        assert "CR only" not in bad.error
 
 
 def test_csv_header_without_body_column(tmp_path: Path) -> None:
@@ -495,6 +716,19 @@ def test_csv_gzip_corrupt_midway(tmp_path: Path) -> None:
     assert isinstance(items[-1], Invalid)
     assert items[-1].source == f"{path}:{len(items) + 1}"
     assert "gzip data is corrupt" in items[-1].error
+    assert "t,row".startswith(items[-1].raw[:5]), items[-1].raw  # the partial line alone
+
+
+def test_csv_gzip_corrupt_inside_an_open_quote_keeps_the_row_whole(tmp_path: Path) -> None:
+    rows = "".join(f"t,row {i}\n" for i in range(100))
+    packed = gzip.compress(f'topic,body\nt,first\nt,"open\n{rows}'.encode())
+    path = write(tmp_path, "in.csv.gz", packed[:-10])  # the trailer cut: the break is last
+    first, broken = read(path)
+    assert first == rec(0, f"{path}:2", "t", "first")
+    assert isinstance(broken, Invalid)
+    assert broken.source == f"{path}:3"
+    assert "gzip data is corrupt" in broken.error
+    assert broken.raw.startswith('t,"open\nt,row 0\n')
 
 
 # --- the pure functions ----------------------------------------------------------------------
