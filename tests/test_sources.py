@@ -627,7 +627,7 @@ def test_csv_stray_quote_send_and_resume_end_to_end(tmp_path: Path) -> None:
     assert done.stdout.splitlines() == [
         "q.csv:12: malformed CSV: a quoted field opened at line 12 is never closed; "
         "the 1,989 lines after it are read again as rows of their own",
-        "1 problem in 2000 records",
+        "1 problem in 2,000 records",
     ]
     out = tmp_path / "ledger.jsonl"
     send = ["send", str(path), "--embedded", "--out", str(out)]

@@ -79,7 +79,7 @@ def test_repeated_problems_are_grouped_with_their_first_places(tmp_path: Path) -
         "  day1.jsonl:41: malformed JSON: trailing comma is not allowed at column 26",
         "day1.jsonl:51: body is missing",
         'day1.jsonl:61: properties["k1"] is not a string (got a number)',
-        "3999 problems in 4000 records",
+        "3,999 problems in 4,000 records",
     ]
     every = validate("day1.jsonl", "--all", cwd=tmp_path)
     assert every.returncode == 1
@@ -197,7 +197,7 @@ def test_million_lines_stream_in_bounded_memory(tmp_path: Path) -> None:
         "100 records: body is null",
         *(f"  {path}:{n}: body is null" for n in (10000, 20000, 30000)),
         "  ... and 97 more",
-        "100 problems in 1000000 records",
+        "100 problems in 1,000,000 records",
     ]
     assert peak_mb < 100, f"peak RSS {peak_mb:.0f} MB"
     print(f"1M lines: peak RSS {peak_mb:.1f} MB, validate took {elapsed:.1f} s")
