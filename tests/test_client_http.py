@@ -8,7 +8,7 @@ import contextlib
 import os
 import ssl
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import orjson
@@ -290,17 +290,151 @@ async def test_close_delimited_answers_are_complete_at_eof(
     assert len(srv.requests) == 20  # one delivery per record, none retried
 
 
-async def test_an_answer_cut_short_of_its_content_length_is_still_an_error(
-    wire: Wire,
-) -> None:
+# --- broken framing: before and after the status line --------------------------------------
+#
+# Once a final status line was read the server has spoken: a 2xx whose framing then breaks
+# may mean the message was stored, so a retry could store it again.
+
+
+def cut_short(status: bytes, body: bytes) -> bytes:
+    """Writes an answer whose body stops 5 bytes short of its Content-Length; the handler
+    then closes the connection."""
+    return b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body[:-5])
+
+
+def two_lengths(status: bytes, body: bytes) -> bytes:
+    return b"HTTP/1.1 %s\r\nContent-Length: %d\r\nContent-Length: 5\r\n\r\n%s" % (
+        status,
+        len(body),
+        body,
+    )
+
+
+def bad_chunk_size(status: bytes, body: bytes) -> bytes:
+    return b"HTTP/1.1 %s\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\n%s\r\n0\r\n\r\n" % (
+        status,
+        body,
+    )
+
+
+BROKEN = [cut_short, two_lengths, bad_chunk_size]
+
+
+def broken_answers(status: bytes, broken: Callable[[bytes, bytes], bytes]):  # type: ignore[no-untyped-def]
+    """Every request gets ``broken(status, ...)`` as its answer, and its connection closed."""
+
     async def handle(ex: Exchange) -> None:
-        body = answer_json(ex.body)
-        await ex.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body), body[:-5])
+        await ex.write(broken(status, answer_json(ex.body)))
         ex.close()
 
+    return handle
+
+
+@pytest.mark.parametrize("broken", BROKEN, ids=lambda f: f.__name__)
+async def test_a_2xx_whose_framing_breaks_is_final_and_keeps_its_status(
+    broken: Callable[[bytes, bytes], bytes], wire: Wire
+) -> None:
+    """Each connection's first answer is whole, its second broken: the broken one comes on
+    a fresh connection's parser and on one that already read a 200."""
+
+    async def handle(ex: Exchange) -> None:
+        if ex.n == 0:
+            await ex.write(response("200 OK", answer_json(ex.body)))
+        else:
+            await broken_answers(b"200 OK", broken)(ex)
+
     async with RawServer(handle, tls=wire.server) as srv:
-        [r] = await send(srv.url, 1, tls=wire.client)
-    assert (r.status, r.error_code, r.attempts) == ("failed", "PROTOCOL_ERROR", 3)
+        results = await send(srv.url, 6, tls=wire.client)
+    assert [(r.status, r.http_status, r.error_code, r.attempts) for r in results] == [
+        ("ok", 200, None, 1),
+        ("failed", 200, "PROTOCOL_ERROR", 1),
+    ] * 3
+    assert all("after HTTP 200" in (r.error_msg or "") for r in results[1::2])
+    assert len(srv.requests) == 6  # one request per record: none sent again
+
+
+@pytest.mark.parametrize("broken", BROKEN, ids=lambda f: f.__name__)
+async def test_a_503_whose_framing_breaks_is_retried(
+    broken: Callable[[bytes, bytes], bytes], wire: Wire
+) -> None:
+    """The server said it did not take the message: sending it again cannot duplicate."""
+    async with RawServer(
+        broken_answers(b"503 Service Unavailable", broken), tls=wire.server
+    ) as srv:
+        results = await send(srv.url, 2, tls=wire.client)
+    assert [(r.status, r.http_status, r.error_code, r.attempts) for r in results] == [
+        ("failed", 503, "PROTOCOL_ERROR", 3)
+    ] * 2
+    assert len(srv.requests) == 6
+
+
+async def test_a_broken_429_keeps_its_retry_after() -> None:
+    async def handle(ex: Exchange) -> None:
+        if ex.conn == 0:
+            await ex.write(
+                b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nX-Request-Id: r-1\r\n"
+                b"Content-Length: 9\r\nContent-Length: 5\r\n\r\n"
+            )
+            ex.close()
+        else:
+            await ex.write(response("200 OK", answer_json(ex.body)))
+
+    async with RawServer(handle) as srv:
+        transport = H1Transport(
+            srv.url, fixed_headers(Target(srv.url, *TARGET_PATH)), timeout=10, ssl_context=None
+        )
+        answer = await transport.connection().post({}, b'{"topic":"t","body":"m0"}')
+        await transport.aclose()
+    assert (answer.status, answer.body, answer.request_id, answer.retry_after) == (
+        429,
+        b"",
+        "r-1",
+        "0",
+    )
+    assert answer.broken is not None and answer.broken.code == "PROTOCOL_ERROR"
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"garbage\r\n\r\n", b"HTTP/1.1 2x0 OK\r\n\r\n", b"HTTP/1.1 200OK\r\n\r\n"],
+    ids=["no-status-line", "bad-status-code", "no-space-after-code"],
+)
+@pytest.mark.parametrize("after_an_answer", [False, True], ids=["first", "reused"])
+async def test_garbage_before_a_status_line_is_retried(
+    garbage: bytes, after_an_answer: bool, wire: Wire
+) -> None:
+    """No status was read, so nothing says the message was taken: retried. ``reused``: the
+    garbage comes on a keep-alive connection after a 200, whose status the parser still
+    holds; it must not be taken as this answer's."""
+
+    async def handle(ex: Exchange) -> None:
+        if after_an_answer and ex.n == 0:
+            await ex.write(response("200 OK", answer_json(ex.body)))
+        elif ex.server.connections <= 2:  # every record's first try on its connection
+            await ex.write(garbage)
+            ex.close()
+        else:
+            await ex.write(response("200 OK", answer_json(ex.body)))
+
+    async with RawServer(handle, tls=wire.server) as srv:
+        results = await send(srv.url, 2, tls=wire.client)
+    if after_an_answer:  # m0 answered on connection 0; m1 broke it, and went again on 1
+        assert [(r.status, r.attempts) for r in results] == [("ok", 1), ("ok", 2)]
+    else:  # m0 broke connections 0 and 1, then went on 2; m1 followed on 2
+        assert [(r.status, r.attempts) for r in results] == [("ok", 3), ("ok", 1)]
+    assert {r.http_status for r in results} == {200}
+
+
+async def test_aiohttp_a_2xx_whose_body_framing_breaks_is_final() -> None:
+    """Through a proxy (aiohttp): a body cut short after the head was read keeps its status
+    too. (What aiohttp's parser refuses, two Content-Lengths or a bad chunk size in the
+    head's packet, it reports without the status: retried, as before any status line.)"""
+    async with RawServer(broken_answers(b"200 OK", cut_short)) as srv:
+        results = await send(srv.url, 2, transport=aiohttp_transport(srv.url, CAP))
+    assert [(r.status, r.http_status, r.error_code, r.attempts) for r in results] == [
+        ("failed", 200, "PROTOCOL_ERROR", 1)
+    ] * 2
+    assert len(srv.requests) == 2
 
 
 # --- answer size cap -----------------------------------------------------------------------
