@@ -150,8 +150,9 @@ class _H1Protocol(asyncio.Protocol):
       final status line was read is an answer with that status, ``broken`` (``_break``);
       before one, a ProtocolError. The parser keeps the previous answer's status code until
       the next status line's digits are read, so "was one read" is our own flag
-      (``_status_line``), set by ``on_status``: llhttp calls it once the code and the space
-      after it (RFC 9112 §4) are in.
+      (``_status_line``): cleared when a request is sent and after a 1xx, set by
+      ``on_status``, which llhttp calls once the code and the space after it (RFC 9112 §4)
+      are in.
     """
 
     __slots__ = (
@@ -206,6 +207,9 @@ class _H1Protocol(asyncio.Protocol):
         the transport's sweep)."""
         self.on_answer = on_answer
         self._received = 0
+        # The previous answer's status line is not this one's: a close before any byte
+        # of this answer is no answer.
+        self._status_line = False
         self.deadline = self._clock() + timeout
         assert self.transport is not None
         self.transport.write(request)
@@ -257,7 +261,7 @@ class _H1Protocol(asyncio.Protocol):
         # _reset(), inline: this runs once per answer.
         self._body = []
         self._request_id = self._retry_after = None
-        self._headers_done = self._delimited = self._status_line = False
+        self._headers_done = self._delimited = False
         self._declared = 0
 
     def on_status(self, reason: bytes) -> None:

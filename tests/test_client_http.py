@@ -396,8 +396,8 @@ async def test_a_broken_429_keeps_its_retry_after() -> None:
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"garbage\r\n\r\n", b"HTTP/1.1 2x0 OK\r\n\r\n", b"HTTP/1.1 200OK\r\n\r\n"],
-    ids=["no-status-line", "bad-status-code", "no-space-after-code"],
+    [b"", b"garbage\r\n\r\n", b"HTTP/1.1 2x0 OK\r\n\r\n", b"HTTP/1.1 200OK\r\n\r\n"],
+    ids=["closed", "no-status-line", "bad-status-code", "no-space-after-code"],
 )
 @pytest.mark.parametrize("after_an_answer", [False, True], ids=["first", "reused"])
 async def test_garbage_before_a_status_line_is_retried(
@@ -411,7 +411,8 @@ async def test_garbage_before_a_status_line_is_retried(
         if after_an_answer and ex.n == 0:
             await ex.write(response("200 OK", answer_json(ex.body)))
         elif ex.server.connections <= 2:  # every record's first try on its connection
-            await ex.write(garbage)
+            if garbage:
+                await ex.write(garbage)
             ex.close()
         else:
             await ex.write(response("200 OK", answer_json(ex.body)))
