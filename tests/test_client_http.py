@@ -10,7 +10,9 @@ import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 import trustme
@@ -21,8 +23,9 @@ from bulksend.delivery import fixed_headers
 from bulksend.record import Record
 from bulksend.result import Result
 from bulksend.sender import Sender
-from tests.cli_helpers import SECRET_ENV, read_jsonl
+from tests.cli_helpers import SECRET_ENV, bulksend, read_jsonl, target, write_jsonl
 from tests.raw_server import Exchange, RawServer, answer_json, response
+from tests.serve_helpers import list_messages, start_server_inprocess
 
 TARGET_PATH = ("p", "i")
 RETRY = RetryPolicy(max_retries=2, backoff_base=0.001, backoff_max=0.01)
@@ -318,6 +321,8 @@ def bad_chunk_size(status: bytes, body: bytes) -> bytes:
 
 
 BROKEN = [cut_short, two_lengths, bad_chunk_size]
+#: Headers the front does not pass on: aiohttp writes its own.
+HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding"}
 
 
 def broken_answers(status: bytes, broken: Callable[[bytes, bytes], bytes]):  # type: ignore[no-untyped-def]
@@ -424,6 +429,53 @@ async def test_garbage_before_a_status_line_is_retried(
     else:  # m0 broke connections 0 and 1, then went on 2; m1 followed on 2
         assert [(r.status, r.attempts) for r in results] == [("ok", 3), ("ok", 1)]
     assert {r.http_status for r in results} == {200}
+
+
+async def test_exactly_once_checks_a_broken_2xx_with_listmessages(tmp_path: Path) -> None:
+    """With --exactly-once a broken 2xx is an attempt in doubt, as a lost answer is:
+    ListMessages finds each message stored, and none is sent twice. A raw front passes every
+    request to the built-in server and breaks the framing of each SendMessage answer."""
+    n = 5
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"topic": "t", "body": f"m{i}"} for i in range(n)])
+    out = tmp_path / "out.jsonl"
+    async with start_server_inprocess() as upstream, aiohttp.ClientSession() as session:
+
+        async def handle(ex: Exchange) -> None:
+            request_line, *lines = ex.head.decode("latin-1").strip().split("\r\n")
+            method, path, _ = request_line.split(" ")
+            pairs = (line.split(":", 1) for line in lines)
+            headers = {k: v.strip() for k, v in pairs if k.lower() not in HOP_HEADERS}
+            async with session.request(
+                method, upstream.url + path, headers=headers, data=ex.body
+            ) as r:
+                status, body = r.status, await r.read()
+            if method == "POST":
+                await ex.write(two_lengths(b"%d OK" % status, body))
+                ex.close()
+            else:
+                await ex.write(response(f"{status} OK", body, "Content-Type: application/json"))
+
+        async with RawServer(handle) as front:
+            proc = await asyncio.to_thread(
+                bulksend,
+                "send",
+                str(inp),
+                *target(front.url),
+                "--exactly-once",
+                "--reconcile-after",
+                "0.1",
+                "--out",
+                str(out),
+                "--quiet",
+            )
+            stored = await list_messages(session, upstream.url, topic="t")
+    assert proc.returncode == 0, proc.stderr
+    results = [r for r in read_jsonl(out) if r["status"] != "intent"]
+    assert sorted((r["seq"], r["status"], r.get("reconciled")) for r in results) == [
+        (i, "ok", True) for i in range(n)
+    ]
+    assert sorted(m["body"] for m in stored) == [f"m{i}" for i in range(n)]
+    assert sum(1 for *_, body in front.requests if body) == n  # each sent once
 
 
 async def test_aiohttp_a_2xx_whose_body_framing_breaks_is_final() -> None:
