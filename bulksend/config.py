@@ -15,6 +15,7 @@ import math
 import os
 import re
 import ssl
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -116,7 +117,11 @@ class Target:
     engine: str = "rocketmq"
 
     def __post_init__(self) -> None:
-        parts = urlsplit(self.endpoint)
+        try:
+            parts = urlsplit(self.endpoint)
+            parts.port  # noqa: B018  (parsed on first use: a bad port raises here, not mid-run)
+        except ValueError as exc:
+            raise ConfigError(f"--endpoint {self.endpoint!r} cannot be parsed: {exc}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"endpoint must be an http:// or https:// URL, got {self.endpoint!r}")
         if self.engine not in ENGINES:
@@ -125,6 +130,15 @@ class Target:
             raise ConfigError("a project id is needed: --project-id or HUAWEICLOUD_SDK_PROJECT_ID")
         if not self.instance_id:
             raise ConfigError("an instance id is needed: --instance-id")
+        # The project id is also the X-Project-Id header: a CR/LF would add headers of its
+        # own to every request. Ids the cloud issues are hex and dashes; the path quotes
+        # the rest. The value is not quoted back: it may be a paste of something else.
+        for name, value in (("project id", self.project_id), ("instance id", self.instance_id)):
+            if not _VISIBLE_ASCII.fullmatch(value):
+                raise ConfigError(
+                    f"the {name} holds a character no id has (a space, a control character"
+                    " or non-ASCII): check how it was set"
+                )
 
     @property
     def path(self) -> str:
@@ -293,6 +307,10 @@ class SendOptions:
     #: Seconds the target may stay unreachable mid-run (dispatch paused, probed with
     #: backoff) before the run stops, TargetUnreachable (see health.py).
     outage_timeout: float = 300.0
+    #: Wait out a target that stops answering (hold dispatch, probe, resume: health.py)
+    #: rather than charge each failure to its record. Off for a load: a dead target is
+    #: what it measures, each message failed when due.
+    ride_outages: bool = True
     #: Each record carries bulksend's key in KEYS, the ledger holds an intent before its
     #: first request, and an attempt whose answer was lost is checked with ListMessages
     #: before any re-send (see writeahead.py). Needs a ledger file (``Outputs.out``).
@@ -331,6 +349,30 @@ def parse_duration(text: str) -> float:
 COMMAND_TABLES = ("send", "load")
 
 
+#: A config file is a page of settings; anything this large is the wrong file.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_small_text(path: str, flag: str, limit: int) -> str:
+    """A small UTF-8 text file given by ``flag``, whole; ConfigError (one line) when it is
+    not a regular file (``/dev/zero`` or a FIFO would be read without end), is larger than
+    ``limit`` bytes, cannot be read, or is not UTF-8."""
+    try:
+        # Looked at before opening: opening a FIFO waits for a writer.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigError(f"{flag} {path} is not a regular file")
+        with Path(path).open("rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise ConfigError(f"{flag} {path} is larger than {limit:,} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{flag} {path} is not UTF-8 text (byte {exc.start:,})") from None
+
+
 def load_toml(path: str) -> dict[str, Any]:
     """A config file's keys, normalised to snake_case (``max-retries`` = ``max_retries``).
 
@@ -338,11 +380,9 @@ def load_toml(path: str) -> dict[str, Any]:
     that has the option; a ``[send]`` or ``[load]`` table's keys only to that subcommand,
     kept as a nested dict under its name. Any other table is an error.
     """
+    text = read_small_text(path, "--config", MAX_CONFIG_BYTES)
     try:
-        with Path(path).open("rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read --config {path}: {exc.strerror or exc}") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config {path} is not valid TOML: {exc}") from None
     if isinstance(data.get("bulksend"), dict):

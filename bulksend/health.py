@@ -186,6 +186,7 @@ class TargetHealth:
     ) -> None:
         self.policy = options.retry
         self.outage_timeout = options.outage_timeout
+        self.ride_outages = options.ride_outages
         self.streak = Streak(options.concurrency)
         #: Unreachable now (read before every attempt: a plain attribute).
         self.down = False
@@ -249,6 +250,10 @@ class TargetHealth:
             self.on_answer(probe)
             return Verdict.OWN
         self.quiet = False
+        if not self.ride_outages and (self._answered or failure.cause not in FAIL_FAST_CAUSES):
+            # Only a target refusing from the start (fail fast) stops such a run: past
+            # that, every failure is the message's own result.
+            return Verdict.OWN
         if self.stopping:
             return Verdict.OUTAGE
         if self.down:

@@ -31,18 +31,19 @@ that shared an id.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Final
 
 import orjson
 
 from bulksend.errors import InputOpenError, LedgerError
-from bulksend.identity import canonical_input, input_key
+from bulksend.identity import canonical_input, input_key, input_keys
 from bulksend.record import Item
 from bulksend.result import FAILED, INVALID, OK, SKIPPED, Result
 
@@ -113,6 +114,10 @@ class IdentitySet:
             page[at] |= bit
             self._count += 1
 
+    def has_input(self, key: str) -> bool:
+        """Whether any identity of the input ``key`` (``input_key``) is in the set."""
+        return key in self._pages or any(x.startswith(f"{key}:") for x in self._other)
+
     def __contains__(self, identity: object) -> bool:
         # The path every record of a resumed run takes: as few calls as the checks allow.
         if type(identity) is not str:
@@ -143,6 +148,8 @@ class LedgerState:
     legacy: int = 0
     #: Bytes of a torn last line (ignored, and cut off when ``repair``).
     torn_bytes: int = 0
+    #: The run lines, in order (one per run: a few).
+    runs: list[dict[str, Any]] = field(default_factory=list)
 
     def done(self, item: Item) -> bool:
         """Whether ``item`` already has an ok line (False for an item with no identity)."""
@@ -198,6 +205,12 @@ def read_ledger(path: str, *, repair: bool = True) -> LedgerState:
                 break
             good_end = offset
             state.lines += 1
+            if line.startswith(RUN_LINE_START):
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    run = orjson.loads(line)
+                    if isinstance(run, dict):
+                        state.runs.append(run)
+                continue
             # Most lines need a look only when they may be ok or an intent; once an intent
             # waits for its outcome, every line may be that outcome.
             if not intents and b'"ok"' not in line and b'"intent"' not in line:
@@ -479,9 +492,21 @@ def _stored_fingerprints(out: str) -> dict[str, str] | None:
     return {canonical_input(k): v for k, v in stored.items() if isinstance(v, str)}
 
 
-def check_inputs(out: str, inputs: Sequence[str], *, force: bool) -> None:
-    """Before a resume: refuse (LedgerError) an input that is not a regular file, and one
-    that changed since the ledger began (unless ``force``)."""
+def check_inputs(
+    out: str, inputs: Sequence[str], *, force: bool, state: LedgerState | None = None
+) -> None:
+    """Before a resume: refuse (LedgerError) an input that is not a regular file; and,
+    unless ``force``, anything that would make line numbers name the wrong records:
+
+    * an input that changed since the ledger began (its fingerprint: the sidecar's, else
+      the latest run line's, so a ledger moved without its sidecar is still checked);
+    * with ``state`` (the ledger read back): an input the ledger holds ok records of but
+      no fingerprint of (a ledger copied without its sidecar, from before run lines held
+      them): nothing shows it is the file those records came from;
+    * an input the ledger holds nothing of, whose fingerprint is that of another path the
+      ledger holds ok records of: the same file moved (identities go by path, so every
+      record would be sent again).
+    """
     for path in inputs:
         kind = _not_regular(path)
         if kind is not None:
@@ -490,34 +515,84 @@ def check_inputs(out: str, inputs: Sequence[str], *, force: bool) -> None:
                 f"nothing shows it holds the records {out} was written from; save it to a file "
                 "and send that file"
             )
-    stored = _stored_fingerprints(out)
-    if not stored:
+    if force:
         return
-    for path in inputs:
-        before = stored.get(canonical_input(path))
-        if before is None:
+    known = _run_fingerprints(state.runs if state is not None else ())
+    known.update(_stored_fingerprints(out) or {})
+    given = {canonical_input(p) for p in inputs}
+    for path, key in zip(inputs, input_keys(inputs), strict=True):
+        before = known.get(canonical_input(path))
+        if before is not None:
+            now = fingerprint(path)
+            if now != before:
+                raise LedgerError(
+                    f"input {path} changed since {out} was written (fingerprint {before[:16]}… is now "
+                    f"{now[:16]}…): resuming would skip or resend the wrong records; use --force to resume anyway"
+                )
             continue
-        now = fingerprint(path)
-        if now != before and not force:
+        if state is None:
+            continue
+        done = state.done_identities
+        if done.has_input(key):
             raise LedgerError(
-                f"input {path} changed since {out} was written (fingerprint {before[:16]}… is now "
-                f"{now[:16]}…): resuming would skip or resend the wrong records; use --force to resume anyway"
+                f"{out} holds records of {path} but no fingerprint of it (was"
+                f" {fingerprints_path(out)} moved away?): nothing shows the file is the one"
+                " they came from, and a resume goes by line numbers; use --force to resume"
+                " anyway"
             )
+        now = fingerprint(path)
+        for other, print_ in known.items():
+            if print_ == now and other not in given and done.has_input(input_key(other)):
+                raise LedgerError(
+                    f"{path} holds what {other} held when {out} was written, and records are"
+                    f" known by their file's path: resuming with {path} would send every one"
+                    f" again. Give {other} as the input (move the file back), or --force to"
+                    " send them again"
+                )
 
 
-def write_fingerprints(out: str, inputs: Sequence[str]) -> None:
+def check_target(out: str, settings: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> None:
+    """Before a resume (without --force): refuse a target (endpoint, project, instance,
+    engine) other than the one the ledger's latest run sent to: the backfill would be split
+    between the two without a word. ``--embedded`` runs name no target to compare."""
+    now = settings.get("target")
+    last = runs[-1].get("settings") if runs else None
+    before = last.get("target") if isinstance(last, Mapping) else None
+    if not isinstance(now, str) or not isinstance(before, str) or "embedded" in (now, before):
+        return
+    if now != before:
+        raise LedgerError(
+            f"{out} was sent to {before}; this run sends to {now}: resume with the same"
+            " target, or --force to send the rest there"
+        )
+
+
+def _run_fingerprints(runs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The inputs' fingerprints the run lines hold, by canonical path: the latest wins."""
+    known: dict[str, str] = {}
+    for run in runs:
+        prints = run.get("fingerprints")
+        if isinstance(prints, dict):
+            known.update({k: v for k, v in prints.items() if isinstance(v, str)})
+    return known
+
+
+def write_fingerprints(out: str, inputs: Sequence[str]) -> dict[str, str]:
     """Record the fingerprint of each regular-file input beside the ledger, keyed by its
     canonical path (kept for inputs not in this run). Pipes, FIFOs, devices and stdin are
     left out, never opened here; nothing is written when ``out`` itself is not a regular
-    file (``/dev/stdout``, a FIFO: no sidecar beside a device)."""
+    file (``/dev/stdout``, a FIFO: no sidecar beside a device). Returns this run's inputs'
+    fingerprints, which its run line holds too: a ledger moved without its sidecar still
+    carries them."""
+    mine = {canonical_input(p): fingerprint(p) for p in inputs if _not_regular(p) is None}
     if out == "-" or _not_regular(out) is not None:
-        return
+        return mine
     path = fingerprints_path(out)
     try:
         stored = _stored_fingerprints(out) or {}
     except LedgerError:
         stored = {}
-    stored.update({canonical_input(p): fingerprint(p) for p in inputs if _not_regular(p) is None})
+    stored.update(mine)
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as fh:
@@ -525,3 +600,4 @@ def write_fingerprints(out: str, inputs: Sequence[str]) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         raise LedgerError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return mine

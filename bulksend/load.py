@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -51,8 +51,9 @@ _PREDICTION_SLACK_MS = 2
 
 def default_options() -> SendOptions:
     """A load's sender: 256 in flight, no retries (a retry would hold a worker and blur
-    the latency of the schedule being measured)."""
-    return SendOptions(concurrency=256, retry=RetryPolicy(max_retries=0))
+    the latency of the schedule being measured), and a target that stops answering is
+    measured, not waited out (``ride_outages``)."""
+    return SendOptions(concurrency=256, retry=RetryPolicy(max_retries=0), ride_outages=False)
 
 
 @dataclass(frozen=True)
@@ -258,9 +259,29 @@ class Pace:
     pool_full: int = 0
     max_lag_s: float = 0.0
 
+    @classmethod
+    def busiest(cls, paces: Sequence[Pace]) -> Pace:
+        """The shards' paces of a distributed load as one: the CPU share of the busiest
+        shard (one that cannot keep up holds its share of the schedule back, whatever the
+        others do), the pool's samples added up, the longest lag."""
+        shares = [p.cpu_s / p.wall_s for p in paces if p.wall_s > 0]
+        return cls(
+            cpu_s=max(shares, default=0.0),
+            wall_s=1.0 if shares else 0.0,
+            samples=sum(p.samples for p in paces),
+            pool_full=sum(p.pool_full for p in paces),
+            max_lag_s=max((p.max_lag_s for p in paces), default=0.0),
+        )
+
 
 def behind_schedule(
-    snapshot: dict[str, Any], pace: Pace, *, max_in_flight: int, embedded: bool = False
+    snapshot: dict[str, Any],
+    pace: Pace,
+    *,
+    max_in_flight: int,
+    embedded: bool = False,
+    shards: int = 1,
+    lost: int = 0,
 ) -> str | None:
     """A line saying that the sends fell behind the schedule and what held them back, or
     None while at most ``BEHIND_LATE_SHARE`` of them went late.
@@ -272,6 +293,9 @@ def behind_schedule(
     with every request in flight (``--max-in-flight``) busy met a target too slow for the
     rate; neither means something else held its event loop up (another process, say).
     ``embedded``: the built-in server ran in the process too, and its CPU counts.
+    ``shards``: a distributed load (``pace`` is ``Pace.busiest`` of its shards); ``lost``:
+    how many of its shards ran again after their worker was lost, which sends the
+    messages due meanwhile late whatever else was the case.
     """
     total, late = snapshot["total"], snapshot["late"]
     if not total or late <= BEHIND_LATE_SHARE * total:
@@ -283,7 +307,18 @@ def behind_schedule(
     )
     cpu = pace.cpu_s / pace.wall_s if pace.wall_s > 0 else 0.0
     full = pace.pool_full / pace.samples if pace.samples else 0.0
-    if cpu >= BUSY_CPU_SHARE:
+    if lost:
+        cause = (
+            f"a worker was lost mid-run: {lost:,} shard(s) ran again from where they stopped,"
+            " and the messages due meanwhile went late"
+        )
+    elif cpu >= BUSY_CPU_SHARE and shards > 1:
+        cause = (
+            f"the busiest shard was the bottleneck: it used {100 * cpu:.0f} % of a CPU core,"
+            " and the latency from the intended time includes its own lag; lower --rate, or"
+            " add workers"
+        )
+    elif cpu >= BUSY_CPU_SHARE:
         who = "the client and its --embedded server were" if embedded else "the client was"
         cause = (
             f"{who} the bottleneck: it used {100 * cpu:.0f} % of a CPU core, and the latency"
@@ -335,7 +370,7 @@ class _LoadHooks(Hooks):
         return [self.live.add] if self.live is not None else []
 
     def tickers(self, live: Live) -> list[Ticker]:
-        watch = [lambda: _watch(live, self.pace)]
+        watch = [lambda: watch_pace(live, self.pace)]
         if self.live is None:
             return watch
         # The run opened the --timeseries file before the first send; the series writes it.
@@ -380,19 +415,23 @@ class _LoadHooks(Hooks):
             else ""
         )
         lines += [f"threshold {verdict.line()}{note}" for verdict in outcome.verdicts]
-        behind = behind_schedule(
+        behind = self.behind(snapshot)
+        if behind is not None:
+            lines.append(behind)
+        return lines
+
+    def behind(self, snapshot: dict[str, Any]) -> str | None:
+        return behind_schedule(
             snapshot,
             self.pace,
             max_in_flight=self.job.options.concurrency,
             embedded=self.job.target is None,
         )
-        if behind is not None:
-            lines.append(behind)
-        return lines
 
 
-async def _watch(run_: Live, pace: Pace) -> None:
-    """Every TICK_S, how the generator fares (``Pace``); its CPU over the whole send."""
+async def watch_pace(run_: Live, pace: Pace) -> None:
+    """Every TICK_S, how the generator fares (``Pace``); its CPU over the whole send (the
+    process's: in a Dask worker of several threads, its other shards' too)."""
     cpu0, start = time.process_time(), time.monotonic()
     last = start
     sender, limit = run_.sender, run_.plan.options.concurrency

@@ -9,7 +9,9 @@ Beside ``--out`` a distributed run keeps ``OUT.parts/``::
     MERGING                    only while the driver merges (see below)
 
 **Merging** appends every ledger part to ``--out`` with ``"shard": i`` added to each line
-(the parts' run lines left out), then removes the directory. The lines are not parsed: orjson never writes a raw newline
+(the parts' run lines left out), then removes the directory. An ``--exactly-once`` run's
+intent lines are kept, each before its record's result as in a part, so the merged ledger
+is what one process writes: a later ``--resume`` reconciles the intents it left open. The lines are not parsed: orjson never writes a raw newline
 inside a line, so ``}\\n`` occurs only at a line's end, and one ``bytes.replace`` per 1 MiB
 chunk tags every line in it (C speed; parsing is only done to feed an ``--html`` report).
 

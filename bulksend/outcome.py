@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -84,20 +85,53 @@ def _broken(result: Result, resp: Response) -> None:
     result.error_msg = f"{broken} (after HTTP {resp.status})"
 
 
-#: An SDK-HMAC-SHA256 signature as it appears in an Authorization header.
-_SIGNATURE = re.compile(r"(signature\s*=\s*)[^\s,;\"']+", re.IGNORECASE)
+#: An SDK-HMAC-SHA256 signature as it appears in an Authorization header, also
+#: URL-encoded (``Signature%3D<hex>``, as a gateway's error page may dump the request).
+_SIGNATURE = re.compile(r"(signature\s*(?:=|%3d)\s*)(?:%20)?[^\s,;\"'%&]+", re.IGNORECASE)
+
+
+def _forms(secrets: tuple[str, ...]) -> tuple[tuple[tuple[str, ...], re.Pattern[str]], ...]:
+    """Each secret's spellings to look for (as is, and URL-encoded; lower-cased, for a
+    test on lower-cased text) and one case-blind pattern that replaces any of them.
+    Kept for the last set of secrets seen (a run has one, or one per credential renewal):
+    one reference, swapped whole, so threads running shards never pair one set's secrets
+    with another's spellings. An lru_cache lookup cost more than the rest of the scrub."""
+    global _last_forms
+    last = _last_forms
+    if last[0] is secrets:
+        return last[1]
+    forms = []
+    for secret in secrets:
+        spellings = sorted({secret, quote(secret, safe="")}, key=len, reverse=True)
+        pattern = re.compile("|".join(map(re.escape, spellings)), re.IGNORECASE)
+        forms.append((tuple(x.lower() for x in spellings), pattern))
+    _last_forms = (secrets, tuple(forms))
+    return _last_forms[1]
+
+
+_last_forms: tuple[tuple[str, ...] | None, tuple[tuple[tuple[str, ...], re.Pattern[str]], ...]] = (
+    None,
+    (),
+)
 
 
 def scrub(text: str, secrets: tuple[str, ...]) -> str:
-    """Never let a secret (or a request's signature) the server echoes back reach a result.
+    """Never let a secret (or a request's signature) the server echoes back reach a result:
+    as is, lower- or upper-cased (a proxy may fold a header dump), or URL-encoded.
 
-    Cheap when there is nothing to scrub, as for nearly every answer: a substring test per
-    secret, and the regular expression only where an ``=`` could introduce a signature.
+    Cheap when there is nothing to scrub, as for nearly every answer (~0.4 µs for a
+    request id and two secrets): one ``lower()`` of the text and a substring test per
+    spelling, and the regular expression only where an ``=`` (or its ``%3D``) could
+    introduce a signature.
     """
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, "***")
-    if "=" in text:
+    low = text.lower()
+    for spellings, pattern in _forms(secrets):
+        for spelling in spellings:
+            if spelling in low:
+                text = pattern.sub("***", text)
+                low = text.lower()
+                break
+    if "=" in text or "%3d" in low:
         text = _SIGNATURE.sub(r"\1***", text)
     return text
 

@@ -8,19 +8,33 @@ once, and the driver works on a local copy. Beside the ledger object ``OUT``::
     OUT.inputs.json            the inputs' fingerprints, as beside a local ledger
     OUT.parts/run-<ms>-<hex>/  one generation: the parts of one driver's run
         run.jsonl              that driver's run line (its settings name the generation)
-        shard-0003-of-0004/seg-000017.jsonl   shard 3's ledger part, its 18th segment
-        failed-0003-of-0004/seg-000002.jsonl  shard 3's --failed part
+        shard-0003-of-0004/    shard 3's ledger part, per attempt of the shard:
+            attempt-<ms>-<hex>/base.json         the segments it resumed from
+            attempt-<ms>-<hex>/seg-000017.jsonl  its 18th segment
+        failed-0003-of-0004/attempt-<ms>-<hex>/seg-000002.jsonl  its --failed part
         MERGING                --failed's size before the merge (see below)
 
 **A shard** (``ShardSegments``) writes its part in a temporary directory of its worker,
 as it would beside a local ``--out``; an uploader sends the whole lines written since
 its last upload as the next segment every ``interval_s`` (``--segment-interval``, 5 s)
 and once more when the shard ends (drained or not). A shard that runs again (its worker
-was lost) downloads its segments, in order, into a new local part and resumes from it as
-usual. So a lost worker costs the records whose lines were not uploaded yet: at most one
-interval (plus one upload's duration) of the shard's sends, plus its requests in flight.
-Segments are created with ``If-None-Match: *``: an earlier attempt of the shard that is
-still running cannot overwrite one.
+was lost) downloads the segments of its earlier attempts into a new local part and
+resumes from it as usual. So a lost worker costs the records whose lines were not
+uploaded yet: at most one interval (plus one upload's duration) of the shard's sends,
+plus its requests in flight.
+
+**Each attempt of a shard writes under its own prefix.** Dask may declare a worker lost
+while its process still runs (a network partition, a long GC pause, SIGSTOP): the shard
+runs again elsewhere while the first attempt, when it wakes, uploads what it did since
+(its requests in flight, one interval's lines). With one shared sequence of segment
+names, that upload and the new attempt's would collide (a conditional write refused, the
+run stopped) or one would be lost. Instead no two attempts ever write the same object,
+each says in ``base.json`` which segments it resumed from, and whoever reads the shard
+(a later attempt, the driver) takes the attempts in order and keeps one line per record
+(``Attempts``): the lost attempt's late lines count, nothing is sent a third time. This
+was chosen over "on a refused write, fetch the other segment and fold it in" because
+that needs both attempts to agree on who folds what while both still write, and a
+reader must still drop the records both did; here only readers decide, once.
 
 **The driver** (``RemoteLedger``) takes the lock, downloads ``OUT`` (``--resume``),
 merges the shards' segments into its copy as ``merge.py`` merges local parts, uploads the
@@ -60,9 +74,10 @@ import orjson
 
 from bulksend.errors import ConfigError, LedgerError, SinkError
 from bulksend.ledger import RUN_LINE_START, fingerprints_path
-from bulksend.merge import Parts, merge_parts
-from bulksend.result import Result
+from bulksend.merge import RESULT_STATUSES, Parts, merge_parts
+from bulksend.result import OK, Result
 from bulksend.run import End, Hooks, Live, Ticker
+from bulksend.stats import Stats
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -78,6 +93,9 @@ SEGMENT_INTERVAL_S = 5.0
 FETCH_BATCH = 32
 _SEGMENT = re.compile(r"^seg-(\d{6,})\.jsonl$")
 _GENERATION = re.compile(r"^run-\d{13}-[0-9a-f]{6}$")
+_ATTEMPT = re.compile(r"^attempt-\d{13}-[0-9a-f]{6}$")
+#: An attempt's first object: the segments of earlier attempts it resumed from.
+BASE = "base.json"
 
 
 def is_url(path: str | None) -> bool:
@@ -186,7 +204,7 @@ class Store:
 
 
 class _Uploader:
-    """One local line file and its segments under ``prefix``."""
+    """One local line file and its segments under ``prefix`` (this attempt's)."""
 
     def __init__(self, store: Store, prefix: str, local: str) -> None:
         self.store, self.prefix, self.local = store, prefix, local
@@ -194,19 +212,10 @@ class _Uploader:
         self.next = 0
         self.uploaded = 0
 
-    def download(self) -> int:
-        """The segments an earlier attempt uploaded, in order, into ``local``; bytes."""
-        segments = sorted(
-            (int(m.group(1)), name)
-            for name in self.store.names(self.prefix)
-            if (m := _SEGMENT.match(name)) is not None
-        )
-        with open(self.local, "wb") as fh:
-            for data in self.store.get_many([f"{self.prefix}/{name}" for _, name in segments]):
-                fh.write(data)
-        self.next = segments[-1][0] + 1 if segments else 0
-        self.uploaded = os.path.getsize(self.local)
-        return self.uploaded
+    def start_after(self) -> None:
+        """The local file holds what earlier attempts uploaded: only what is written
+        after it is this attempt's to upload."""
+        self.uploaded = _size(self.local)
 
     def upload(self) -> None:
         """The whole lines written since the last upload, as the next segment."""
@@ -223,20 +232,18 @@ class _Uploader:
         if not whole:
             return
         path = f"{self.prefix}/seg-{self.next:06d}.jsonl"
-        try:
+        # Only this attempt writes under its prefix: a segment that exists is one a
+        # failed try of this very upload created (its answer lost); it holds these
+        # bytes, since the local file only grows.
+        with contextlib.suppress(FileExistsError):
             self.store.put(path, whole, IfNoneMatch="*")
-        except FileExistsError:
-            raise LedgerError(
-                f"{self.store.fs.unstrip_protocol(path)} exists: another attempt of this"
-                " shard is writing its part"
-            ) from None
         self.next += 1
         self.uploaded += len(whole)
 
 
 class ShardSegments:
     """One shard's ledger part (and failed part) in a local temporary directory, uploaded
-    as segments under ``ledger_url`` (and ``failed_url``)."""
+    as segments of this attempt under ``ledger_url`` (and ``failed_url``)."""
 
     def __init__(
         self,
@@ -247,17 +254,38 @@ class ShardSegments:
     ) -> None:
         self.store = Store(ledger_url)
         self.interval_s = interval_s
+        self.attempt = new_attempt()
         self.directory = tempfile.mkdtemp(prefix="bulksend-shard-")
         self.part = os.path.join(self.directory, names[0])
         self.failed_part = os.path.join(self.directory, names[1]) if names[1] else None
-        self.uploaders = [_Uploader(self.store, self.store.root, self.part)]
+        self.ledger = _Uploader(self.store, f"{self.store.root}/{self.attempt}", self.part)
+        self.uploaders = [self.ledger]
         if failed_url is not None and self.failed_part is not None:
-            self.uploaders.append(_Uploader(self.store, Store(failed_url).root, self.failed_part))
+            failed_root = f"{Store(failed_url).root}/{self.attempt}"
+            self.uploaders.append(_Uploader(self.store, failed_root, self.failed_part))
+        #: The segments of earlier attempts this one resumed from; None once uploaded.
+        self._seen: dict[str, int] | None = {}
 
     def download(self) -> None:
-        """What earlier attempts of this shard uploaded, into the local parts."""
-        for uploader in self.uploaders:
-            uploader.download()
+        """What earlier attempts of this shard uploaded, each record once, into the local
+        ledger part (its failed records are in their attempts' failed segments already);
+        then this attempt's ``base.json``, which says what it resumed from."""
+        attempts = Attempts.read(self.store, self.store.root)
+        with open(self.part, "wb") as fh:
+            for block in attempts.ledger_blocks():
+                fh.write(block)
+        self.ledger.start_after()
+        self._seen = attempts.counts()
+        self._announce()
+
+    def _announce(self) -> None:
+        """Write this attempt's ``base.json`` before its first segment."""
+        if self._seen is None:
+            return
+        base = f"{self.ledger.prefix}/{BASE}"
+        with contextlib.suppress(FileExistsError):  # a try whose answer was lost
+            self.store.put(base, orjson.dumps(self._seen), IfNoneMatch="*")
+        self._seen = None
 
     def previous(self, url: str) -> str:
         """A local copy of the merged ledger ``url`` of earlier runs (empty if none)."""
@@ -271,6 +299,7 @@ class ShardSegments:
 
     def upload(self) -> None:
         """Every whole line not uploaded yet (the shard's end: every line is whole)."""
+        self._announce()
         for uploader in self.uploaders:
             uploader.upload()
 
@@ -280,15 +309,213 @@ class ShardSegments:
         sends); the shard's last upload, after the sends, raises what still fails."""
         while True:
             await anyio.sleep(self.interval_s)
-            for uploader in self.uploaders:
-                with contextlib.suppress(LedgerError, SinkError):
-                    await anyio.to_thread.run_sync(uploader.upload)
+            with contextlib.suppress(LedgerError, SinkError):
+                await anyio.to_thread.run_sync(self.upload)
 
     def hooks(self, inner: Hooks) -> Hooks:
         return _UploadingHooks(inner, self.run)
 
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def new_attempt() -> str:
+    """An attempt's name: sorts by its start (the worker's clock), unique."""
+    return f"attempt-{time.time_ns() // 1_000_000:013d}-{secrets.token_hex(3)}"
+
+
+class Attempts:
+    """Every attempt of one shard in one generation: what each uploaded, and what each
+    resumed from. Read by a shard run again (to resume) and by the driver (to merge or to
+    count), so that both see each record once.
+
+    Subtleness ahead! Which lines can name a record twice: attempt Y skips every record
+    of the segments it downloaded (its ``base.json`` counts them per earlier attempt), so
+    a record is done twice only when an earlier attempt X uploaded it in a segment Y did
+    not see: *late* segments, uploaded by a lost worker still running (a partition, a GC
+    pause, SIGSTOP) after Y listed. Those are at most what X had in flight plus one
+    upload interval, so they are held in memory, and only when there are any are the
+    lines of the attempts after X parsed (to find their records among them); every other
+    segment is copied as it is, as fast as without attempts."""
+
+    def __init__(
+        self,
+        store: Store,
+        prefix: str,
+        segments: dict[str, list[int]],
+        seen: dict[str, dict[str, int]],
+    ) -> None:
+        self.store, self.prefix = store, prefix
+        #: Each attempt's segment numbers, and what it resumed from (per earlier attempt,
+        #: the number of its segments it downloaded).
+        self.segments, self.seen = segments, seen
+        self.order = _in_order(seen)
+        #: Records two attempts finished (filled by ``ledger_blocks``): their source, and
+        #: whether the line kept is not ok (so one --failed line of it is kept too).
+        self.contested: dict[str, bool] = {}
+
+    @classmethod
+    def read(cls, store: Store, prefix: str) -> Attempts:
+        segments: dict[str, list[int]] = {}
+        seen: dict[str, dict[str, int]] = {}
+        for name in store.names(prefix):
+            if _SEGMENT.match(name):
+                where = store.fs.unstrip_protocol(f"{prefix}/{name}")
+                raise LedgerError(
+                    f"{where}: a segment of a bulksend from before attempts (they are read"
+                    " from attempt-*/ only): finish that run with that version"
+                )
+            if not _ATTEMPT.match(name):
+                continue
+            listed = store.names(f"{prefix}/{name}")
+            segments[name] = sorted(
+                int(m.group(1)) for n in listed if (m := _SEGMENT.match(n)) is not None
+            )
+            seen[name] = _base(store, f"{prefix}/{name}/{BASE}") if BASE in listed else {}
+        return cls(store, prefix, segments, seen)
+
+    def counts(self) -> dict[str, int]:
+        """Per attempt, the number of segments read (a later attempt's ``base.json``)."""
+        return {a: segs[-1] + 1 for a, segs in self.segments.items() if segs}
+
+    def _late(self, attempt: str, number: int) -> bool:
+        later = self.order[self.order.index(attempt) + 1 :]
+        return any(self.seen[y].get(attempt, 0) <= number for y in later)
+
+    def _segments(self, late: bool | None = None) -> list[tuple[int, str]]:
+        """(the attempt's place in ``order``, the segment's path), in order; only the
+        late ones, or only the others."""
+        return [
+            (i, f"{self.prefix}/{a}/seg-{n:06d}.jsonl")
+            for i, a in enumerate(self.order)
+            for n in self.segments.get(a, ())
+            if late is None or self._late(a, n) == late
+        ]
+
+    def ledger_blocks(self) -> Iterator[bytes]:
+        """The shard's ledger lines, each record once (an ok line over any other, else
+        the first), ``FETCH_BATCH`` segments at a time."""
+        late = self._segments(late=True)
+        if not late:
+            yield from self.store.get_many([path for _, path in self._segments()])
+            return
+        held: dict[object, _Line] = {}
+        for path, data in self._fetch([path for _, path in late]):
+            passed = []
+            for lineno, raw in enumerate(data.splitlines(keepends=True), 1):
+                line = _Line.parse(raw, path, lineno)
+                if line.key is None:
+                    passed.append(raw)  # a run line: not a record's
+                elif line.key in held:
+                    held[line.key] = self._contest(held[line.key], line)
+                else:
+                    held[line.key] = line
+            yield b"".join(passed)
+        # The records of late lines were done again only by attempts after the one that
+        # uploaded them: the lines of that attempt and of earlier ones (hours of a long
+        # run, often) go as they are; only the later attempts' lines are parsed.
+        first = late[0][0]
+        rest = self._segments(late=False)
+        yield from self.store.get_many([path for i, path in rest if i <= first])
+        for path, data in self._fetch([path for i, path in rest if i > first]):
+            kept = []
+            for lineno, raw in enumerate(data.splitlines(keepends=True), 1):
+                line = _Line.parse(raw, path, lineno)
+                if line.key is not None and line.key in held:
+                    held[line.key] = self._contest(held[line.key], line)
+                else:
+                    kept.append(raw)
+            yield b"".join(kept)
+        yield b"".join(line.raw for line in held.values())
+
+    def _fetch(self, paths: list[str]) -> Iterator[tuple[str, bytes]]:
+        """Each segment's URL (for an error) and its contents."""
+        urls = (self.store.fs.unstrip_protocol(p) for p in paths)
+        return zip(urls, self.store.get_many(paths), strict=True)
+
+    def _contest(self, first: _Line, then: _Line) -> _Line:
+        kept = then if then.ok and not first.ok else first
+        if kept.source is not None:  # a --failed line is found by its source
+            self.contested[kept.source] = not kept.ok
+        return kept
+
+    def failed_blocks(self, root: str) -> Iterator[bytes]:
+        """The shard's --failed lines (segments under ``root``, in the same attempts),
+        one per record whose kept ledger line is not ok. After ``ledger_blocks``."""
+        names = [n for n in self.store.names(root) if _ATTEMPT.match(n)]
+        order = [a for a in self.order if a in names] + sorted(set(names) - set(self.order))
+        paths = []
+        for a in order:
+            listed = self.store.names(f"{root}/{a}")
+            numbers = sorted(int(m.group(1)) for n in listed if (m := _SEGMENT.match(n)))
+            paths += [f"{root}/{a}/seg-{n:06d}.jsonl" for n in numbers]
+        if not self.contested:
+            yield from self.store.get_many(paths)
+            return
+        wanted = dict(self.contested)
+        for data in self.store.get_many(paths):
+            kept = []
+            for raw in data.splitlines(keepends=True):
+                source = _failed_source(raw)
+                if source not in wanted:
+                    kept.append(raw)
+                elif wanted[source]:
+                    kept.append(raw)
+                    wanted[source] = False  # one line of it
+            yield b"".join(kept)
+
+
+class _Line:
+    """A ledger line, parsed: its record (identity, else seq; None for a run line)."""
+
+    __slots__ = ("key", "ok", "raw", "source")
+
+    def __init__(self, raw: bytes, key: object, ok: bool, source: str | None) -> None:
+        self.raw, self.key, self.ok, self.source = raw, key, ok, source
+
+    @classmethod
+    def parse(cls, raw: bytes, where: str, lineno: int) -> _Line:
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict):
+            raise LedgerError(f"{where}:{lineno}: not a results line")
+        if obj.get("status") not in RESULT_STATUSES:
+            return cls(raw, None, False, None)
+        key = obj.get("identity") or ("seq", obj.get("seq"))
+        source = obj.get("source")
+        return cls(raw, key, obj.get("status") == OK, source if isinstance(source, str) else None)
+
+
+def _failed_source(raw: bytes) -> str | None:
+    with contextlib.suppress(orjson.JSONDecodeError):
+        obj = orjson.loads(raw)
+        if isinstance(obj, dict) and isinstance(obj.get("_source"), str):
+            return str(obj["_source"])
+    return None
+
+
+def _base(store: Store, path: str) -> dict[str, int]:
+    try:
+        found = orjson.loads(store.get(path))
+    except orjson.JSONDecodeError:
+        raise LedgerError(f"{store.fs.unstrip_protocol(path)}: not an attempt's base") from None
+    if not isinstance(found, dict):
+        raise LedgerError(f"{store.fs.unstrip_protocol(path)}: not an attempt's base")
+    return {str(k): int(v) for k, v in found.items() if isinstance(v, int)}
+
+
+def _in_order(seen: dict[str, dict[str, int]]) -> list[str]:
+    """The attempts, each after those it resumed from, else by name (its start): an
+    attempt on a worker whose clock is behind still comes after what it read."""
+    left = sorted(seen)
+    order = []
+    while left:
+        ready = [a for a in left if not any(b in left for b in seen[a] if b != a)]
+        order.append((ready or left)[0])  # a cycle cannot be written: see Attempts
+        left.remove(order[-1])
+    return order
 
 
 class _UploadingHooks(Hooks):
@@ -479,8 +706,9 @@ class RemoteLedger:
         self._publish([self.generation], base)
 
     def _merge(self, gen: str, *, on_result: OnResult = None, run_line: bool = True) -> int:
-        """Download generation ``gen``'s segments as parts, append them (after its run
-        line, when the local ledger does not have it yet) to the local copies."""
+        """Download generation ``gen``'s segments as parts (each record once, whatever
+        attempts its shard took), append them (after its run line, when the local ledger
+        does not have it yet) to the local copies."""
         prefix = f"{self.parts_root}/{gen}"
         names = self.store.names(prefix)
         if "run.jsonl" not in names:
@@ -488,21 +716,44 @@ class RemoteLedger:
         self.parts.remove()
         self.parts.create()
         for name in names:
-            if not name.startswith(("shard-", "failed-")):
+            if not name.startswith("shard-"):
                 continue
-            segments = sorted(
-                (int(m.group(1)), seg)
-                for seg in self.store.names(f"{prefix}/{name}")
-                if (m := _SEGMENT.match(seg)) is not None
-            )
-            with open(os.path.join(self.parts.directory, f"{name}.jsonl"), "wb") as fh:
-                for data in self.store.get_many([f"{prefix}/{name}/{seg}" for _, seg in segments]):
-                    fh.write(data)
+            attempts = Attempts.read(self.store, f"{prefix}/{name}")
+            _write(os.path.join(self.parts.directory, f"{name}.jsonl"), attempts.ledger_blocks())
+            failed = "failed-" + name.removeprefix("shard-")
+            if failed in names:
+                local = os.path.join(self.parts.directory, f"{failed}.jsonl")
+                _write(local, attempts.failed_blocks(f"{prefix}/{failed}"))
         if run_line:
             with open(self.ledger, "ab") as fh:
                 fh.write(self.store.get(f"{prefix}/run.jsonl"))
         merged = merge_parts(self.parts, out=self.ledger, failed=self.failed, on_result=on_result)
         return sum(merged.lines.values())
+
+    def results(self) -> Iterator[Result]:
+        """Every result this run's shards uploaded so far, each record once, read
+        ``FETCH_BATCH`` segments at a time: an abandoned run's summary counts what a
+        ``--resume`` will find done, as ``merge.part_results`` does for local parts."""
+        prefix = f"{self.parts_root}/{self.generation}"
+        for name in self.store.names(prefix):
+            if not name.startswith("shard-"):
+                continue
+            for block in Attempts.read(self.store, f"{prefix}/{name}").ledger_blocks():
+                for raw in block.splitlines():
+                    try:
+                        obj = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        obj = None
+                    if not isinstance(obj, dict):
+                        where = self.store.fs.unstrip_protocol(f"{prefix}/{name}")
+                        raise LedgerError(f"{where}: holds a line that is not a results line")
+                    if obj.get("status") in RESULT_STATUSES:
+                        yield Result.from_dict(obj)
+
+    def count(self, stats: Stats) -> None:
+        """Add every result of ``results`` to ``stats`` (in a thread: it downloads)."""
+        for result in self.results():
+            stats.add(result)
 
     def _publish(self, gens: list[str], failed_base: int) -> None:
         """Upload the local copies whole (--failed first, the ledger last: the ledger
@@ -561,6 +812,12 @@ def _generations_named(ledger: str) -> set[str]:
                 if isinstance(settings, dict) and isinstance(settings.get("parts"), str):
                     named.add(settings["parts"])
     return named
+
+
+def _write(path: str, blocks: Iterator[bytes]) -> None:
+    with open(path, "wb") as fh:
+        for block in blocks:
+            fh.write(block)
 
 
 def _lines(path: str) -> Iterator[bytes]:

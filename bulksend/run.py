@@ -38,7 +38,13 @@ from bulksend.errors import BulksendError, ConfigError, LedgerError, SinkError
 from bulksend.health import TargetHealth
 from bulksend.html import RunReport, render_html
 from bulksend.interrupts import Interrupts
-from bulksend.ledger import RUN_LINE_START, check_inputs, read_ledger, write_fingerprints
+from bulksend.ledger import (
+    RUN_LINE_START,
+    check_inputs,
+    check_target,
+    read_ledger,
+    write_fingerprints,
+)
 from bulksend.merge import SHARD_GRACE_S, settle_parts
 from bulksend.pacer import Pacer
 from bulksend.record import Item
@@ -151,6 +157,11 @@ class Plan:
     #: Renews temporary credentials (ECS metadata) during the run: run beside the Sender,
     #: each renewal handed to ``Sender.set_credentials``.
     refresher: CredentialRefresher | None = field(default=None, compare=False)
+    #: --exactly-once in a shard of a distributed run: the salt of the run's merged ledger
+    #: (None: this ledger's own), so keys match across parts and resumes, and what the
+    #: driver's check of that ledger's crashed intents found stored (identity -> outcome).
+    key_salt: str | None = None
+    settled: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @property
     def title(self) -> str:
@@ -364,7 +375,14 @@ def _write_ahead(
         return contextlib.nullcontext(None)
     assert sinks.ledger is not None and sinks.ledger_place is not None
     return open_write_ahead(
-        target, creds, plan.options, sinks.ledger, sinks.ledger_place.real, sinks.intents
+        target,
+        creds,
+        plan.options,
+        sinks.ledger,
+        sinks.ledger_place.real,
+        sinks.intents,
+        salt=plan.key_salt,
+        settled=plan.settled,
     )
 
 
@@ -604,7 +622,7 @@ class Sinks:
         except OSError as exc:
             raise SinkError(f"cannot open {path} for writing: {exc.strerror or exc}") from None
         try:
-            self.lock = LedgerLock(place)
+            self.lock = LedgerLock(place, fd)
             size = os.fstat(fd).st_size
             fresh = not outputs.resume
             if size and fresh and not outputs.overwrite and not _only_run_lines(place.real, size):
@@ -642,13 +660,16 @@ class Sinks:
         """With --resume, read the ledger back (what it holds as ok); keep the inputs'
         fingerprints beside it; write the run line. Which records are done, if any."""
         done = None
+        prints: dict[str, str] | None = None
         if outputs.progress != "off":
             err.writelines(f"{line}\n" for line in self.said)
         place = self.ledger_place
         if place is not None:
             if outputs.resume:
-                check_inputs(place.real, plan.inputs, force=plan.force)
                 state = await anyio.to_thread.run_sync(read_ledger, place.real)
+                check_inputs(place.real, plan.inputs, force=plan.force, state=state)
+                if not plan.force:
+                    check_target(place.path, plan.settings, state.runs)
                 done = state.done if state.done_identities else None
                 self.intents = state.intents
                 if state.intents and not plan.options.exactly_once:
@@ -663,9 +684,9 @@ class Sinks:
                         f"bulksend: ignored a torn last line ({state.torn_bytes} bytes) in {place.path}\n"
                     )
             if plan.inputs:
-                write_fingerprints(place.real, plan.inputs)
+                prints = write_fingerprints(place.real, plan.inputs)
         if self.ledger is not None:
-            self.ledger.write_now(run_line(plan))
+            self.ledger.write_now(run_line(plan, prints))
         self.begun = True
         return done
 
@@ -744,14 +765,16 @@ def _check_apart(places: Mapping[str, Place], inputs: tuple[str, ...]) -> None:
                     )
 
 
-def run_line(plan: Plan) -> bytes:
-    """The ledger's first line for this run: when, what kind, its settings (no secret)."""
-    return orjson.dumps(
-        {
-            "status": "run",
-            "at": time.time_ns() // 1_000_000,
-            "command": plan.command,
-            "settings": plan.settings,
-        },
-        option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS,
-    )
+def run_line(plan: Plan, fingerprints: Mapping[str, str] | None = None) -> bytes:
+    """The ledger's first line for this run: when, what kind, its settings (no secret),
+    and its inputs' fingerprints (``ledger.fingerprint``, by canonical path), so that the
+    ledger alone says what it was written from."""
+    line: dict[str, Any] = {
+        "status": "run",
+        "at": time.time_ns() // 1_000_000,
+        "command": plan.command,
+        "settings": plan.settings,
+    }
+    if fingerprints:
+        line["fingerprints"] = fingerprints
+    return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS)

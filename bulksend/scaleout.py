@@ -14,6 +14,8 @@ a LocalCluster of N single-threaded worker processes on 127.0.0.1; ``ClusterSpec
    (``run.run``) over its own records at its share of ``--rate``, and shows one progress
    line from the counts the shards post to Dask's event log (with ``--metrics-addr``,
    their figures' sum at /metrics, served from the start to the last output written);
+   with ``--exactly-once``, the merged ledger's open intents are checked first and every
+   shard keys its records with that ledger's salt (``shard_once.py``);
 3. merges the parts into ``--out`` (each line with ``"shard": i``) and ``--failed``, adds
    the shards' stats (latency histograms added, never averaged), and ends as a single run
    ends (``run._finish``: ``--stats``, ``--html``, the summary).
@@ -70,6 +72,7 @@ from bulksend.remote import RemoteLedger, is_url, last_line
 from bulksend.result import Result
 from bulksend.run import End, Hooks, Plan, Sinks, _finish
 from bulksend.server.embedded import target_or_embedded
+from bulksend.shard_once import ShardedWriteAhead, check_out
 from bulksend.shard_task import LoadShardTask, ShardReport, ShardTask
 from bulksend.shards import ClusterSpec
 from bulksend.sinks import STDOUT
@@ -130,7 +133,7 @@ async def _send(
     stats = Stats()
     end = End(stats)
     said = _Shards(job.progress)
-    hooks = _SendHooks(said)
+    hooks = _SendHooks(said, job.progress)
     report = RunReport() if job.html else None
     if remote is not None:
         await anyio.to_thread.run_sync(remote.open)  # its lock, refusal, local copies
@@ -144,18 +147,36 @@ async def _send(
         if remote is not None:
             assert sinks.ledger_place is not None
             await anyio.to_thread.run_sync(remote.begin, last_line(sinks.ledger_place.real))
+        if job.options.exactly_once:
+            # Sinks checked the ledger (a regular file) and read its open intents.
+            assert sinks.ledger is not None and sinks.ledger_place is not None
+            hooks.once = ShardedWriteAhead(
+                job.options, sinks.ledger, sinks.ledger_place.real, sinks.intents
+            )
         metrics.say(job.progress, err)
         on_result = report.add if report else None
         if await _execute(
-            job, cluster, parts, end, said, on_result, err, metrics=metrics, remote=remote
+            job,
+            cluster,
+            parts,
+            end,
+            said,
+            on_result,
+            err,
+            metrics=metrics,
+            remote=remote,
+            once=hooks.once,
         ):
             for shard in said.reports:
                 shard.stats.add_to(stats)
         elif said.abandoned:
             # Not every shard reported: the summary counts what the parts hold, which
             # is what --resume will find done.
-            for result in part_results(parts):
-                stats.add(result)
+            if remote is not None:
+                await anyio.to_thread.run_sync(remote.count, stats)  # the uploaded parts
+            else:
+                for result in part_results(parts):
+                    stats.add(result)
     except BulksendError as exc:
         end.error = end.error or exc
     finally:
@@ -190,7 +211,7 @@ async def run_distributed_load(
 async def _run_load(
     job: LoadJob, cluster: ClusterSpec, metrics: _DriverMetrics, err: TextIO
 ) -> LoadOutcome:
-    from bulksend.load import _LoadHooks
+    from bulksend.load import Pace, _LoadHooks, behind_schedule
 
     _check_outputs(cluster, {"--out": job.out, "--timeseries": job.timeseries})
     if is_url(job.out):
@@ -210,6 +231,16 @@ async def _run_load(
     class ShardedLoadHooks(_LoadHooks):
         async def epilogue(self, snapshot: dict[str, Any], end: End) -> list[str]:
             return [*await super().epilogue(snapshot, end), *said.lines()]
+
+        def behind(self, snapshot: dict[str, Any]) -> str | None:
+            # The driver sends nothing: the shards' paces say what held the sends back.
+            return behind_schedule(
+                snapshot,
+                Pace.busiest([r.pace for r in said.reports if r.pace is not None]),
+                max_in_flight=job.options.concurrency,
+                shards=max(2, len(said.reports)),
+                lost=sum(r.resumed > 0 for r in said.reports),
+            )
 
     hooks = ShardedLoadHooks(job, pacer, outcome)
     report = RunReport() if job.html else None
@@ -324,10 +355,12 @@ async def _execute(
     watch: _PartsWatch | None = None,
     metrics: _DriverMetrics,
     remote: RemoteLedger | None = None,
+    once: ShardedWriteAhead | None = None,
 ) -> bool:
     """Start or reach the cluster, run every shard, merge their parts (each result line
     to ``on_result``). False when shards were abandoned: their parts stay unmerged.
-    ``remote``: the shards upload their parts as segments, merged from there."""
+    ``remote``: the shards upload their parts as segments, merged from there. ``once``:
+    --exactly-once, the merged ledger's open intents checked before any shard starts."""
     async with connect(cluster) as (client, address, threads, dashboard):
         shards = cluster.shards or threads
         if job.progress != "off":
@@ -352,6 +385,8 @@ async def _execute(
         ):
             if job.target is None:
                 check_embedded_reach(address)
+            if once is not None:
+                await once.settle(target, credentials)
             run = ShardRun(client, job, shards, parts, err, figures=metrics.figures)
             try:
                 tasks: Sequence[ShardTask | LoadShardTask] = (
@@ -361,6 +396,8 @@ async def _execute(
                 )
                 if remote is not None:
                     tasks = [_uploading(t, remote, cluster, job) for t in tasks]
+                if once is not None:
+                    tasks = [once.task(t) for t in tasks if isinstance(t, ShardTask)]
                 finished = await run.execute(
                     tasks, shards_said.reports, watch=watch.run if watch is not None else None
                 )
@@ -456,11 +493,20 @@ class _Shards:
 
 
 class _SendHooks(Hooks):
-    def __init__(self, shards: _Shards) -> None:
-        self.shards = shards
+    def __init__(self, shards: _Shards, progress: str) -> None:
+        self.shards, self.progress = shards, progress
+        #: --exactly-once: the driver's part of it (set once the ledger is open).
+        self.once: ShardedWriteAhead | None = None
+        self._once_figures: dict[str, Any] = {}
+
+    def finish(self, snapshot: dict[str, Any], end: End) -> None:
+        if self.once is not None:
+            self._once_figures = self.once.figures(self.shards.reports)
+            snapshot.update(self._once_figures)
 
     async def epilogue(self, snapshot: dict[str, Any], end: End) -> list[str]:
-        return self.shards.lines()
+        once = ShardedWriteAhead.lines(self._once_figures, summary=self.progress != "off")
+        return [*once, *self.shards.lines()]
 
 
 def split_inputs(
@@ -502,6 +548,8 @@ def split_inputs(
 def _check(job: SendJob, cluster: ClusterSpec) -> None:
     if "-" in job.inputs:
         raise ConfigError("--workers/--cluster cannot read stdin (-): workers read the inputs")
+    if job.options.exactly_once:
+        check_out(job.out)
     _check_outputs(cluster, {"--out": job.out, "--failed": job.failed})
 
 

@@ -17,7 +17,9 @@ lost; the new attempt reads the part first (cutting a torn last line), counts ev
 line in it as this run's, and sends only the records that have none. A record that
 finally failed in the lost attempt is not sent again in the same run (it had its retries;
 ``--resume`` retries it), so the part, and the merged ledger, hold one line per record.
-Re-sends are then at most the requests the lost worker had in flight. The part is written
+Re-sends are then at most the requests the lost worker had in flight; with ``--exactly-once``
+none, as the harness checks the intents the lost attempt left open in the part before the new
+attempt sends anything (``shard_once.py`` has the driver's side). The part is written
 under the harness's ledger lock; a second attempt (its lost worker may still be running)
 first waits for that lock to be free.
 
@@ -32,7 +34,7 @@ import itertools
 import os
 import secrets
 import time
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +45,11 @@ import orjson
 from bulksend.config import Credentials, SendOptions, Target
 from bulksend.errors import BulksendError, LedgerError
 from bulksend.ledger import read_ledger
-from bulksend.load import LoadJob
+from bulksend.load import LoadJob, Pace, watch_pace
 from bulksend.merge import RESULT_STATUSES, ShardStats, wait_for_part
 from bulksend.metrics import AttemptCounts, RunFigures, post_of
 from bulksend.observers import AttemptObserver
+from bulksend.reconcile import Ambiguous, Found
 from bulksend.record import Item
 from bulksend.remote import ShardSegments
 from bulksend.result import SKIPPED, Result, result_for
@@ -101,6 +104,13 @@ class ShardTask:
     segments: str | None = None
     failed_segments: str | None = None
     segment_interval_s: float = 5.0
+    #: --exactly-once (``options.exactly_once``): the salt of the keys, the merged ledger's
+    #: (``writeahead.ledger_salt`` of ``--out``), and the records its crashed intents were
+    #: found stored by the driver's check before any shard started (identity -> outcome;
+    #: at most the requests in flight when the run crashed). This shard writes the ok line
+    #: of those it owns when its input reaches them.
+    key_salt: str | None = None
+    settled: Mapping[str, Found | Ambiguous] | None = None
 
     @property
     def split(self) -> bool:
@@ -120,6 +130,10 @@ class ShardReport:
     stopped: bool = False
     #: What stopped the shard (auth failure, a sink error); its stats are still good.
     error: BulksendError | None = None
+    #: --exactly-once: the shard's figures (``WriteAhead.snapshot``), added up by the driver.
+    exactly_once: dict[str, Any] | None = None
+    #: A load shard: how its generator fared, for the driver's "behind schedule" line.
+    pace: Pace | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +207,8 @@ async def run_shard_async(
         # The part's run line: the driver's own, in --out, holds the run's settings.
         settings={"shard": task.index, "shards": task.plan.shards},
         schedule=SlotSchedule(task.total_rate, task.plan.shards, task.index, task.epoch),
+        key_salt=task.key_salt,
+        settled=task.settled,
     )
     try:
         remote = _segments(task)
@@ -230,7 +246,9 @@ async def run_shard_async(
             )
             if remote is not None:
                 hooks = remote.hooks(hooks)
-            await run(plan, outputs, items, stats, hooks, stderr=io.StringIO())
+            end = await run(plan, outputs, items, stats, hooks, stderr=io.StringIO())
+            if end.write_ahead is not None:
+                report.exactly_once = end.write_ahead.snapshot()
     except BulksendError as exc:
         report.error = exc
     finally:
@@ -290,6 +308,7 @@ async def run_load_shard_async(
         )
         records = (r for r in mine if r.identity not in earlier)
         metrics = job.metrics_addr is not None
+        report.pace = Pace()
         hooks = _ShardHooks(task.index, None, report, publish, should_stop, metrics)
         # The Sender's clock starts at its first message: that is the shard's first due.
         if (delay := pacer.first_due() - time.time()) > 0:
@@ -355,6 +374,8 @@ class _ShardHooks(Hooks):
             tickers.append(self._report)
         if self.should_stop is not None:
             tickers.append(self._watch)
+        if (pace := self.report.pace) is not None:
+            tickers.append(lambda: watch_pace(live, pace))
         return tickers
 
     async def _report(self) -> None:

@@ -330,7 +330,7 @@ class LedgerLock:
     else try again.
     """
 
-    def __init__(self, ledger: Place) -> None:
+    def __init__(self, ledger: Place, ledger_fd: int | None = None) -> None:
         self.path = f"{ledger.real}.lock"
         for _ in range(100):
             try:
@@ -354,6 +354,25 @@ class LedgerLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd: int | None = fd
+        if ledger_fd is not None:
+            self._lock_ledger(ledger, ledger_fd)
+
+    def _lock_ledger(self, ledger: Place, fd: int) -> None:
+        """The ledger's own open file too (``fd``; held until it is closed): a lock file is
+        found by name, and a hard link (a ``cp -al`` snapshot) is the same ledger under
+        another name, whose run must be refused as well. Taken after the lock file, so a
+        run under the same name is refused naming its pid; under another name the pid is
+        in a lock file this run cannot know."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self.release()
+            if isinstance(exc, BlockingIOError):
+                raise LedgerError(
+                    f"{ledger.path} is in use by another run, under another name of the same"
+                    " file (a hard link)"
+                ) from None
+            raise SinkError(f"cannot lock {ledger.path}: {_reason(exc)}") from None
 
     def release(self) -> None:
         fd, self._fd = self._fd, None

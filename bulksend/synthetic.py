@@ -19,8 +19,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
+from bulksend.config import read_small_text
 from bulksend.errors import ConfigError
 from bulksend.record import KEYS, Record
 
@@ -48,18 +48,20 @@ class MessageSpec:
     def __post_init__(self) -> None:
         if not self.topics or not all(self.topics):
             raise ConfigError("--topic must not be empty")
-        if not 0 <= self.body_size <= MAX_BODY_BYTES:
-            raise ConfigError(f"--body-size must be 0..{MAX_BODY_BYTES} bytes")
+        # An empty body: RocketMQ refuses every such message (and so does the built-in
+        # server), so a load of them would measure nothing but 400s.
+        if not 1 <= self.body_size <= MAX_BODY_BYTES:
+            raise ConfigError(f"--body-size must be 1..{MAX_BODY_BYTES} bytes")
+        if self.template is not None and not self.template:
+            raise ConfigError("--body-template is empty: a message needs a body")
         if self.keys < 0:
             raise ConfigError("--keys must be >= 0")
 
 
 def read_template(path: str) -> str:
-    """``--body-template FILE`` (UTF-8); ConfigError when it cannot be read."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read --body-template {path}: {exc}") from None
+    """``--body-template FILE`` (UTF-8, at most a body's size); ConfigError when it cannot
+    be read."""
+    return read_small_text(path, "--body-template", MAX_BODY_BYTES)
 
 
 def filler(size: int) -> str:

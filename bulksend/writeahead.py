@@ -117,6 +117,8 @@ class WriteAhead:
 
     ``ledger``: the run's ``--out`` writer (one write per loop turn). ``salt``: see
     ``ledger_salt``. ``intents``: identity -> intent line, from ``read_ledger`` on resume.
+    ``settled``: identity -> outcome of crashed intents another process already checked
+    (a distributed run's driver, for its shards), applied as ``resume``'s own are.
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class WriteAhead:
         *,
         salt: str,
         intents: Mapping[str, Mapping[str, Any]] | None = None,
+        settled: Mapping[str, Outcome] | None = None,
     ) -> None:
         self.reconciler = reconciler
         self.figures = Figures()
@@ -133,7 +136,7 @@ class WriteAhead:
         self._salt = salt
         self._crashed = dict(intents or {})
         #: identity -> outcome of a crashed run's intent, until the record comes by.
-        self._resumed: dict[str, Outcome] = {}
+        self._resumed: dict[str, Outcome] = dict(settled or {})
         self._probed: set[str] = set()
         self._probing = asyncio.Lock()
         #: The latest ledger write records wait on, and their callbacks (see ``after``).
@@ -271,10 +274,16 @@ class WriteAhead:
         outcomes = await self.reconciler.reconcile_all(
             intents, settled_at_ms=time.time_ns() // 1_000_000
         )
-        self._resumed = outcomes
+        self._resumed.update(outcomes)
         self.figures.resumed_intents = len(outcomes)
         self.figures.resumed_found = sum(not isinstance(o, NotFound) for o in outcomes.values())
         self.figures.resume_s = time.monotonic() - began
+
+    def stored(self) -> dict[str, Found | Ambiguous]:
+        """The checked intents whose record was found stored and has not come by yet:
+        what a distributed run's driver hands its shards (``settled``). Those not found
+        need nothing: their records are sent as any other."""
+        return {i: o for i, o in self._resumed.items() if not isinstance(o, NotFound)}
 
     # --- reporting --------------------------------------------------------------------
 
@@ -340,9 +349,14 @@ async def open_write_ahead(
     ledger: LineWriter,
     ledger_path: str,
     intents: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    salt: str | None = None,
+    settled: Mapping[str, Outcome] | None = None,
 ) -> AsyncIterator[WriteAhead]:
     """The run's WriteAhead, its ListMessages session closed on leaving. Call once the
-    ledger's run line is written (the salt is read from the ledger's first one)."""
+    ledger's run line is written (the salt is read from the ledger's first one, unless
+    ``salt`` is given: a shard's part takes the salt of the run's merged ledger)."""
     reconcile = ReconcileOptions(after_s=options.reconcile_after)
+    salt = ledger_salt(ledger_path) if salt is None else salt
     async with Reconciler(target, credentials, reconcile, tls=options.tls) as reconciler:
-        yield WriteAhead(reconciler, ledger, salt=ledger_salt(ledger_path), intents=intents)
+        yield WriteAhead(reconciler, ledger, salt=salt, intents=intents, settled=settled)

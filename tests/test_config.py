@@ -26,11 +26,40 @@ def test_region_endpoint(region: str, endpoint: str) -> None:
 
 
 def test_target_path_quotes_parameters_and_keeps_the_engine_alias() -> None:
-    t = Target("https://dms.example.com/", "p/1", "inst ance", engine="reliability")
-    assert t.path == "/v2/reliability/p%2F1/instances/inst%20ance/messages"
-    assert t.url == "https://dms.example.com/v2/reliability/p%2F1/instances/inst%20ance/messages"
+    t = Target("https://dms.example.com/", "p/1", "inst?ance", engine="reliability")
+    assert t.path == "/v2/reliability/p%2F1/instances/inst%3Fance/messages"
+    assert t.url == "https://dms.example.com/v2/reliability/p%2F1/instances/inst%3Fance/messages"
     with pytest.raises(ConfigError, match="engine"):
         Target("https://x", "p", "i", engine="kafka")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["p\r\nX-Injected: 1", "p q", "p\u00e9", "p\x00"],
+    ids=["crlf", "space", "e-acute", "nul"],
+)
+def test_ids_a_request_head_cannot_carry_are_refused(bad: str) -> None:
+    # The project id is also the X-Project-Id header: a CR/LF in it added headers of its
+    # own to every request. The message names the id, never quotes it.
+    with pytest.raises(ConfigError, match="project id") as caught:
+        Target("https://x", bad, "i")
+    assert bad not in str(caught.value)
+    with pytest.raises(ConfigError, match="instance id"):
+        Target("https://x", "p", bad)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "why"),
+    [
+        ("http://[::1", "IPv6"),
+        ("http://127.0.0.1:99999", "port"),
+        ("http://127.0.0.1:-1", "port"),
+        ("http://127.0.0.1:x", "port"),
+    ],
+)
+def test_an_endpoint_that_cannot_be_parsed_is_a_config_error(endpoint: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=rf"(?i)--endpoint .*{why}"):
+        Target(endpoint, "p", "i")
 
 
 def test_credentials_never_show_secrets_and_prefer_the_sdk_names() -> None:
@@ -107,6 +136,20 @@ def test_config_file_errors_are_config_errors(tmp_path: Path) -> None:
     wrong.write_text('concurrency = "many"\n')
     with pytest.raises(ConfigError, match="concurrency"):
         resolve_send_options(Resolver.build(_args(config=str(wrong)), {}))
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b"# caf\xe9\nconcurrency = 3\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        Resolver.build(_args(config=str(latin)), {})
+    with pytest.raises(ConfigError, match="not a regular file"):
+        Resolver.build(_args(config="/dev/zero"), {})  # was read without end
+    huge = tmp_path / "huge.toml"
+    huge.write_bytes(b"#" * (2 << 20) + b"\n")
+    with pytest.raises(ConfigError, match="larger than"):
+        Resolver.build(_args(config=str(huge)), {})
+    number = tmp_path / "number.toml"
+    number.write_text("ca_bundle = 5\n")  # a path given as a number: a file named 5
+    with pytest.raises(ConfigError, match="--ca-bundle"):
+        resolve_send_options(Resolver.build(_args(config=str(number)), {}))
 
 
 @pytest.mark.parametrize("name", ["local.toml", "region.toml"])

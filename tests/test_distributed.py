@@ -493,6 +493,20 @@ def test_load_workers_2_keeps_the_schedule_and_merges_the_figures(tmp_path: Path
     assert sum(int(r["sent"]) for r in rows) == 3000  # type: ignore[call-overload]
 
 
+def test_a_distributed_load_behind_schedule_names_the_shards_cause(tmp_path: Path) -> None:
+    # 40 ms answers, 2 in flight a shard: at most 100 msg/s of the 200 scheduled. The cause
+    # comes from the shards' paces (the driver sends nothing: its own pace said "held up").
+    with start_server_subprocess("--latency", "40") as (_, url):
+        proc = bulksend(
+            "load", *target(url), "--workers", "2", "--rate", "200", "--duration", "2s",
+            "--max-in-flight", "2", "--progress-interval", "1",
+            timeout=180,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("behind schedule")]
+    assert "the target answered too slowly" in line and "--max-in-flight 2" in line, line
+
+
 def test_load_workers_2_abort_on_fail_drains_every_shard(tmp_path: Path) -> None:
     # No answer is that fast: the first whole second fails the threshold, and the driver,
     # judging the seconds from the shards' parts as they grow, drains both shards.

@@ -3,10 +3,15 @@ segments, the driver merges them into the one ledger object. Against moto's S3 s
 and a real ``bulksend serve`` on 127.0.0.1: every record once in the merged object and at
 the server; a non-empty object refused untouched; a driver killed with SIGKILL mid-run,
 then ``--resume``: every record once, re-sends within the bound README states (one
-segment interval of sends, plus the requests in flight)."""
+segment interval of sends, plus the requests in flight); a worker stopped (SIGSTOP) past
+the scheduler's TTL and woken once its shard runs again: the lost attempt's late upload
+and the new attempt's both kept, the run ends normally, every record once; an abandoned
+run's summary counts the uploaded segments."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -200,7 +205,8 @@ def test_a_resume_removes_parts_the_ledger_already_holds(s3_here: S3) -> None:
     line = orjson.dumps({"seq": 0, "identity": "x:1", "status": "ok", "shard": 0})
     out = _put(fs, "window/out.jsonl", run + b"\n" + line + b"\n")
     _put(fs, f"window/out.jsonl.parts/{gen}/run.jsonl", run + b"\n")
-    _put(fs, f"window/out.jsonl.parts/{gen}/shard-0000-of-0001/seg-000000.jsonl", line + b"\n")
+    seg = "shard-0000-of-0001/attempt-1764556800000-000000/seg-000000.jsonl"
+    _put(fs, f"window/out.jsonl.parts/{gen}/{seg}", line + b"\n")
     remote = RemoteLedger(out, None, resume=True, overwrite=False)
     try:
         remote.open()
@@ -241,12 +247,13 @@ async def test_a_shard_run_again_resumes_from_its_uploaded_segments(
     inputs.write_bytes(_jsonl(0, n))
     key = input_key(str(inputs))
     prefix = "rerun/out.jsonl.parts/run-1764556800000-abcdef/shard-0000-of-0001"
+    first = f"{prefix}/attempt-1764556800000-000000"  # its lost first attempt's
     earlier = b"".join(
         orjson.dumps({"seq": s, "source": f"{inputs}:{s + 1}", "id": None,
                       "identity": f"{key}:{s + 1}", "status": "ok"}) + b"\n"
         for s in range(60)
     )  # fmt: skip
-    _put(fs, f"{prefix}/seg-000000.jsonl", earlier)
+    _put(fs, f"{first}/seg-000000.jsonl", earlier)
     async with start_server_inprocess() as server:
         task = ShardTask(
             index=0, plan=ShardPlan(1), inputs=(str(inputs),), fmt=None, topic=None,
@@ -259,8 +266,12 @@ async def test_a_shard_run_again_resumes_from_its_uploaded_segments(
         stored = sorted(int(m.body[1:]) for m in await server.store.messages())
     assert report.error is None and report.resumed == 60
     assert stored == list(range(60, n))  # none of the uploaded ones again
-    segments = _objects(fs, f"{prefix}/")
-    assert segments[0].endswith("seg-000000.jsonl") and len(segments) >= 2
+    objects = _objects(fs, f"{prefix}/")
+    segments = [o for o in objects if o.endswith(".jsonl")]
+    assert segments[0] == f"{BUCKET}/{first}/seg-000000.jsonl" and len(segments) >= 2
+    # The second attempt says what it resumed from: a merge needs it (see the next test).
+    bases = [o for o in objects if o.endswith("/base.json")]
+    assert [orjson.loads(fs.cat_file(b)) for b in bases] == [{first.rsplit("/", 1)[1]: 1}]
     lines = [orjson.loads(x) for s in segments for x in fs.cat_file(s).splitlines()]
     assert Counter(x["seq"] for x in lines if x["status"] != "run") == Counter(range(n))
 
@@ -278,8 +289,9 @@ def test_a_resume_cuts_the_failed_object_back_before_merging_again(s3_here: S3) 
     failed = _put(fs, "cut/failed.jsonl", b'{"before":1}\n{"x":1}\n')  # its merge uploaded
     parts = f"cut/out.jsonl.parts/{gen}"
     _put(fs, f"{parts}/run.jsonl", run + b"\n")
-    _put(fs, f"{parts}/shard-0000-of-0001/seg-000000.jsonl", line + b"\n")
-    _put(fs, f"{parts}/failed-0000-of-0001/seg-000000.jsonl", b'{"x":1}\n')
+    attempt = "attempt-1764556800000-000000"
+    _put(fs, f"{parts}/shard-0000-of-0001/{attempt}/seg-000000.jsonl", line + b"\n")
+    _put(fs, f"{parts}/failed-0000-of-0001/{attempt}/seg-000000.jsonl", b'{"x":1}\n')
     _put(fs, f"{parts}/MERGING", orjson.dumps({"failed_size": len(b'{"before":1}\n')}))
     remote = RemoteLedger(out, failed, resume=True, overwrite=False)
     try:
@@ -301,13 +313,15 @@ def test_segments_come_back_in_order_past_one_fetch_batch(s3_here: S3) -> None:
     prefix = "order/out.jsonl.parts/run-1764556800000-012345/shard-0000-of-0001"
     count = FETCH_BATCH + 9
     for i in reversed(range(count)):  # written out of order: read back by number
-        _put(fs, f"{prefix}/seg-{i:06d}.jsonl", b"%d\n" % i)
+        _put(fs, f"{prefix}/attempt-1764556800000-000000/seg-{i:06d}.jsonl", b"%d\n" % i)
     segments = ShardSegments(f"s3://{BUCKET}/{prefix}", None, ("part.jsonl", None))
     try:
         segments.download()
         with open(segments.part, "rb") as fh:
             assert fh.read().splitlines() == [b"%d" % i for i in range(count)]
-        assert segments.uploaders[0].next == count  # the next upload follows them
+        # This attempt's segments go under its own prefix, numbered from 0.
+        assert segments.ledger.next == 0
+        assert segments.ledger.uploaded == os.path.getsize(segments.part)
     finally:
         segments.close()
 
@@ -330,3 +344,389 @@ def test_the_uploading_hooks_forward_every_hook_of_the_shard() -> None:
         return None
 
     assert _UploadingHooks(Inner(), ticker).attempt_observers() == ["mine"]
+
+
+def _ledger_line(seq: int, status: str = "ok") -> bytes:
+    return orjson.dumps(
+        {"seq": seq, "source": f"in.jsonl:{seq + 1}", "id": None,
+         "identity": f"k:{seq + 1}", "status": status}
+    ) + b"\n"  # fmt: skip
+
+
+def _failed_line(seq: int) -> bytes:
+    return orjson.dumps({"topic": "t", "body": f"m{seq}", "_source": f"in.jsonl:{seq + 1}"}) + b"\n"
+
+
+def _append(path: str | None, data: bytes) -> None:
+    assert path is not None
+    with open(path, "ab") as fh:
+        fh.write(data)
+
+
+def test_a_shard_run_again_while_its_lost_attempt_still_uploads(s3_here: S3) -> None:
+    """Dask declared a worker lost while its process still ran (a partition, a GC pause,
+    SIGSTOP): the shard ran again elsewhere and resumed from the segments it listed; then
+    the lost attempt woke and uploaded what it had done since. Both attempts' uploads
+    are kept, and the merge keeps one line per record: an ok one where either was ok,
+    its --failed line only where the line kept is a failure."""
+    from bulksend.remote import RemoteLedger
+
+    _, fs = s3_here
+    out, failed = f"s3://{BUCKET}/race/out.jsonl", f"s3://{BUCKET}/race/failed.jsonl"
+    remote = RemoteLedger(out, failed, resume=False, overwrite=False)
+    remote.open()  # the driver's lock and local copies, before any part
+    try:
+        _race(fs, remote)
+    finally:
+        remote.close()
+    lines = _results(fs, "race/out.jsonl")
+    assert Counter(x["seq"] for x in lines) == Counter(range(200))  # each record once
+    assert {x["seq"] for x in lines if x["status"] != "ok"} == {77, 150}
+    failed_lines = fs.cat_file(f"{BUCKET}/race/failed.jsonl").splitlines()
+    assert sorted(orjson.loads(x)["body"] for x in failed_lines) == ["m150", "m77"]
+    assert _objects(fs, "race/") == [f"{BUCKET}/race/failed.jsonl", f"{BUCKET}/race/out.jsonl"]
+
+
+def _race(fs: Any, remote: Any) -> None:
+    from bulksend.remote import ShardSegments
+
+    gen = remote.generation
+    run = orjson.dumps({"status": "run", "at": 1, "command": "send", "settings": {"parts": gen}})
+    _put(fs, f"race/out.jsonl.parts/{gen}/run.jsonl", run + b"\n")
+    parts = f"s3://{BUCKET}/race/out.jsonl.parts/{gen}"
+    names = ("shard-0000-of-0001.jsonl", "failed-0000-of-0001.jsonl")
+
+    def attempt() -> ShardSegments:
+        return ShardSegments(
+            f"{parts}/shard-0000-of-0001", f"{parts}/failed-0000-of-0001", names
+        )  # fmt: skip
+
+    lost, again = attempt(), attempt()
+    try:
+        lost.download()
+        _append(lost.part, b"".join(_ledger_line(s) for s in range(60)))
+        lost.upload()  # its first interval
+        again.download()  # Dask ran the shard again: it lists and resumes from 60 records
+        assert Path(again.part).read_bytes().count(b"\n") == 60
+        # The lost attempt wakes and uploads what it did meanwhile: records 60-79 (70
+        # and 77 failed), which the new attempt did not see and sends again.
+        late = [_ledger_line(s, "failed" if s in (70, 77) else "ok") for s in range(60, 80)]
+        _append(lost.part, b"".join(late))
+        _append(lost.failed_part, _failed_line(70) + _failed_line(77))
+        lost.upload()
+        # The new attempt: 70 ok this time, 75 and 77 failed, 150 failed.
+        bad = (75, 77, 150)
+        _append(again.part, b"".join(_ledger_line(s, "failed" if s in bad else "ok")
+                                      for s in range(60, 200)))  # fmt: skip
+        _append(again.failed_part, b"".join(_failed_line(s) for s in bad))
+        again.upload()  # no collision with the lost attempt's segments
+    finally:
+        lost.close()
+        again.close()
+
+    # A third attempt resumes from both: each record once, none to send again.
+    third = attempt()
+    try:
+        third.download()
+        seqs = [orjson.loads(x)["seq"] for x in Path(third.part).read_bytes().splitlines()]
+        assert Counter(seqs) == Counter(range(200))
+    finally:
+        third.close()
+    remote.finish()
+
+
+def test_an_abandoned_runs_summary_counts_the_uploaded_segments(tmp_path: Path, s3: S3) -> None:
+    """Ctrl-C twice: the shards are abandoned mid-run, their segments stay for --resume,
+    and the summary and --stats count what those segments hold (the driver has no local
+    parts to count), each record once."""
+    env, fs = s3
+    n = 3000
+    source = _put(fs, "in-abandoned.jsonl", _jsonl(0, n))
+    out, stats = f"s3://{BUCKET}/abandoned/out.jsonl", tmp_path / "stats.json"
+    # 1 s answers: requests are in flight when the second Ctrl-C comes, so the shards
+    # cannot all report in between.
+    with start_server_subprocess("--latency", "1000") as (_, url):
+        cmd = [sys.executable, "-m", "bulksend", "send", source, *target(url), "--workers", "2"]
+        cmd += ["--concurrency", "64", "--out", out, "--stats", str(stats)]
+        cmd += ["--segment-interval", "0.3", "--progress-interval", "1"]
+        driver = subprocess.Popen(
+            cmd,
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 90
+            while _uploaded_lines(fs, "abandoned/out.jsonl") < 100:
+                assert time.monotonic() < deadline and driver.poll() is None
+                time.sleep(0.1)
+            driver.send_signal(signal.SIGINT)  # the driver only: its workers go on
+            time.sleep(0.3)  # two signals at once may arrive as one
+            driver.send_signal(signal.SIGINT)
+            _, err = driver.communicate(timeout=90)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+                driver.wait(timeout=30)
+    stderr = err.decode()
+    assert driver.returncode == 130, stderr
+    assert f"their parts stay in {out}.parts" in stderr and "Traceback" not in stderr
+    uploaded = Counter(
+        orjson.loads(x)["seq"]
+        for path in _objects(fs, "abandoned/out.jsonl.parts/")
+        if "/shard-" in path and path.endswith(".jsonl")
+        for x in fs.cat_file(path).splitlines()
+        if not x.startswith(b'{"status":"run"')
+    )
+    assert uploaded and max(uploaded.values()) == 1
+    figures = orjson.loads(stats.read_bytes())
+    assert (figures["total"], figures["ok"]) == (len(uploaded), len(uploaded))
+
+
+def test_segment_interval_without_an_object_store_out_is_refused(tmp_path: Path) -> None:
+    """``--segment-interval`` only paces a shard's uploads to ``--out s3://...``: given on
+    the command line for any other run it would do nothing, so the run is refused in
+    one line (exit 2) before anything starts. From the environment or a config file it
+    is a default for the runs that upload, and other runs go on."""
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_bytes(_jsonl(0, 5))
+    out = tmp_path / "out.jsonl"
+    for extra in ([], ["--workers", "2"], ["--workers", "2", "--out", str(out)]):
+        proc = bulksend("send", str(inputs), "--embedded", *extra, "--segment-interval", "1")
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "--out s3://" in proc.stderr, proc.stderr
+        assert not out.exists()
+    load = bulksend("load", "--embedded", "--rate", "10", "--duration", "1s",
+                    "--segment-interval", "1")  # fmt: skip
+    assert load.returncode == 2 and "--segment-interval" in load.stderr, load.stderr
+    quiet = bulksend(
+        "send", str(inputs), "--embedded", "--out", str(out), "--quiet",
+        env={"BULKSEND_SEGMENT_INTERVAL": "1"},
+    )  # fmt: skip
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    assert len(out.read_bytes().splitlines()) == 6  # the run line and 5 results
+
+
+def test_a_worker_stopped_past_its_ttl_then_woken_ends_the_run_normally(
+    tmp_path: Path, s3: S3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race over a real ``dask scheduler`` and three ``dask worker`` processes: a
+    worker running a shard gets SIGSTOP; past the scheduler's worker TTL it is declared
+    lost and the shard runs again on the idle worker, resuming from the segments it
+    lists; then SIGCONT: the lost attempt wakes and uploads what it did meanwhile. The
+    run ends normally (exit 0), each record ok once in the merged object."""
+    from tests.test_distributed import _dask, _end
+
+    env, fs = s3
+    for key, value in env.items():  # the scheduler, workers and driver all reach moto
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL", "3s")
+    n, rate, concurrency, interval = 1600, 400, 8, 1.0
+    source = _put(fs, "in-stopped.jsonl", _jsonl(0, n))
+    out = f"s3://{BUCKET}/stopped/out.jsonl"
+    log, info = tmp_path / "dask.log", tmp_path / "scheduler.json"
+    procs = [
+        _dask("scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
+              "127.0.0.1:0", "--scheduler-file", str(info), log=log)
+    ]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not info.exists() or not info.read_bytes().strip():
+            assert time.monotonic() < deadline and procs[0].poll() is None, log.read_text()
+            time.sleep(0.1)
+        address = orjson.loads(info.read_bytes())["address"]
+        workers = {
+            # No nanny: a stopped nanny would hold the scheduler 30 s trying to restart
+            # its worker before the shard runs again.
+            name: _dask("worker", address, "--name", name, "--nthreads", "1", "--host",
+                        "127.0.0.1", "--no-dashboard", "--no-nanny", "--death-timeout", "60",
+                        log=log)
+            for name in ("w0", "w1", "w2")
+        }  # fmt: skip
+        procs += workers.values()
+        asyncio.run(_wait_for(address, 3))
+        with start_server_subprocess() as (_, url):
+            args = ["send", source, *target(url), "--cluster", address, "--shards", "2"]
+            args += ["--out", out, "--rate", str(rate), "--concurrency", str(concurrency)]
+            args += ["--segment-interval", str(interval), "--quiet"]
+            driver = subprocess.Popen(
+                [sys.executable, "-m", "bulksend", *args],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+            procs.append(driver)  # type: ignore[arg-type]
+            deadline = time.monotonic() + 90
+            while _uploaded_lines(fs, "stopped/out.jsonl") < n // 5:
+                assert time.monotonic() < deadline and driver.poll() is None
+                time.sleep(0.1)
+            name, worker, key = asyncio.run(_a_shard_on(address))
+            shard = int(key.split("-")[2])
+            os.killpg(workers[name].pid, signal.SIGSTOP)
+            try:
+                before = _sends_of(url, shard)
+                moved = asyncio.run(_moved(address, worker, key, deadline=time.monotonic() + 60))
+                # The next attempt sends: it has listed the segments and resumed. Only then
+                # may the stopped one wake, with lines that attempt did not see.
+                deadline = time.monotonic() + 60
+                while moved and _sends_of(url, shard) == before:
+                    assert time.monotonic() < deadline and driver.poll() is None
+                    time.sleep(0.05)
+            finally:
+                os.killpg(workers[name].pid, signal.SIGCONT)
+            assert moved, "the scheduler never ran the stopped worker's shard again"
+            seen: dict[str, bytes] = {}  # the parts' objects while the run goes on
+            deadline = time.monotonic() + 120
+            while driver.poll() is None:
+                assert time.monotonic() < deadline
+                for path in _objects(fs, "stopped/out.jsonl.parts/"):
+                    if path not in seen:
+                        with contextlib.suppress(FileNotFoundError):  # merged meanwhile
+                            seen[path] = fs.cat_file(path) if path.endswith("base.json") else b""
+                time.sleep(0.2)
+            err = driver.stderr.read() if driver.stderr else b""
+            stored = _stored(url)
+    finally:
+        for proc in reversed(procs):
+            _end(proc)  # type: ignore[arg-type]
+    assert driver.returncode == 0, err.decode()
+    lines = _results(fs, "stopped/out.jsonl")
+    assert Counter(x["seq"] for x in lines) == Counter(range(n))  # each record ok once
+    assert {x["status"] for x in lines} == {"ok"}
+    assert len({m["body"] for m in stored["messages"]}) == n
+    # The race did happen: the stopped attempt uploaded a segment the shard's next
+    # attempt had not seen when it resumed (its base.json counts fewer).
+    late = _late_segments(seen, key)
+    resent = stored["total"] - n
+    print(f"\nlate segments {late}; re-sent {resent} (the stopped attempt's in flight "
+          f"{concurrency}, one interval {rate // 2 * interval:.0f})")  # fmt: skip
+    assert late, "\n".join(sorted(p.split("parts/")[-1] for p in seen))
+
+
+def _sends_of(url: str, shard: int) -> int:
+    """Requests the server took for shard ``shard`` of 2 (records by position)."""
+    return sum(int(m["body"][1:]) % 2 == shard for m in _stored(url)["messages"])
+
+
+def _late_segments(seen: dict[str, bytes], key: str) -> list[str]:
+    """The segments of the stopped shard's first attempt that its second attempt had not
+    seen when it resumed (its base.json counts fewer)."""
+    shard = int(key.split("-")[2])
+    attempts: dict[str, list[int]] = {}
+    bases: dict[str, dict[str, int]] = {}
+    for path, data in seen.items():
+        shard_dir, attempt, name = path.split("/")[-3:]
+        if not shard_dir.startswith(f"shard-{shard:04d}-"):
+            continue
+        if name == "base.json":
+            bases[attempt] = orjson.loads(data)
+        else:
+            attempts.setdefault(attempt, []).append(name)
+    assert len(attempts) >= 2, attempts  # a busy machine may lose a worker twice
+    first, *later = sorted(attempts)
+    count = min(bases[a].get(first, 0) for a in later)
+    return sorted(n for n in attempts[first] if n.startswith("seg-") and int(n[4:10]) >= count)
+
+
+async def _wait_for(address: str, n: int) -> None:
+    from distributed import Client
+
+    async with Client(address, asynchronous=True, timeout=30) as client:
+        await client.wait_for_workers(n, timeout=60)
+
+
+async def _processing(address: str) -> dict[str, list[str]]:
+    """Per worker address, the shard tasks it runs (asked of the scheduler only: a
+    stopped worker answers nothing)."""
+    from distributed import Client
+
+    async with Client(address, asynchronous=True, timeout=30) as client:
+        processing = await client.processing()
+    return {
+        a: [str(k) for k in keys if "bulksend-shard" in str(k)] for a, keys in processing.items()
+    }
+
+
+async def _a_shard_on(address: str) -> tuple[str, str, str]:
+    """A worker running a shard: its name, its address and the shard's task key."""
+    from distributed import Client
+
+    def _worker_name(dask_worker: object) -> str:  # nested: travels by value to the worker
+        return str(dask_worker.name)  # type: ignore[attr-defined]
+
+    async with Client(address, asynchronous=True, timeout=30) as client:
+        names = await client.run(_worker_name)
+    busy = [(names[a], a, keys[0]) for a, keys in (await _processing(address)).items() if keys]
+    assert busy
+    return busy[0]
+
+
+async def _moved(address: str, worker: str, key: str, *, deadline: float) -> bool:
+    """Whether the shard ``key`` came to run on a worker other than ``worker`` in time."""
+    while time.monotonic() < deadline:
+        if any(key in keys for a, keys in (await _processing(address)).items() if a != worker):
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+def test_attempts_come_in_the_order_they_resumed_from_each_other() -> None:
+    """By start (their names) unless one resumed from another: a worker whose clock is
+    behind names its attempt earlier than the one it read, and still comes after it."""
+    from bulksend.remote import _in_order
+
+    first, second, third = (f"attempt-176455680000{i}-000000" for i in (1, 2, 3))
+    assert _in_order({third: {}, first: {}, second: {}}) == [first, second, third]
+    assert _in_order({first: {second: 2}, second: {}, third: {first: 1, second: 2}}) == [
+        second,
+        first,
+        third,
+    ]
+
+
+def test_a_bad_line_in_a_raced_shard_is_named_with_its_segment(s3_here: S3) -> None:
+    from bulksend.errors import LedgerError
+    from bulksend.remote import Attempts, Store
+
+    _, fs = s3_here
+    prefix = "bad/out.jsonl.parts/run-1764556800000-0a0b0d/shard-0000-of-0001"
+    lost, again = "attempt-1764556800001-000000", "attempt-1764556800002-000000"
+    _put(fs, f"{prefix}/{lost}/seg-000000.jsonl", _ledger_line(0) + _ledger_line(1))
+    _put(fs, f"{prefix}/{again}/base.json", b"{}")  # it saw nothing: seg 0 is late
+    _put(fs, f"{prefix}/{again}/seg-000000.jsonl", _ledger_line(1) + b"{not json\n")
+    attempts = Attempts.read(Store(f"s3://{BUCKET}/{prefix}"), f"{BUCKET}/{prefix}")
+    with pytest.raises(LedgerError) as caught:
+        list(attempts.ledger_blocks())
+    assert str(caught.value) == (
+        f"s3://{BUCKET}/{prefix}/{again}/seg-000000.jsonl:2: not a results line"
+    )
+
+
+def test_an_abandoned_runs_count_refuses_a_bad_line_in_one_line(s3_here: S3) -> None:
+    from bulksend.errors import LedgerError
+    from bulksend.remote import RemoteLedger
+    from bulksend.stats import Stats
+
+    _, fs = s3_here
+    remote = RemoteLedger(f"s3://{BUCKET}/badcount/out.jsonl", None, resume=False, overwrite=False)
+    shard = f"badcount/out.jsonl.parts/{remote.generation}/shard-0000-of-0001"
+    _put(fs, f"{shard}/attempt-1764556800001-000000/seg-000000.jsonl", _ledger_line(0) + b"[1\n")
+    try:
+        with pytest.raises(LedgerError, match=r"shard-0000-of-0001: holds a line that is not"):
+            remote.count(Stats())
+    finally:
+        remote.close()
+
+
+def test_segments_of_an_older_layout_are_refused_not_skipped(s3_here: S3) -> None:
+    """Segments right under a shard's prefix (no attempt) were written by a bulksend
+    before attempts: read as none they would be lost, so the read stops in one line."""
+    from bulksend.errors import LedgerError
+    from bulksend.remote import Attempts, Store
+
+    _, fs = s3_here
+    prefix = "old/out.jsonl.parts/run-1764556800000-0a0b0e/shard-0000-of-0001"
+    _put(fs, f"{prefix}/seg-000000.jsonl", _ledger_line(0))
+    with pytest.raises(LedgerError, match=r"shard-0000-of-0001/seg-000000.jsonl: a segment of"):
+        Attempts.read(Store(f"s3://{BUCKET}/{prefix}"), f"{BUCKET}/{prefix}")

@@ -262,29 +262,6 @@ def test_exactly_once_needs_a_ledger_file(tmp_path: Path, out: str | None, says:
     assert sent == 0
 
 
-@pytest.mark.parametrize(
-    ("flags", "says"),
-    [
-        (["--exactly-once"], "--exactly-once runs in one process"),
-    ],
-)
-def test_single_process_flags_are_refused_with_a_cluster(
-    tmp_path: Path, flags: list[str], says: str
-) -> None:
-    # A scale-out run is at least once: asked for more, it must say so, not quietly drop
-    # the flag. (--metrics-addr is served by the driver: tests/test_metrics_distributed.py.)
-    data = write_jsonl(tmp_path / "in.jsonl", records(3))
-    with start_server_subprocess() as (_, url):
-        proc = bulksend(
-            "send", str(data), *target(url), *flags, "--workers", "2",
-            "--out", str(tmp_path / "out.jsonl"), "--quiet",
-        )  # fmt: skip
-        sent = accepted(url)
-    assert proc.returncode == 2 and no_traceback(proc)
-    assert proc.stderr.count("\n") == 1 and says in proc.stderr
-    assert sent == 0
-
-
 def crash_with_all_in_flight(url: str, data: Path, out: Path, n: int) -> None:
     """An --exactly-once run killed (-9) once the server (answers held 60 s) stored all n."""
     proc = spawn_send(str(data), *target(url), "--out", str(out), "--exactly-once", "--quiet")

@@ -4,6 +4,7 @@ a stall, the achieved rate, ramps, thresholds and their exit codes, the live ser
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import signal
 import subprocess
@@ -15,13 +16,14 @@ import orjson
 import pytest
 
 from bulksend.cli import main
-from bulksend.config import Target
+from bulksend.config import RetryPolicy, Target
 from bulksend.load import LoadJob, default_options, run_load
 from bulksend.report import read_results
 from bulksend.result import OK
 from bulksend.stages import Stages
 from bulksend.timeseries import Timeseries
 from tests.cli_helpers import bulksend, no_traceback, read_jsonl, target
+from tests.raw_server import Exchange, RawServer
 from tests.serve_helpers import INSTANCE_ID, PROJECT_ID, start_server_subprocess
 
 pytestmark = pytest.mark.timeout(120)
@@ -256,3 +258,44 @@ def test_usage_errors_exit_2(
 ) -> None:
     assert main(["load", "--embedded", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("mode", "retries"), [("silent", 0), ("reset", 0), ("reset", 3)])
+async def test_a_dead_target_is_a_load_result_not_an_outage_to_wait_out(
+    tmp_path: Path, mode: str, retries: int
+) -> None:
+    # A load measures its target: one that stops answering (or resets every connection)
+    # after the run began is what the figures must show, each message failed when due.
+    # It was an outage to ride out as a backfill does: 300 s of waiting for a 2 s test,
+    # and not one line for the 40 messages scheduled.
+    async def handle(exchange: Exchange) -> None:
+        if exchange.server.requests and len(exchange.server.requests) > 3:
+            if mode == "reset":
+                exchange.drop()
+            else:
+                await asyncio.sleep(3600)  # never answers
+            return
+        body = orjson.dumps({"msg_id": "M" * 32, "queue_id": 0, "queue_offset": 0})
+        await exchange.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body), body)
+
+    async with RawServer(handle) as server:
+        job = LoadJob(
+            target=Target(server.url, PROJECT_ID, INSTANCE_ID),
+            stages=Stages.constant(20, 2),
+            options=dataclasses.replace(
+                default_options(),
+                timeout=0.5,
+                concurrency=64,
+                retry=RetryPolicy(max_retries=retries, backoff_base=0.01, backoff_max=0.05),
+            ),
+            out=str(tmp_path / "out.jsonl"),
+            progress="off",
+        )
+        outcome = await asyncio.wait_for(run_load(job), timeout=60)
+    lines = read_jsonl(tmp_path / "out.jsonl")
+    assert sorted(r["seq"] for r in lines) == list(range(40))  # every message, one line
+    failed = [r for r in lines if r["status"] == "failed"]
+    assert len(failed) >= 30 and outcome.exit_code == 1
+    assert all(r["error_code"] for r in failed)
+    if mode == "silent":
+        assert {r["error_code"] for r in failed} == {"TIMEOUT"}

@@ -75,3 +75,27 @@ def test_an_embedded_server_shares_the_blame_for_the_cpu() -> None:
 def test_within_one_percent_late_is_on_schedule(total: int, late: int) -> None:
     busy = Pace(cpu_s=10.0, wall_s=10.0, samples=40, pool_full=40)
     assert behind_schedule(_snapshot(total, late), busy, max_in_flight=256) is None
+
+
+def test_a_distributed_load_blames_the_busiest_shard_not_the_driver() -> None:
+    # The driver sends nothing: its own pace (0 % CPU, no samples) said "held up by other
+    # work" whatever the shards met. The busiest shard decides.
+    shards = [
+        Pace(cpu_s=2.0, wall_s=10.0, samples=40, pool_full=0),
+        Pace(cpu_s=9.9, wall_s=10.0, samples=40, pool_full=1),
+    ]
+    line = behind_schedule(_snapshot(1000, 999), Pace.busiest(shards), max_in_flight=64, shards=2)
+    assert line is not None and "the busiest shard was the bottleneck" in line, line
+    assert "99 % of a CPU core" in line and "add workers" in line, line
+    full = [Pace(cpu_s=1.0, wall_s=10.0, samples=40, pool_full=35)] * 2
+    line = behind_schedule(_snapshot(1000, 999), Pace.busiest(full), max_in_flight=64, shards=2)
+    assert line is not None and "the target answered too slowly" in line, line
+
+
+def test_a_lost_worker_is_named_as_why_a_distributed_load_fell_behind() -> None:
+    calm = [Pace(cpu_s=1.0, wall_s=10.0, samples=40, pool_full=0)] * 2
+    line = behind_schedule(
+        _snapshot(1000, 999), Pace.busiest(calm), max_in_flight=64, shards=2, lost=1
+    )
+    assert line is not None and "a worker was lost" in line, line
+    assert "held up" not in line

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,14 @@ from bulksend.result import FAILED, OK, Result
 from bulksend.run import End
 from bulksend.stages import RampPacer, Stages
 from bulksend.stats import LATE_MS, LoadStats
-from bulksend.synthetic import SOURCE, MessageSpec, Synthetic, filler
+from bulksend.synthetic import (
+    MAX_BODY_BYTES,
+    SOURCE,
+    MessageSpec,
+    Synthetic,
+    filler,
+    read_template,
+)
 from bulksend.thresholds import Threshold, check
 from bulksend.timeseries import LatencyBins, Timeseries
 
@@ -82,18 +90,42 @@ def test_template_fills_placeholders_and_keeps_other_braces() -> None:
     assert '"{other}"' in bodies[0]
 
 
-def test_no_keys_and_an_empty_body() -> None:
-    [record] = Synthetic(MessageSpec(body_size=0)).records(lambda: 1)
-    assert record.body == "" and record.properties == ()
+def test_no_keys_and_a_one_byte_body() -> None:
+    [record] = Synthetic(MessageSpec(body_size=1)).records(lambda: 1)
+    assert record.body == "a" and record.properties == ()
 
 
+# An empty body: RocketMQ (and `bulksend serve`) refuse every such message, so a load of
+# them measures nothing but 400s.
 @pytest.mark.parametrize(
     "kwargs",
-    [{"topics": ()}, {"topics": ("",)}, {"body_size": -1}, {"body_size": 5 * 2**20}, {"keys": -1}],
+    [
+        {"topics": ()},
+        {"topics": ("",)},
+        {"body_size": -1},
+        {"body_size": 0},
+        {"body_size": 5 * 2**20},
+        {"keys": -1},
+        {"template": ""},
+    ],
 )
 def test_message_spec_refuses(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         MessageSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_body_template_that_is_no_small_text_file_is_refused(tmp_path: Path) -> None:
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"caf\xe9 {seq}")
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"x" * (MAX_BODY_BYTES + 1))
+    for path, why in [
+        ("/dev/zero", "not a regular file"),  # read without end before
+        (str(latin), "not UTF-8"),
+        (str(big), "larger than"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            read_template(path)
 
 
 # --- timeseries --------------------------------------------------------------------------

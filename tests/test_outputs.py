@@ -99,6 +99,16 @@ def test_a_second_run_on_a_ledger_in_use_exits_2_at_once_and_sends_nothing(tmp_p
             assert first.poll() is None  # refused while the first still runs
             assert second.returncode == 2 and no_traceback(second), second.stderr
             assert second.stderr == f"bulksend: error: {out} is in use by pid {first.pid}\n"
+        # The same file by another name (a hard link: a `cp -al` snapshot, say) is the same
+        # ledger: a resume through it ran beside the first, records ok twice.
+        (tmp_path / "snap").mkdir()
+        linked = tmp_path / "snap" / "ledger.jsonl"
+        os.link(out, linked)
+        second = bulksend(
+            "send", str(second_in), *target(url), "--out", str(linked), "--resume", *QUIET
+        )
+        assert first.poll() is None
+        assert second.returncode == 2 and "in use by another run" in second.stderr, second.stderr
         assert stored(url, "second") == 0
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=60)

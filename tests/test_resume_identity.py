@@ -270,3 +270,82 @@ def test_non_string_bodies_reach_the_server_as_written(tmp_path: Path) -> None:
         b: [{"name": "KEYS", "value": k}] for b, k in zip(bodies, ids, strict=True)
     }
     assert sorted(r["id"] for r in read_jsonl(out)) == sorted(ids)
+
+
+# --- what a resume checks before it skips anything --------------------------------------------
+
+
+def test_a_resume_without_the_inputs_fingerprint_is_refused_unless_forced(tmp_path: Path) -> None:
+    # The ledger copied or moved without its .inputs.json: line numbers were trusted
+    # blindly, and a line added at the top was never sent (and another sent twice).
+    data = tmp_path / "in.jsonl"
+    data.write_bytes(jsonl_bytes(msgs(20)))
+    out = tmp_path / "l.jsonl"
+    first = bulksend("send", str(data), "--embedded", "--out", str(out), "--quiet")
+    assert first.returncode == 0, first.stderr
+    (tmp_path / "l.jsonl.inputs.json").unlink()
+    # A run line written before fingerprints were kept in it: nothing left to compare.
+    lines = out.read_bytes().splitlines(keepends=True)
+    run = orjson.loads(lines[0])
+    run.pop("fingerprints", None)
+    out.write_bytes(orjson.dumps(run) + b"\n" + b"".join(lines[1:]))
+    data.write_bytes(jsonl_bytes([{"topic": "orders", "body": "NEW-FIRST"}, *msgs(20)]))
+    refused = bulksend("send", str(data), "--embedded", "--out", str(out), "--resume", "--quiet")
+    assert refused.returncode == 2 and no_traceback(refused), refused.stderr
+    assert "no fingerprint" in refused.stderr and "--force" in refused.stderr
+    forced = bulksend(
+        "send", str(data), "--embedded", "--out", str(out), "--resume", "--force", "--quiet"
+    )
+    assert forced.returncode == 0, forced.stderr
+
+
+def test_the_ledger_carries_its_fingerprints_in_its_run_line(tmp_path: Path) -> None:
+    # Without the sidecar, the run line still says what the inputs were: an edit is caught.
+    data = tmp_path / "in.jsonl"
+    data.write_bytes(jsonl_bytes(msgs(20)))
+    out = tmp_path / "l.jsonl"
+    assert bulksend("send", str(data), "--embedded", "--out", str(out), "--quiet").returncode == 0
+    (tmp_path / "l.jsonl.inputs.json").unlink()
+    again = bulksend("send", str(data), "--embedded", "--out", str(out), "--resume", "--quiet")
+    assert again.returncode == 0, again.stderr  # same file: resumes, all skipped
+    data.write_bytes(jsonl_bytes([{"topic": "orders", "body": "NEW-FIRST"}, *msgs(20)]))
+    (tmp_path / "l.jsonl.inputs.json").unlink()
+    refused = bulksend("send", str(data), "--embedded", "--out", str(out), "--resume", "--quiet")
+    assert refused.returncode == 2 and "changed since" in refused.stderr, refused.stderr
+
+
+def test_a_moved_input_is_not_taken_for_a_new_one(tmp_path: Path) -> None:
+    # Identities go by path: `mv in.jsonl archive/` then a resume naming the new path sent
+    # every record again. Its fingerprint is the old path's: that says what happened.
+    data = tmp_path / "in.jsonl"
+    data.write_bytes(jsonl_bytes(msgs(20)))
+    out = tmp_path / "l.jsonl"
+    assert bulksend("send", str(data), "--embedded", "--out", str(out), "--quiet").returncode == 0
+    (tmp_path / "archive").mkdir()
+    moved = tmp_path / "archive" / "in.jsonl"
+    data.rename(moved)
+    refused = bulksend("send", str(moved), "--embedded", "--out", str(out), "--resume", "--quiet")
+    assert refused.returncode == 2 and no_traceback(refused), refused.stderr
+    assert str(data) in refused.stderr and "--force" in refused.stderr
+    assert len(read_jsonl(out)) == 20  # nothing sent
+
+
+def test_a_resume_to_another_target_is_refused_unless_forced(tmp_path: Path) -> None:
+    data = tmp_path / "in.jsonl"
+    data.write_bytes(jsonl_bytes(msgs(20)))
+    out = tmp_path / "l.jsonl"
+    with start_server_subprocess() as (_, url):
+        first = bulksend("send", str(data), *target(url), "--out", str(out), "--quiet")
+        assert first.returncode == 0, first.stderr
+        other = [*target(url)]
+        other[other.index("--instance-id") + 1] = "another-instance"
+        refused = bulksend("send", str(data), *other, "--out", str(out), "--resume", "--quiet")
+        assert refused.returncode == 2 and no_traceback(refused), refused.stderr
+        assert "another-instance" in refused.stderr and "--force" in refused.stderr
+        forced = bulksend(
+            "send", str(data), *other, "--out", str(out), "--resume", "--force", "--quiet"
+        )
+        assert forced.returncode == 0, forced.stderr
+        # The latest run's target is the one a resume keeps to.
+        again = bulksend("send", str(data), *other, "--out", str(out), "--resume", "--quiet")
+        assert again.returncode == 0, again.stderr

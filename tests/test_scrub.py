@@ -166,3 +166,17 @@ def test_scrub_masks_signatures_in_any_spelling() -> None:
     assert scrub("signature = 0a1b2c; next", ()) == "signature = ***; next"
     assert scrub("plain-request-id-123", ("secret",)) == "plain-request-id-123"
     assert scrub("a secret b secret", ("secret",)) == "a *** b ***"
+
+
+def test_scrub_masks_secrets_lower_cased_or_url_encoded() -> None:
+    # A gateway's error page may dump the request head URL-encoded, or a proxy lower-case
+    # it: the token (a temporary credential) and the signature must go either way.
+    token = "Tok/en+Secret=AB" + "c" * 40
+    encoded = "Tok%2Fen%2BSecret%3DAB" + "c" * 40
+    assert scrub(f"x-security-token: {token.lower()} end", (token,)) == "x-security-token: *** end"
+    assert scrub(f"x-security-token%3A%20{encoded}%0D", (token,)) == "x-security-token%3A%20***%0D"
+    assert scrub(f"t={encoded.lower()}", (token,)) == "t=***"
+    sig = "0a1b2c" * 10 + "0a1b"
+    dumped = f"Authorization%3A%20SDK-HMAC-SHA256%20Access%3DAK1%2C%20Signature%3D{sig}%0D%0A"
+    assert sig not in scrub(dumped, ())
+    assert scrub(dumped, ()).endswith("Signature%3D***%0D%0A")

@@ -45,6 +45,15 @@ def resolve_cluster(args: argparse.Namespace, env: Mapping[str, str]) -> Cluster
     """The ClusterSpec the flags (or BULKSEND_WORKERS / _CLUSTER / _SHARDS, or the config
     file) ask for; None for an ordinary single-process run."""
     r = Resolver.build(args, env)
+    out = r.get("out", str, None)
+    # Refused only when given on the command line: from the environment or a config file
+    # it is a default for the runs that upload, harmless to the others. (A URL is told by
+    # its "://", as remote.is_url does: that module would load the harness here.)
+    if getattr(args, "segment_interval", None) is not None and "://" not in (out or ""):
+        raise ConfigError(
+            "--segment-interval paces a shard's uploads to --out s3://... (send --workers/"
+            "--cluster); this run uploads nothing: leave it out"
+        )
     workers = r.get("workers", int, None)
     address = r.get("cluster", str, None)
     shards = r.get("shards", int, None)

@@ -200,7 +200,11 @@ def build_job(args: argparse.Namespace) -> LoadJob:
         stages=stages,
         credentials=auth.credentials,
         refresher=auth.refresher,
-        options=dataclasses.replace(sending, concurrency=in_flight, rate=0.0, retry=retry),
+        # A dead target is what a load measures: each message fails when due, never
+        # waited out as a backfill waits out an outage (see load.default_options).
+        options=dataclasses.replace(
+            sending, concurrency=in_flight, rate=0.0, retry=retry, ride_outages=False
+        ),
         message=_message(r),
         thresholds=tuple(Threshold.parse(t) for t in r.get("threshold", _strings, _NONE)),
         abort_on_fail=r.get("abort_on_fail", to_bool, False),

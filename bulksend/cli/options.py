@@ -178,6 +178,8 @@ class Resolver:
             strict = _to_int
         elif conv is float:
             strict = _to_float
+        elif conv is str:
+            strict = _to_str
         try:
             return strict(raw)
         except (TypeError, ValueError):
@@ -242,6 +244,14 @@ def _to_int(raw: Any) -> int:
     if isinstance(raw, int):
         return raw
     return int(str(raw).strip())
+
+
+def _to_str(raw: Any) -> str:
+    """Text as given: a path or a name from TOML that is a number (``out = 5``) is a
+    mistake, not a file named ``5``."""
+    if not isinstance(raw, str):
+        raise TypeError(raw)
+    return raw
 
 
 def _to_float(raw: Any) -> float:

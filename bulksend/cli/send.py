@@ -19,7 +19,6 @@ from bulksend.cli.options import (
     resolve_target,
     to_bool,
 )
-from bulksend.errors import ConfigError
 from bulksend.job import SendJob, run_send
 
 
@@ -205,13 +204,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
     # --- scale-out (Dask) ---
     cluster = resolve_cluster(args, os.environ)
     if cluster is not None:
-        if job.options.exactly_once:
-            # A shard's intents and checks would need one ledger for all shards to resume
-            # from; refused rather than silently run at least once.
-            raise ConfigError(
-                "--exactly-once runs in one process: drop --workers/--cluster, or drop"
-                " --exactly-once (the scale-out is at least once)"
-            )
         from bulksend.scaleout import run_distributed
 
         return run_async(run_distributed(job, cluster)).exit_code
