@@ -60,12 +60,18 @@ DEFAULT_MAX_ANSWER_BYTES = 1 << 20
 @dataclass(slots=True)
 class Response:
     """One final answer. Not frozen: a frozen dataclass's __init__ costs a setattr call per
-    field, and one is made per message."""
+    field, and one is made per message.
+
+    ``broken``: the answer's framing broke after its final status line was read (two
+    Content-Lengths, a bad chunk, a close short of its length). The status stands (the
+    server said it, and a 2xx may mean the message was stored), ``body`` is empty, and the
+    headers read before the break are kept (a broken 429's Retry-After)."""
 
     status: int
     body: bytes
     request_id: str | None = None
     retry_after: str | None = None
+    broken: TransportError | None = None
 
 
 class Connection(Protocol):
@@ -140,6 +146,13 @@ class _H1Protocol(asyncio.Protocol):
     * ``on_answer`` runs after ``feed_data`` has returned, never inside it: it may write the
       next request at once, and bytes still in the parser's hands (a stray answer in the same
       packet) must meet a connection with no request outstanding.
+    * Framing that breaks (unparsable bytes, a close short of the answer's length) after a
+      final status line was read is an answer with that status, ``broken`` (``_break``);
+      before one, a ProtocolError. The parser keeps the previous answer's status code until
+      the next status line's digits are read, so "was one read" is our own flag
+      (``_status_line``): cleared when a request is sent and after a 1xx, set by
+      ``on_status``, which llhttp calls once the code and the space after it (RFC 9112 §4)
+      are in.
     """
 
     __slots__ = (
@@ -154,6 +167,7 @@ class _H1Protocol(asyncio.Protocol):
         "_received",
         "_request_id",
         "_retry_after",
+        "_status_line",
         "_stray",
         "closed",
         "deadline",
@@ -182,6 +196,8 @@ class _H1Protocol(asyncio.Protocol):
         self._request_id: str | None = None
         self._retry_after: str | None = None
         self._headers_done = False
+        #: This answer's status line was read (``on_status``): its code is the parser's.
+        self._status_line = False
         #: Content-Length or Transfer-Encoding seen: the answer does not end at the close.
         self._delimited = False
         self._declared = 0
@@ -191,6 +207,9 @@ class _H1Protocol(asyncio.Protocol):
         the transport's sweep)."""
         self.on_answer = on_answer
         self._received = 0
+        # The previous answer's status line is not this one's: a close before any byte
+        # of this answer is no answer.
+        self._status_line = False
         self.deadline = self._clock() + timeout
         assert self.transport is not None
         self.transport.write(request)
@@ -213,7 +232,7 @@ class _H1Protocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade:  # pragma: no cover - we never ask to upgrade
             self._fail(ProtocolError("unexpected protocol upgrade"))
         except httptools.HttpParserError as exc:
-            self._fail(ProtocolError(f"malformed HTTP answer: {exc}"))
+            self._break(ProtocolError(f"malformed HTTP answer: {exc}"))
         if self._stray:
             self._discard()  # an answer began after ours was complete
         elif self._declared > self._limit and self.on_answer is not None:
@@ -233,7 +252,7 @@ class _H1Protocol(asyncio.Protocol):
             self._complete(self._parser.get_status_code())
             self._deliver()
             return
-        self._fail(ConnectionClosed("connection closed before a complete answer"))
+        self._break(ConnectionClosed("connection closed before a complete answer"))
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -244,6 +263,11 @@ class _H1Protocol(asyncio.Protocol):
         self._request_id = self._retry_after = None
         self._headers_done = self._delimited = False
         self._declared = 0
+
+    def on_status(self, reason: bytes) -> None:
+        # The status code is in (one call per answer: llhttp calls it again only when the
+        # reason phrase spans packets).
+        self._status_line = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
         n = len(name)
@@ -296,6 +320,16 @@ class _H1Protocol(asyncio.Protocol):
                 + (f", HTTP {status}" if status else "")
             )
         )
+
+    def _break(self, exc: ProtocolError) -> None:
+        """The answer outstanding cannot be read to its end. After a final status line the
+        server has answered, so the attempt ends as that answer, ``broken``: a 2xx whose
+        framing broke may have stored the message, and is not to be sent again blind."""
+        if self._status_line and self.on_answer is not None and self._answer is None:
+            status = self._parser.get_status_code()
+            if status >= 200:
+                self._answer = Response(status, b"", self._request_id, self._retry_after, exc)
+        self._fail(exc)
 
     def _discard(self) -> None:
         self.closed = True
@@ -568,12 +602,19 @@ class AiohttpConnection:
         all_headers.pop("Host", None)  # aiohttp writes Host itself, from the URL (same value)
         try:
             async with session.post(self._t.url, data=body, headers=all_headers) as resp:
-                return Response(
-                    resp.status,
-                    await self._read_capped(resp),
-                    resp.headers.get("X-Request-Id"),
-                    resp.headers.get("Retry-After"),
-                )
+                request_id = resp.headers.get("X-Request-Id")
+                retry_after = resp.headers.get("Retry-After")
+                try:
+                    answer = await self._read_capped(resp)
+                except aiohttp.ClientPayloadError as exc:
+                    # The head was read: the status stands, broken (see Response). A head
+                    # aiohttp cannot parse tells no status (a ProtocolError, below).
+                    broken = ProtocolError(f"{type(exc).__name__}: {exc}")
+                    return Response(resp.status, b"", request_id, retry_after, broken)
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                    closed = ConnectionClosed(f"{type(exc).__name__}: {exc}")
+                    return Response(resp.status, b"", request_id, retry_after, closed)
+                return Response(resp.status, answer, request_id, retry_after)
         except TimeoutError:
             raise RequestTimeout(f"no answer within {self._t.timeout:g}s") from None
         except aiohttp.ClientConnectorCertificateError as exc:

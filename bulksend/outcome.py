@@ -5,6 +5,10 @@
   may have stored the message, so sending again would risk a duplicate for no gain).
 * anything else: failed, with the Huawei ``error_code``/``error_msg`` when the body has
   them, else ``HTTP_<status>`` and the start of the body.
+* an answer whose framing broke after its status line (``Response.broken``): failed with
+  that status and the break's code (``PROTOCOL_ERROR``). Whether it is tried again is the
+  status's to say, as for any answer: a broken 2xx is not (it may have been stored), a
+  broken 503 or 429 is.
 
 What the server sends back is scrubbed before it reaches a result (``scrub``): a server
 that echoes the request's headers must not get a credential written to the ledger. What
@@ -55,19 +59,30 @@ def interpret(record: Record, resp: Response, secrets: tuple[str, ...] = ()) -> 
             result.queue_offset = _int_or_none(data.get("queue_offset"))
             broker = data.get("broker_name")
             result.broker_name = broker if isinstance(broker, str) else None
+        elif resp.broken is not None:  # its body is empty: never ok
+            _broken(result, resp)
         else:
             result.error_code = "BAD_RESPONSE"
             result.error_msg = (
                 "answer is not JSON" if data is None and resp.body else "answer lacks msg_id"
             )
         return result
-    if isinstance(data, dict) and ("error_code" in data or "error_msg" in data):
+    if resp.broken is not None:
+        _broken(result, resp)
+    elif isinstance(data, dict) and ("error_code" in data or "error_msg" in data):
         result.error_code = scrub(str(data.get("error_code") or f"HTTP_{resp.status}"), secrets)
         result.error_msg = scrub(str(data.get("error_msg") or ""), secrets)
     else:
         result.error_code = f"HTTP_{resp.status}"
         result.error_msg = scrub(resp.body[:ERROR_BODY_CHARS].decode("utf-8", "replace"), secrets)
     return result
+
+
+def _broken(result: Result, resp: Response) -> None:
+    broken = resp.broken
+    assert broken is not None
+    result.error_code = broken.code
+    result.error_msg = f"{broken} (after HTTP {resp.status})"
 
 
 #: An SDK-HMAC-SHA256 signature as it appears in an Authorization header, also

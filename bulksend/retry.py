@@ -77,5 +77,7 @@ def is_retryable_status(status: int, policy: RetryPolicy) -> bool:
 
 
 def is_retryable_error(exc: TransportError) -> bool:
-    """Whether an attempt that failed below HTTP is tried again (see the module docstring)."""
+    """Whether an attempt that failed below HTTP is tried again (see the module docstring).
+    A broken answer comes here only when no status line was read; one whose framing broke
+    after its status line is an answer (``Response.broken``), retried by its status."""
     return not isinstance(exc, AnswerTooLarge)

@@ -8,9 +8,11 @@ import contextlib
 import os
 import ssl
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 import trustme
@@ -21,8 +23,9 @@ from bulksend.delivery import fixed_headers
 from bulksend.record import Record
 from bulksend.result import Result
 from bulksend.sender import Sender
-from tests.cli_helpers import SECRET_ENV, read_jsonl
+from tests.cli_helpers import SECRET_ENV, bulksend, read_jsonl, target, write_jsonl
 from tests.raw_server import Exchange, RawServer, answer_json, response
+from tests.serve_helpers import list_messages, start_server_inprocess
 
 TARGET_PATH = ("p", "i")
 RETRY = RetryPolicy(max_retries=2, backoff_base=0.001, backoff_max=0.01)
@@ -290,17 +293,201 @@ async def test_close_delimited_answers_are_complete_at_eof(
     assert len(srv.requests) == 20  # one delivery per record, none retried
 
 
-async def test_an_answer_cut_short_of_its_content_length_is_still_an_error(
-    wire: Wire,
-) -> None:
+# --- broken framing: before and after the status line --------------------------------------
+#
+# Once a final status line was read the server has spoken: a 2xx whose framing then breaks
+# may mean the message was stored, so a retry could store it again.
+
+
+def cut_short(status: bytes, body: bytes) -> bytes:
+    """Writes an answer whose body stops 5 bytes short of its Content-Length; the handler
+    then closes the connection."""
+    return b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body[:-5])
+
+
+def two_lengths(status: bytes, body: bytes) -> bytes:
+    return b"HTTP/1.1 %s\r\nContent-Length: %d\r\nContent-Length: 5\r\n\r\n%s" % (
+        status,
+        len(body),
+        body,
+    )
+
+
+def bad_chunk_size(status: bytes, body: bytes) -> bytes:
+    return b"HTTP/1.1 %s\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\n%s\r\n0\r\n\r\n" % (
+        status,
+        body,
+    )
+
+
+BROKEN = [cut_short, two_lengths, bad_chunk_size]
+#: Headers the front does not pass on: aiohttp writes its own.
+HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding"}
+
+
+def broken_answers(status: bytes, broken: Callable[[bytes, bytes], bytes]):  # type: ignore[no-untyped-def]
+    """Every request gets ``broken(status, ...)`` as its answer, and its connection closed."""
+
     async def handle(ex: Exchange) -> None:
-        body = answer_json(ex.body)
-        await ex.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body), body[:-5])
+        await ex.write(broken(status, answer_json(ex.body)))
         ex.close()
 
+    return handle
+
+
+@pytest.mark.parametrize("broken", BROKEN, ids=lambda f: f.__name__)
+async def test_a_2xx_whose_framing_breaks_is_final_and_keeps_its_status(
+    broken: Callable[[bytes, bytes], bytes], wire: Wire
+) -> None:
+    """Each connection's first answer is whole, its second broken: the broken one comes on
+    a fresh connection's parser and on one that already read a 200."""
+
+    async def handle(ex: Exchange) -> None:
+        if ex.n == 0:
+            await ex.write(response("200 OK", answer_json(ex.body)))
+        else:
+            await broken_answers(b"200 OK", broken)(ex)
+
     async with RawServer(handle, tls=wire.server) as srv:
-        [r] = await send(srv.url, 1, tls=wire.client)
-    assert (r.status, r.error_code, r.attempts) == ("failed", "PROTOCOL_ERROR", 3)
+        results = await send(srv.url, 6, tls=wire.client)
+    assert [(r.status, r.http_status, r.error_code, r.attempts) for r in results] == [
+        ("ok", 200, None, 1),
+        ("failed", 200, "PROTOCOL_ERROR", 1),
+    ] * 3
+    assert all("after HTTP 200" in (r.error_msg or "") for r in results[1::2])
+    assert len(srv.requests) == 6  # one request per record: none sent again
+
+
+@pytest.mark.parametrize("broken", BROKEN, ids=lambda f: f.__name__)
+async def test_a_503_whose_framing_breaks_is_retried(
+    broken: Callable[[bytes, bytes], bytes], wire: Wire
+) -> None:
+    """The server said it did not take the message: sending it again cannot duplicate."""
+    async with RawServer(
+        broken_answers(b"503 Service Unavailable", broken), tls=wire.server
+    ) as srv:
+        results = await send(srv.url, 2, tls=wire.client)
+    assert [(r.status, r.http_status, r.error_code, r.attempts) for r in results] == [
+        ("failed", 503, "PROTOCOL_ERROR", 3)
+    ] * 2
+    assert len(srv.requests) == 6
+
+
+async def test_a_broken_429_keeps_its_retry_after() -> None:
+    async def handle(ex: Exchange) -> None:
+        if ex.conn == 0:
+            await ex.write(
+                b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nX-Request-Id: r-1\r\n"
+                b"Content-Length: 9\r\nContent-Length: 5\r\n\r\n"
+            )
+            ex.close()
+        else:
+            await ex.write(response("200 OK", answer_json(ex.body)))
+
+    async with RawServer(handle) as srv:
+        transport = H1Transport(
+            srv.url, fixed_headers(Target(srv.url, *TARGET_PATH)), timeout=10, ssl_context=None
+        )
+        answer = await transport.connection().post({}, b'{"topic":"t","body":"m0"}')
+        await transport.aclose()
+    assert (answer.status, answer.body, answer.request_id, answer.retry_after) == (
+        429,
+        b"",
+        "r-1",
+        "0",
+    )
+    assert answer.broken is not None and answer.broken.code == "PROTOCOL_ERROR"
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"", b"garbage\r\n\r\n", b"HTTP/1.1 2x0 OK\r\n\r\n", b"HTTP/1.1 200OK\r\n\r\n"],
+    ids=["closed", "no-status-line", "bad-status-code", "no-space-after-code"],
+)
+@pytest.mark.parametrize("after_an_answer", [False, True], ids=["first", "reused"])
+async def test_garbage_before_a_status_line_is_retried(
+    garbage: bytes, after_an_answer: bool, wire: Wire
+) -> None:
+    """No status was read, so nothing says the message was taken: retried. ``reused``: the
+    garbage comes on a keep-alive connection after a 200, whose status the parser still
+    holds; it must not be taken as this answer's."""
+
+    async def handle(ex: Exchange) -> None:
+        if after_an_answer and ex.n == 0:
+            await ex.write(response("200 OK", answer_json(ex.body)))
+        elif ex.server.connections <= 2:  # every record's first try on its connection
+            if garbage:
+                await ex.write(garbage)
+            ex.close()
+        else:
+            await ex.write(response("200 OK", answer_json(ex.body)))
+
+    async with RawServer(handle, tls=wire.server) as srv:
+        results = await send(srv.url, 2, tls=wire.client)
+    if after_an_answer:  # m0 answered on connection 0; m1 broke it, and went again on 1
+        assert [(r.status, r.attempts) for r in results] == [("ok", 1), ("ok", 2)]
+    else:  # m0 broke connections 0 and 1, then went on 2; m1 followed on 2
+        assert [(r.status, r.attempts) for r in results] == [("ok", 3), ("ok", 1)]
+    assert {r.http_status for r in results} == {200}
+
+
+async def test_exactly_once_checks_a_broken_2xx_with_listmessages(tmp_path: Path) -> None:
+    """With --exactly-once a broken 2xx is an attempt in doubt, as a lost answer is:
+    ListMessages finds each message stored, and none is sent twice. A raw front passes every
+    request to the built-in server and breaks the framing of each SendMessage answer."""
+    n = 5
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"topic": "t", "body": f"m{i}"} for i in range(n)])
+    out = tmp_path / "out.jsonl"
+    async with start_server_inprocess() as upstream, aiohttp.ClientSession() as session:
+
+        async def handle(ex: Exchange) -> None:
+            request_line, *lines = ex.head.decode("latin-1").strip().split("\r\n")
+            method, path, _ = request_line.split(" ")
+            pairs = (line.split(":", 1) for line in lines)
+            headers = {k: v.strip() for k, v in pairs if k.lower() not in HOP_HEADERS}
+            async with session.request(
+                method, upstream.url + path, headers=headers, data=ex.body
+            ) as r:
+                status, body = r.status, await r.read()
+            if method == "POST":
+                await ex.write(two_lengths(b"%d OK" % status, body))
+                ex.close()
+            else:
+                await ex.write(response(f"{status} OK", body, "Content-Type: application/json"))
+
+        async with RawServer(handle) as front:
+            proc = await asyncio.to_thread(
+                bulksend,
+                "send",
+                str(inp),
+                *target(front.url),
+                "--exactly-once",
+                "--reconcile-after",
+                "0.1",
+                "--out",
+                str(out),
+                "--quiet",
+            )
+            stored = await list_messages(session, upstream.url, topic="t")
+    assert proc.returncode == 0, proc.stderr
+    results = [r for r in read_jsonl(out) if r["status"] != "intent"]
+    assert sorted((r["seq"], r["status"], r.get("reconciled")) for r in results) == [
+        (i, "ok", True) for i in range(n)
+    ]
+    assert sorted(m["body"] for m in stored) == [f"m{i}" for i in range(n)]
+    assert sum(1 for *_, body in front.requests if body) == n  # each sent once
+
+
+async def test_aiohttp_a_2xx_whose_body_framing_breaks_is_final() -> None:
+    """Through a proxy (aiohttp): a body cut short after the head was read keeps its status
+    too. (What aiohttp's parser refuses, two Content-Lengths or a bad chunk size in the
+    head's packet, it reports without the status: retried, as before any status line.)"""
+    async with RawServer(broken_answers(b"200 OK", cut_short)) as srv:
+        results = await send(srv.url, 2, transport=aiohttp_transport(srv.url, CAP))
+    assert [(r.status, r.http_status, r.error_code, r.attempts) for r in results] == [
+        ("failed", 200, "PROTOCOL_ERROR", 1)
+    ] * 2
+    assert len(srv.requests) == 2
 
 
 # --- answer size cap -----------------------------------------------------------------------
