@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +154,25 @@ def run_measuring_peak_rss(
     )
     code, peak_kib = map(int, done.stdout.split())
     return code, peak_kib / 1024, done.stderr  # ru_maxrss is in KiB on Linux
+
+
+def kill_driver_group_once(args: Sequence[str], ready: Callable[[], bool]) -> None:
+    """Start ``bulksend ARGS`` (a distributed driver) in a process group of its own, wait
+    (bounded) until ``ready()``, then SIGKILL the group: the driver and its workers, as a
+    crash of the machine's session would. Credentials come from the server's defaults."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUAWEICLOUD_SDK_")}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "bulksend", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # the driver and its worker processes: one group
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not ready():
+            assert time.monotonic() < deadline and driver.poll() is None
+            time.sleep(0.05)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)

@@ -26,7 +26,7 @@ from bulksend.config import RetryPolicy, SendOptions, Target
 from bulksend.job import SendJob
 from bulksend.scaleout import ClusterSpec, run_distributed
 from bulksend.server import StoredMessage
-from tests.cli_helpers import bulksend, read_jsonl, target, write_jsonl
+from tests.cli_helpers import bulksend, kill_driver_group_once, read_jsonl, target, write_jsonl
 from tests.serve_helpers import (
     INSTANCE_ID,
     PROJECT_ID,
@@ -339,22 +339,7 @@ def test_resume_after_the_driver_is_killed(tmp_path: Path) -> None:
     with start_server_subprocess() as (_, url):
         args = ["send", str(inputs), *target(url), "--workers", "2", "--out", str(out)]
         args += ["--concurrency", str(concurrency), "--quiet"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HUAWEICLOUD_SDK_")}
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "bulksend", *args, "--rate", "500"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # the driver and its worker processes: one group
-        )
-        try:
-            deadline = time.monotonic() + 90
-            while _part_lines(parts) < n // 4:
-                assert time.monotonic() < deadline and driver.poll() is None
-                time.sleep(0.05)
-        finally:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait(timeout=30)
+        kill_driver_group_once([*args, "--rate", "500"], lambda: _part_lines(parts) >= n // 4)
         left = _part_lines(parts)
         resumed = bulksend(*args, "--resume", "--stats", str(tmp_path / "stats.json"), timeout=180)
         query = f"{url}{messages_path()}?topic=t&limit=10000&start_time=0&end_time={2**53}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -19,7 +18,14 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.cli_helpers import accepted, bulksend, no_traceback, target, write_jsonl
+from tests.cli_helpers import (
+    accepted,
+    bulksend,
+    kill_driver_group_once,
+    no_traceback,
+    target,
+    write_jsonl,
+)
 from tests.serve_helpers import start_server_subprocess
 from tests.test_distributed import (
     _busy_worker,
@@ -94,22 +100,7 @@ def test_resume_after_the_driver_is_killed_sends_nothing_twice(tmp_path: Path) -
     with _serve(tmp_path, "--latency", "150") as (_, url):
         args = ["send", str(data), *target(url), "--workers", "2", "--exactly-once"]
         args += ["--out", str(out), "--concurrency", str(concurrency), *FAST]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HUAWEICLOUD_SDK_")}
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "bulksend", *args],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # the driver and its worker processes: one group
-        )
-        try:
-            deadline = time.monotonic() + 90
-            while _part_lines(parts) < n // 3:
-                assert time.monotonic() < deadline and driver.poll() is None
-                time.sleep(0.05)
-        finally:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait(timeout=30)
+        kill_driver_group_once(args, lambda: _part_lines(parts) >= n // 3)
         in_flight = accepted(url) - sum(
             1 for p in parts.glob("shard-*") for x in p.read_bytes().splitlines()
             if b'"status":"ok"' in x

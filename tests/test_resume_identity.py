@@ -275,14 +275,26 @@ def test_non_string_bodies_reach_the_server_as_written(tmp_path: Path) -> None:
 # --- what a resume checks before it skips anything --------------------------------------------
 
 
-def test_a_resume_without_the_inputs_fingerprint_is_refused_unless_forced(tmp_path: Path) -> None:
-    # The ledger copied or moved without its .inputs.json: line numbers were trusted
-    # blindly, and a line added at the top was never sent (and another sent twice).
+def _sent_embedded(tmp_path: Path) -> tuple[Path, Path]:
+    """in.jsonl (20 records) sent whole with --embedded into l.jsonl: (input, ledger)."""
     data = tmp_path / "in.jsonl"
     data.write_bytes(jsonl_bytes(msgs(20)))
     out = tmp_path / "l.jsonl"
     first = bulksend("send", str(data), "--embedded", "--out", str(out), "--quiet")
     assert first.returncode == 0, first.stderr
+    return data, out
+
+
+def _resume_embedded(data: Path, out: Path, *more: str) -> subprocess.CompletedProcess[str]:
+    return bulksend(
+        "send", str(data), "--embedded", "--out", str(out), "--resume", "--quiet", *more
+    )
+
+
+def test_a_resume_without_the_inputs_fingerprint_is_refused_unless_forced(tmp_path: Path) -> None:
+    # The ledger copied or moved without its .inputs.json: line numbers were trusted
+    # blindly, and a line added at the top was never sent (and another sent twice).
+    data, out = _sent_embedded(tmp_path)
     (tmp_path / "l.jsonl.inputs.json").unlink()
     # A run line written before fingerprints were kept in it: nothing left to compare.
     lines = out.read_bytes().splitlines(keepends=True)
@@ -290,41 +302,33 @@ def test_a_resume_without_the_inputs_fingerprint_is_refused_unless_forced(tmp_pa
     run.pop("fingerprints", None)
     out.write_bytes(orjson.dumps(run) + b"\n" + b"".join(lines[1:]))
     data.write_bytes(jsonl_bytes([{"topic": "orders", "body": "NEW-FIRST"}, *msgs(20)]))
-    refused = bulksend("send", str(data), "--embedded", "--out", str(out), "--resume", "--quiet")
+    refused = _resume_embedded(data, out)
     assert refused.returncode == 2 and no_traceback(refused), refused.stderr
     assert "no fingerprint" in refused.stderr and "--force" in refused.stderr
-    forced = bulksend(
-        "send", str(data), "--embedded", "--out", str(out), "--resume", "--force", "--quiet"
-    )
+    forced = _resume_embedded(data, out, "--force")
     assert forced.returncode == 0, forced.stderr
 
 
 def test_the_ledger_carries_its_fingerprints_in_its_run_line(tmp_path: Path) -> None:
     # Without the sidecar, the run line still says what the inputs were: an edit is caught.
-    data = tmp_path / "in.jsonl"
-    data.write_bytes(jsonl_bytes(msgs(20)))
-    out = tmp_path / "l.jsonl"
-    assert bulksend("send", str(data), "--embedded", "--out", str(out), "--quiet").returncode == 0
+    data, out = _sent_embedded(tmp_path)
     (tmp_path / "l.jsonl.inputs.json").unlink()
-    again = bulksend("send", str(data), "--embedded", "--out", str(out), "--resume", "--quiet")
+    again = _resume_embedded(data, out)
     assert again.returncode == 0, again.stderr  # same file: resumes, all skipped
     data.write_bytes(jsonl_bytes([{"topic": "orders", "body": "NEW-FIRST"}, *msgs(20)]))
     (tmp_path / "l.jsonl.inputs.json").unlink()
-    refused = bulksend("send", str(data), "--embedded", "--out", str(out), "--resume", "--quiet")
+    refused = _resume_embedded(data, out)
     assert refused.returncode == 2 and "changed since" in refused.stderr, refused.stderr
 
 
 def test_a_moved_input_is_not_taken_for_a_new_one(tmp_path: Path) -> None:
     # Identities go by path: `mv in.jsonl archive/` then a resume naming the new path sent
     # every record again. Its fingerprint is the old path's: that says what happened.
-    data = tmp_path / "in.jsonl"
-    data.write_bytes(jsonl_bytes(msgs(20)))
-    out = tmp_path / "l.jsonl"
-    assert bulksend("send", str(data), "--embedded", "--out", str(out), "--quiet").returncode == 0
+    data, out = _sent_embedded(tmp_path)
     (tmp_path / "archive").mkdir()
     moved = tmp_path / "archive" / "in.jsonl"
     data.rename(moved)
-    refused = bulksend("send", str(moved), "--embedded", "--out", str(out), "--resume", "--quiet")
+    refused = _resume_embedded(moved, out)
     assert refused.returncode == 2 and no_traceback(refused), refused.stderr
     assert str(data) in refused.stderr and "--force" in refused.stderr
     assert len(read_jsonl(out)) == 20  # nothing sent
